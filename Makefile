@@ -1,0 +1,22 @@
+# Two commands do all the set-up: `make demo` (install + the main job) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test reproduce-paper clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m contsup train --dataset digits --arch resnet32 -k 4 --mode R1E --epochs 10 --warmup-epochs 1 --out runs/demo --resume
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs

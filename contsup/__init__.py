@@ -1,0 +1,6 @@
+"""contsup: greedy local learning with context supply (arXiv 2312.07636)."""
+from .errors import UsageError
+from .model import ContSupNet, ModelConfig
+
+__all__ = ["ContSupNet", "ModelConfig", "UsageError"]
+__version__ = "0.1.0"

@@ -1,0 +1,150 @@
+"""Command line: `python -m contsup train|describe|download ...`.
+
+Every bad input ends in one line on stderr naming the valid choices, and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from . import tables
+from .errors import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line, exit 2, no usage dump
+        raise UsageError(f"{message} (see `python -m contsup {self.prog.split()[-1]} --help`)")
+
+
+def _scales(text: str):
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--loss-scales takes four numbers like 5,1,0,0, got '{text}'")
+    return values
+
+
+def _model_args(p: argparse.ArgumentParser):
+    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(tables.DATA_RECIPES)}")
+    p.add_argument("--arch", default="resnet32", help=f"one of {', '.join(tables.BLOCKS_PER_STAGE)}")
+    p.add_argument("-k", "--k", type=int, default=4, help="number of local modules (1 = end-to-end)")
+    p.add_argument("--mode", default="R1E", help="context supply: R0, E, R1, R1E, R2, ..., R16, RnE")
+    p.add_argument("--loss", default="softmax", help="local head loss: softmax or contrast")
+    p.add_argument("--head", default="1c2f", help="auxiliary head config: 0c1f 0c2f 1c1f 1c2f 1c3f 2c2f")
+    p.add_argument("--reconstruct", action="store_true", help="add the reconstruction decoder loss")
+    p.add_argument("--loss-scales", type=_scales, default=None,
+                   help="ixx_1,ixy_1,ixx_2,ixy_2 for --reconstruct (default: the paper's table)")
+    p.add_argument("--balanced", action="store_true", help="memory-balanced cut points (the paper's E*)")
+    p.add_argument("--widen", type=float, default=1.0, help="width multiplier of heads and encoders")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="contsup", description="ContSup: greedy local learning with context supply")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train one configuration")
+    _model_args(t)
+    t.add_argument("--epochs", type=int, default=160)
+    t.add_argument("--batch-size", type=int, default=None, help="default: the paper's for the dataset")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate; default: the paper's")
+    t.add_argument("--warmup-epochs", type=int, default=tables.PAPER_SCHEDULE.warmup_epochs)
+    t.add_argument("--data-root", default="data")
+    t.add_argument("--download", action="store_true", help="fetch the dataset with torchvision if missing")
+    t.add_argument("--train-subset", type=int, default=None, help="train on the first N images only")
+    t.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<arch>-K<k>-<mode>-<loss>)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    d = sub.add_parser("describe", help="cut points, parameters per part, peak activation memory")
+    _model_args(d)
+    d.add_argument("--batch-size", type=int, default=256, help="batch size of the memory measurement")
+    d.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    d.add_argument("--json", action="store_true", help="print JSON")
+
+    g = sub.add_parser("download", help="fetch a dataset with torchvision")
+    g.add_argument("--dataset", required=True, help="cifar10, svhn or stl10")
+    g.add_argument("--data-root", default="data")
+    return parser
+
+
+def _model_kwargs(args) -> dict:
+    keys = ("dataset", "arch", "k", "mode", "loss", "head", "reconstruct", "loss_scales", "balanced", "widen")
+    return {key: getattr(args, key) for key in keys}
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, train
+    out = args.out or f"runs/{args.dataset}-{args.arch}-K{args.k}-{args.mode}-{args.loss}"
+    cfg = TrainConfig(**_model_kwargs(args), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                      warmup_epochs=args.warmup_epochs, data_root=args.data_root, download=args.download,
+                      train_subset=args.train_subset, out_dir=out, device=args.device, seed=args.seed)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"{out}: test error {result['final_error']:.2f}% (best {result['best_error']:.2f}% "
+          f"at epoch {result['best_epoch']}), peak activation memory "
+          f"{result['peak_activation_bytes'] / 2**20:.1f} MB")
+    return 0
+
+
+def describe(args) -> dict:
+    from .model import ContSupNet, ModelConfig
+    from .train import measure_step_memory
+    if args.batch_size < 2:
+        raise UsageError(f"--batch-size must be >= 2 for a training step, got {args.batch_size}")
+    cfg = ModelConfig(**_model_kwargs(args))
+    net = ContSupNet(cfg)
+    report = {"config": vars(cfg) | {"loss_scales": cfg.loss_scales}, "cut_points": net.cuts,
+              "modules": len(net.blocks), "params": net.parts(), "loss_weights": net.loss_weights}
+    if not args.no_memory:
+        recipe = tables.DATA_RECIPES[cfg.dataset]
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(args.batch_size, 3, recipe.image_size, recipe.image_size, generator=gen)
+        y = torch.randint(0, recipe.num_classes, (args.batch_size,), generator=gen)
+        image = torch.rand(x.shape, generator=gen) if cfg.reconstruct else None
+        mem = measure_step_memory(net, x, y, image)
+        report |= {"batch_size": args.batch_size, "peak_activation_MB": mem["peak_activation_bytes"] / 2**20}
+    return report
+
+
+def cmd_describe(args) -> int:
+    report = describe(args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['config']['arch']} K={report['modules']} mode={report['config']['mode']}")
+    print(f"  cut points (stage, block): {report['cut_points']}")
+    for part, n in report["params"].items():
+        print(f"  {part:>17}: {n:,} parameters")
+    if "peak_activation_MB" in report:
+        print(f"  peak activation memory of one training step at batch {report['batch_size']}: "
+              f"{report['peak_activation_MB']:.1f} MB")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .data import download
+    if args.dataset == "digits":
+        raise UsageError("digits ships with scikit-learn; nothing to download")
+    tables.check_dataset(args.dataset)
+    download(args.dataset, args.data_root)
+    print(f"{args.dataset} is in {args.data_root}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "describe": cmd_describe, "download": cmd_download}
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"contsup: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("contsup: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
+        return 130

@@ -1,0 +1,305 @@
+"""The network: a CIFAR ResNet cut into K gradient-isolated local modules (SPEC §2-§4).
+
+    image x ──> [module 0] ─h0─> (cut 0) ─> [module 1] ─h1─> (cut 1) ─> ... ─> [module K-1] ─> classifier
+                     │                │                                         
+                 local head 0     h0.detach() + Σ context encoders(...)   = input of module 1
+
+Each module but the last ends in a small auxiliary head (`AuxHead`, and optionally a
+reconstruction `Decoder`) that gives it a local loss. At every cut the next module's input
+is the *detached* module output plus the context supply (`ContextSupply`): encoders of the
+raw image (mode E) and/or of the inputs of the last n modules (mode Rn). The encoders are
+trained by the next module's loss; no gradient ever crosses a cut. K=1 is plain end-to-end.
+
+The training loop that calls `loss.backward()` per module lives in `train.py`; this file
+only builds modules and composes inputs.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import tables
+from .errors import UsageError
+
+HEAD_CONFIGS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")
+LOSSES = ("softmax", "contrast")
+FEATURE_DIM = 128  # hidden width of the heads' fc layers and the contrast embedding size
+
+
+# --------------------------------------------------------------------------------------
+# Backbone pieces
+def conv3x3(c_in, c_out, stride=1):
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+
+
+def conv_bn_relu(c_in, c_out, kernel=3, stride=1):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a shortcut; a 1x1 conv + BN shortcut where the shape changes."""
+
+    def __init__(self, c_in, c_out, stride=1):
+        super().__init__()
+        self.conv1, self.bn1 = conv3x3(c_in, c_out, stride), nn.BatchNorm2d(c_out)
+        self.conv2, self.bn2 = conv3x3(c_out, c_out), nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+def backbone_layers(arch: str):
+    """The ResNet as a flat list of ((stage, block), layer); stage 0 is the stem."""
+    tables.check_arch(arch)
+    layers = [((0, 0), conv_bn_relu(3, tables.STAGE_WIDTHS[0]))]
+    c_in = tables.STAGE_WIDTHS[0]
+    for stage, width in enumerate(tables.STAGE_WIDTHS, start=1):
+        for block in range(tables.BLOCKS_PER_STAGE[arch]):
+            stride = 2 if (stage > 1 and block == 0) else 1
+            layers.append(((stage, block), BasicBlock(c_in, width, stride)))
+            c_in = width
+    return layers
+
+
+def feature_shape(stage: int, image_size: int) -> tuple[int, int]:
+    """(channels, side) of the output of any layer of `stage` (stage 0 = stem)."""
+    channels = tables.STAGE_WIDTHS[max(stage - 1, 0)]
+    side = image_size
+    for _ in range(max(stage - 1, 0)):  # stages 2 and 3 halve the side (3x3, stride 2, pad 1)
+        side = (side + 1) // 2
+    return channels, side
+
+
+# --------------------------------------------------------------------------------------
+# Local heads and decoders (SPEC §4)
+class AuxHead(nn.Module):
+    """Auxiliary head on a module output; config '<convs>c<fcs>f' (the paper's default: 1c2f).
+
+    The conv maps C->2C with stride 2 for C in {16, 32} and 64->64 with stride 1; fc layers
+    are FEATURE_DIM wide; `widen` scales the hidden widths. Outputs class logits (softmax)
+    or a FEATURE_DIM embedding (contrast).
+    """
+
+    def __init__(self, channels: int, config: str, out_dim: int, widen: float = 1.0):
+        super().__init__()
+        if config not in HEAD_CONFIGS:
+            raise UsageError(f"unknown head config '{config}'; choose one of: {', '.join(HEAD_CONFIGS)}")
+        n_conv, n_fc = int(config[0]), int(config[2])
+        layers, c = [], channels
+        for i in range(n_conv):
+            c_out = int(64 * widen) if channels == 64 else int(2 * channels * widen)
+            stride = 1 if (channels == 64 or i > 0) else 2
+            layers.append(conv_bn_relu(c, c_out, stride=stride))
+            c = c_out
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        hidden = int(FEATURE_DIM * widen)
+        for _ in range(n_fc - 1):
+            layers += [nn.Linear(c, hidden), nn.ReLU(inplace=True)]
+            c = hidden
+        layers.append(nn.Linear(c, out_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h):
+        return self.net(h)
+
+
+class Decoder(nn.Module):
+    """Reconstruction decoder: bilinear upsample of h to the image size, conv(C->12)+BN+ReLU,
+    conv(12->3). Returns logits; the sigmoid is folded into the BCE loss."""
+
+    def __init__(self, channels: int, image_size: int, widen: float = 1.0):
+        super().__init__()
+        self.image_size = image_size
+        hidden = int(12 * widen)
+        self.net = nn.Sequential(conv_bn_relu(channels, hidden), nn.Conv2d(hidden, 3, 3, padding=1))
+
+    def forward(self, h):
+        h = F.interpolate(h, size=(self.image_size, self.image_size), mode="bilinear", align_corners=True)
+        return self.net(h)
+
+
+# --------------------------------------------------------------------------------------
+# Context supply (SPEC §2)
+@dataclass(frozen=True)
+class ContextMode:
+    """R<n> (residual context from the inputs of the last n modules) and/or E (image)."""
+    n: int
+    image: bool
+
+    @property
+    def name(self) -> str:
+        return ("E" if self.n == 0 else f"R{self.n}E") if self.image else f"R{self.n}"
+
+
+_MODE_RE = re.compile(r"^(?:R(\d+)(E?)|E)$")
+
+
+def parse_mode(mode: str, k: int) -> ContextMode:
+    m = _MODE_RE.match(mode)
+    if m is None:
+        raise UsageError(f"unknown context mode '{mode}'; choose R0, E, Rn or RnE "
+                         "(n = 1, 2, 4, ... up to K), e.g. R1E")
+    parsed = ContextMode(int(m.group(1) or 0), mode == "E" or m.group(2) == "E")
+    if parsed.n > k:
+        raise UsageError(f"mode {mode} needs context from {parsed.n} modules but K={k}; use K >= {parsed.n}")
+    return parsed
+
+
+class ImageEncoder(nn.Module):
+    """Enc_k(x): conv3x3(3->12)+BN+ReLU, conv3x3(12->C)+BN+ReLU, pooled to the feature side."""
+
+    def __init__(self, channels: int, side: int, widen: float = 1.0):
+        super().__init__()
+        hidden = int(12 * widen)
+        self.net = nn.Sequential(conv_bn_relu(3, hidden), conv_bn_relu(hidden, channels),
+                                 nn.AdaptiveAvgPool2d(side))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class ResidualEncoder(nn.Module):
+    """ResEnc_{k,j}: conv1x1(C_in->C)+BN+ReLU, pooled to the feature side."""
+
+    def __init__(self, c_in: int, channels: int, side: int):
+        super().__init__()
+        self.net = nn.Sequential(conv_bn_relu(c_in, channels, kernel=1), nn.AdaptiveAvgPool2d(side))
+
+    def forward(self, h):
+        return self.net(h)
+
+
+class ContextSupply(nn.Module):
+    """The context added at cut k: Σ_j ResEnc_{k,j}(input of module k-j) [+ Enc_k(x)].
+
+    `sources[i]` is the index of the module whose (detached) input feeds `residual[i]`;
+    module 0's input is the image itself. Under RnE the image is covered by Enc_k, so no
+    residual encoder reads it.
+    """
+
+    def __init__(self, cut: int, mode: ContextMode, input_shapes, out_shape, widen: float = 1.0):
+        super().__init__()
+        channels, side = out_shape
+        self.image = ImageEncoder(channels, side, widen) if mode.image else None
+        self.sources = [m for m in range(cut, cut - mode.n, -1) if m >= 0 and not (mode.image and m == 0)]
+        self.residual = nn.ModuleList(ResidualEncoder(input_shapes[m][0], channels, side) for m in self.sources)
+
+    def forward(self, x, module_inputs):
+        ctx = self.image(x) if self.image is not None else 0
+        for m, enc in zip(self.sources, self.residual):
+            ctx = ctx + enc(module_inputs[m])
+        return ctx
+
+
+# --------------------------------------------------------------------------------------
+# The whole model
+@dataclass
+class ModelConfig:
+    arch: str = "resnet32"
+    k: int = 4                      # number of local modules; 1 = end-to-end
+    mode: str = "R1E"               # context supply
+    loss: str = "softmax"           # local head loss: softmax | contrast
+    head: str = "1c2f"              # auxiliary head config
+    reconstruct: bool = False       # add the decoder's reconstruction loss
+    loss_scales: tuple | None = None  # (ixx_1, ixy_1, ixx_2, ixy_2); None = the paper's
+    balanced: bool = False          # memory-balanced cut points (E*)
+    dataset: str = "cifar10"
+    widen: float = 1.0
+
+
+class ContSupNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        recipe = tables.check_dataset(cfg.dataset)
+        if cfg.loss not in LOSSES:
+            raise UsageError(f"unknown loss '{cfg.loss}'; choose one of: {', '.join(LOSSES)}")
+        if cfg.k < 1:
+            raise UsageError(f"K must be >= 1 (1 = end-to-end), got {cfg.k}")
+        self.cfg, self.k = cfg, cfg.k
+        self.cuts = tables.cut_points(cfg.arch, cfg.k, cfg.balanced, cfg.dataset)
+        self.mode = parse_mode(cfg.mode, cfg.k)
+        size = recipe.image_size
+
+        # Split the flat layer list into K modules at the cut points.
+        modules, current, self.module_labels = [], [], [[]]
+        for label, layer in backbone_layers(cfg.arch):
+            current.append(layer)
+            self.module_labels[-1].append(label)
+            if label in self.cuts:
+                modules.append(nn.Sequential(*current))
+                current = []
+                self.module_labels.append([])
+        modules.append(nn.Sequential(*current))
+        self.blocks = nn.ModuleList(modules)
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                        nn.Linear(tables.STAGE_WIDTHS[-1], recipe.num_classes))
+
+        out_shapes = [feature_shape(stage, size) for stage, _ in self.cuts]  # output of module k
+        in_shapes = [(3, size)] + out_shapes                                  # input of module k
+        out_dim = recipe.num_classes if cfg.loss == "softmax" else FEATURE_DIM
+        self.heads = nn.ModuleList(AuxHead(c, cfg.head, out_dim, cfg.widen) for c, _ in out_shapes)
+        self.context = nn.ModuleList(ContextSupply(k, self.mode, in_shapes, out_shapes[k], cfg.widen)
+                                     for k in range(len(self.cuts)))
+        self.decoders = nn.ModuleList(Decoder(c, size, cfg.widen) for c, _ in out_shapes) \
+            if cfg.reconstruct else nn.ModuleList()
+
+        # (a, b): weights of the reconstruction and head losses at each cut.
+        if cfg.reconstruct:
+            scales = cfg.loss_scales or tables.loss_scales(cfg.arch, cfg.dataset, cfg.k, cfg.balanced)
+            self.loss_weights = [tables.interpolate_scales(scales, c, cfg.k) for c in range(len(self.cuts))]
+        else:
+            self.loss_weights = [(0.0, 1.0)] * len(self.cuts)
+        # How far back the residual context reaches: module inputs older than that are dropped.
+        self.keep_inputs = max([max(0, c - min(s.sources)) for c, s in enumerate(self.context) if s.sources] or [0])
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def supply(self, cut: int, h, x, module_inputs):
+        """Input of module cut+1: the detached output of module `cut` plus its context.
+
+        h: [B, C, H, W] output of module `cut`; x: [B, 3, S, S] image; module_inputs[m]: the
+        detached input of module m (or None once no later cut needs it).
+        """
+        next_input = h.detach()
+        if self.context[cut].image is not None or self.context[cut].sources:
+            next_input = next_input + self.context[cut](x, module_inputs)
+        # Free inputs no later cut reads (cut+1 reads back to cut+1-keep_inputs).
+        for m in range(0, cut + 1 - self.keep_inputs):
+            module_inputs[m] = None
+        return next_input
+
+    def forward(self, x):
+        """Inference: the same composition as training, without the local losses."""
+        module_inputs, h_in = [], x
+        for k, block in enumerate(self.blocks):
+            module_inputs.append(h_in.detach())
+            h = block(h_in)
+            if k < self.k - 1:
+                h_in = self.supply(k, h, x, module_inputs)
+        return self.classifier(h)
+
+    def parts(self) -> dict[str, int]:
+        """Parameter count of each part (backbone, heads, context encoders, decoders)."""
+        count = lambda ms: sum(p.numel() for m in ms for p in m.parameters())  # noqa: E731
+        return {"backbone": count([self.blocks, self.classifier]), "local_heads": count([self.heads]),
+                "context_encoders": count([self.context]), "decoders": count([self.decoders])}

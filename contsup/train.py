@@ -1,0 +1,278 @@
+"""Training: the local-learning step, the paper's schedule, checkpoint/resume, metrics.
+
+One run = one `TrainConfig`. Its folder holds `config.json`, `metrics.jsonl` (one line per
+epoch), `ckpt.pt` (everything resume needs, written atomically every epoch) and, once
+finished, `result.json`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import tables
+from .data import DeviceLoader, denormalize, load_dataset
+from .errors import UsageError
+from .losses import head_loss, reconstruction_loss
+from .memory import cuda_peak_bytes, peak_activation_bytes
+from .model import ContSupNet, ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    # model (see ModelConfig)
+    dataset: str = "digits"
+    arch: str = "resnet32"
+    k: int = 4
+    mode: str = "R1E"
+    loss: str = "softmax"
+    head: str = "1c2f"
+    reconstruct: bool = False
+    loss_scales: tuple | None = None
+    balanced: bool = False
+    widen: float = 1.0
+    # optimisation; None = the paper's value for the dataset (tables.DATA_RECIPES)
+    epochs: int = 160
+    batch_size: int | None = None
+    lr: float | None = None
+    warmup_epochs: int = tables.PAPER_SCHEDULE.warmup_epochs
+    # data and bookkeeping
+    data_root: str = "data"
+    download: bool = False
+    train_subset: int | None = None
+    out_dir: str = "runs/default"
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        recipe = tables.check_dataset(self.dataset)
+        self.batch_size = self.batch_size or recipe.batch_size
+        self.lr = recipe.lr if self.lr is None else self.lr
+        for name in ("epochs", "batch_size", "k"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if self.warmup_epochs < 0 or (self.train_subset is not None and self.train_subset < 1):
+            raise UsageError("--warmup-epochs must be >= 0 and --train-subset >= 1")
+        if self.loss_scales is not None:
+            self.loss_scales = tuple(float(v) for v in self.loss_scales)
+            if len(self.loss_scales) != 4:
+                raise UsageError("--loss-scales takes four numbers: ixx_1,ixy_1,ixx_2,ixy_2")
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UsageError(f"unknown config keys {unknown}; valid keys: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{name}'; choose auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto")
+    return device
+
+
+def learning_rate(epoch: int, base_lr: float, epochs: int, warmup_epochs: int = 10,
+                  warmup_from: float = tables.PAPER_SCHEDULE.warmup_from) -> float:
+    """lr_e = lr*(1+cos(pi*e/E))/2, reached by a linear warm-up from `warmup_from` over the
+    first `warmup_epochs` epochs (SPEC §5). Set once per epoch."""
+    cosine = lambda e: 0.5 * base_lr * (1 + math.cos(math.pi * e / epochs))  # noqa: E731
+    if epoch < warmup_epochs:
+        return warmup_from + (cosine(warmup_epochs) - warmup_from) * epoch / warmup_epochs
+    return cosine(epoch)
+
+
+def make_optimizer(net, cfg: TrainConfig):
+    s = tables.PAPER_SCHEDULE
+    return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=s.momentum, nesterov=True,
+                           weight_decay=s.weight_decay)
+
+
+# --------------------------------------------------------------------------------------
+def local_learning_step(net: ContSupNet, x, y, image=None):
+    """Forward and backward through the K modules, one at a time (SPEC §1-§2).
+
+    For module k: forward, its own local loss, backward (gradient reaches module k and the
+    context encoders of cut k-1, nothing earlier), then the detached output plus context
+    becomes the next input. K=1 is end-to-end. `image` ([B,3,S,S] in [0,1]) is the
+    reconstruction target. Returns the final logits (detached) and the K losses.
+    Gradients accumulate into .grad; the caller zeroes and steps the optimizer.
+    """
+    module_inputs, h_in, losses = [], x, []
+    for k, block in enumerate(net.blocks):
+        module_inputs.append(h_in.detach())
+        h = block(h_in)                                               # [B, C_k, H_k, W_k]
+        if k == net.k - 1:
+            logits = net.classifier(h)                                # [B, classes]
+            loss = F.cross_entropy(logits, y)
+        else:
+            a, b = net.loss_weights[k]
+            loss = b * head_loss(net.heads[k](h), y, net.cfg.loss) if b else 0.0
+            if a:
+                loss = loss + a * reconstruction_loss(net.decoders[k](h), image)
+        if torch.is_tensor(loss):
+            loss.backward()  # frees module k's graph before module k+1 starts
+            losses.append(loss.detach())
+        else:
+            losses.append(torch.zeros((), device=x.device))
+        if k < net.k - 1:
+            h_in = net.supply(k, h, x, module_inputs)                 # h.detach() + context
+    return logits.detach(), torch.stack(losses)
+
+
+def measure_step_memory(net: ContSupNet, x, y, image=None) -> dict:
+    """Peak activation bytes of one training step (device-independent; see memory.py),
+    plus torch.cuda.max_memory_allocated on CUDA. Runs on a copy: the model is untouched."""
+    net = copy.deepcopy(net).train()
+    step = lambda: local_learning_step(net, x, y, image)  # noqa: E731
+    peak = peak_activation_bytes(step, exclude=[net], inputs=[x, y] + ([image] if image is not None else []))
+    net.zero_grad(set_to_none=True)
+    return {"peak_activation_bytes": peak, "cuda_peak_bytes": cuda_peak_bytes(step, x.device)}
+
+
+@torch.no_grad()
+def evaluate(net: ContSupNet, loader) -> float:
+    """Test error in %, BN in eval mode, context included."""
+    net.eval()
+    wrong = total = 0
+    for x, y in loader:
+        wrong += (net(x).argmax(1) != y).sum().item()
+        total += len(y)
+    return 100.0 * wrong / total
+
+
+# --------------------------------------------------------------------------------------
+def _atomic_save(obj, path: Path, as_json: bool = False):
+    tmp = path.with_name(path.name + ".tmp")
+    if as_json:
+        tmp.write_text(json.dumps(obj, indent=2))
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file: name it and the way out
+        raise UsageError(f"checkpoint {path} is unreadable ({type(e).__name__}); "
+                         f"move it away to start the run over") from None
+
+
+# Where a run lives and runs may change between its start and its resume; nothing else may.
+MAY_CHANGE_ON_RESUME = {"out_dir", "device", "data_root", "download"}
+
+
+def _config_json(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg)))  # tuples -> lists, as they come back from disk
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train one configuration; returns (and writes) its result. With `resume`, continue from
+    the run folder's checkpoint; without, refuse to touch a folder that already holds a run."""
+    out = Path(cfg.out_dir)
+    ckpt_path, metrics_path, result_path = out / "ckpt.pt", out / "metrics.jsonl", out / "result.json"
+    ckpt = None
+    if ckpt_path.exists() or result_path.exists():
+        if not resume:
+            raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        if result_path.exists():
+            return json.loads(result_path.read_text())
+        ckpt = load_checkpoint(ckpt_path)
+        now = _config_json(cfg)
+        diff = sorted(k for k in set(now) | set(ckpt["config"])
+                      if k not in MAY_CHANGE_ON_RESUME and ckpt["config"].get(k) != now.get(k))
+        if diff:
+            raise UsageError(f"{ckpt_path} was written by a different config (differs in {diff}); "
+                             f"use another --out or the same settings")
+
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    net = ContSupNet(cfg.model_config()).to(device)  # validates the model choices first
+    recipe = tables.DATA_RECIPES[cfg.dataset]
+    data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.train_subset)
+    gen = torch.Generator().manual_seed(cfg.seed)   # data order and augmentation
+    train_loader = DeviceLoader(data.train_x, data.train_y, recipe, cfg.batch_size, True, device, gen)
+    test_loader = DeviceLoader(data.test_x, data.test_y, recipe, max(cfg.batch_size, 256), False, device)
+    optimizer = make_optimizer(net, cfg)
+
+    out.mkdir(parents=True, exist_ok=True)
+    start_epoch, best, memory = 0, (math.inf, -1), None
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["data_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start_epoch, best, memory = ckpt["epoch"] + 1, tuple(ckpt["best"]), ckpt["memory"]
+        # Drop metric lines of an epoch that finished after the last checkpoint.
+        if metrics_path.exists():
+            lines = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["epoch"] < start_epoch]
+            metrics_path.write_text("".join(l + "\n" for l in lines))
+    else:
+        _atomic_save(_config_json(cfg), out / "config.json", as_json=True)
+        metrics_path.write_text("")
+        x, y = next(iter(DeviceLoader(data.train_x, data.train_y, recipe, cfg.batch_size, False, device)))
+        memory = measure_step_memory(net, x, y, denormalize(x, recipe) if cfg.reconstruct else None)
+
+    epochs = tqdm(range(start_epoch, cfg.epochs), desc=Path(cfg.out_dir).name, disable=not progress,
+                  initial=start_epoch, total=cfg.epochs)
+    for epoch in epochs:
+        lr = learning_rate(epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        net.train()
+        t0, seen, wrong, loss_sum = time.perf_counter(), 0, 0, 0.0
+        for x, y in train_loader:
+            image = denormalize(x, recipe) if cfg.reconstruct else None
+            logits, losses = local_learning_step(net, x, y, image)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seen += len(y)
+            wrong += (logits.argmax(1) != y).sum()
+            loss_sum = loss_sum + losses * len(y)
+        train_time = time.perf_counter() - t0
+        test_error = evaluate(net, test_loader)
+        if test_error < best[0]:
+            best = (test_error, epoch)
+        row = {"epoch": epoch, "lr": lr, "train_error": 100.0 * float(wrong) / seen,
+               "test_error": test_error, "local_losses": (loss_sum / seen).tolist(),
+               "epoch_seconds": train_time, "images_per_s": seen / train_time}
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        _atomic_save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                      "config": _config_json(cfg), "data_rng": gen.get_state(),
+                      "torch_rng": torch.get_rng_state(), "best": list(best), "memory": memory}, ckpt_path)
+        epochs.set_postfix(test_error=f"{test_error:.2f}%")
+
+    rows = [json.loads(l) for l in metrics_path.read_text().splitlines()]
+    result = {"final_error": rows[-1]["test_error"], "best_error": best[0], "best_epoch": best[1],
+              "epochs": cfg.epochs, **memory, "params": net.parts(), "cuts": net.cuts,
+              "train_seconds": sum(r["epoch_seconds"] for r in rows), "device": str(device),
+              "config": _config_json(cfg)}
+    _atomic_save(result, result_path, as_json=True)
+    return result
