@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from . import tables
+from . import reproduce, tables
 from .errors import UsageError
 
 
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("download", help="fetch a dataset with torchvision")
     g.add_argument("--dataset", required=True, help="cifar10, svhn or stl10")
     g.add_argument("--data-root", default="data")
+
+    r = sub.add_parser("reproduce", help="train every run of the paper's experiments, then tables and figures")
+    reproduce.add_arguments(r)
     return parser
 
 
@@ -127,7 +130,7 @@ def cmd_describe(args) -> int:
 
 def cmd_download(args) -> int:
     from .data import download
-    if args.dataset == "digits":
+    if args.dataset in ("digits", "digits8"):
         raise UsageError("digits ships with scikit-learn; nothing to download")
     tables.check_dataset(args.dataset)
     download(args.dataset, args.data_root)
@@ -135,7 +138,7 @@ def cmd_download(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "describe": cmd_describe, "download": cmd_download}
+COMMANDS = {"train": cmd_train, "describe": cmd_describe, "download": cmd_download, "reproduce": reproduce.main}
 
 
 def main(argv=None) -> int:

@@ -54,7 +54,7 @@ class TrainConfig:
 
     def __post_init__(self):
         recipe = tables.check_dataset(self.dataset)
-        self.batch_size = self.batch_size or recipe.batch_size
+        self.batch_size = recipe.batch_size if self.batch_size is None else self.batch_size
         self.lr = recipe.lr if self.lr is None else self.lr
         for name in ("epochs", "batch_size", "k"):
             if getattr(self, name) < 1:

@@ -1,0 +1,351 @@
+"""Datasets as uint8 tensors, and a device-resident loader that augments whole batches.
+
+The paper trains with torchvision datasets and PIL transforms (SPEC §5). Decoding and
+augmenting one PIL image at a time costs more than a ResNet-32 step at batch 1024, so, as
+in airbench, we keep every image as a uint8 tensor on the training device and do the
+random crop and flip for a whole batch with one gather. The PIL pipeline survives as
+`torchvision_reference`, which the tests compare against.
+
+Reading order: ImageData and load_dataset (files -> uint8 tensors, with a cache), the
+digits stand-in, DeviceLoader (the training data path), then the torchvision reference
+and `download`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import tables
+from .errors import UsageError
+from .tables import DataRecipe
+
+# Bump when what goes into a cache file changes; older caches are then rebuilt.
+CACHE_VERSION = 1
+# torchvision is imported inside the functions that need it: digits runs (the default)
+# and `python -m contsup --help` should not pay its import time.
+TORCHVISION_DATASETS = ("cifar10", "svhn", "stl10")
+
+
+@dataclass
+class ImageData:
+    """A dataset held in memory: images uint8 [N,3,H,W], labels int64 [N]."""
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    name: str
+
+    @property
+    def recipe(self) -> DataRecipe:
+        return tables.DATA_RECIPES[self.name]
+
+
+def load_dataset(name: str, root: str = "data", download: bool = False,
+                 train_subset: int | None = None) -> ImageData:
+    """Load `name` as uint8 tensors, from `<root>/<name>_uint8.pt` when that cache exists."""
+    tables.check_dataset(name)
+    if name in ("digits", "digits8"):
+        tensors = _load_digits(tables.DATA_RECIPES[name].image_size)
+    else:
+        cache = os.path.join(root, f"{name}_uint8.pt")
+        tensors = _read_cache(cache, name)
+        if tensors is None:
+            tensors = _read_torchvision(name, root, download)
+            _write_cache(cache, name, tensors)
+    data = ImageData(**tensors, name=name)
+    if train_subset is not None:
+        data.train_x, data.train_y = _subset(data.train_x, data.train_y, train_subset)
+    return data
+
+
+def _subset(x: torch.Tensor, y: torch.Tensor, n) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n examples of a permutation fixed by seed 0, so a subset is the same
+    on every run and for every --seed (the seed then only varies the training)."""
+    total = len(x)
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= total:
+        raise UsageError(f"--train-subset must be an integer in 1..{total} (the training set size); got {n!r}")
+    idx = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n]
+    return x[idx], y[idx]
+
+
+# --------------------------------------------------------------------------------------
+# torchvision files -> uint8 tensors
+def _torchvision_dataset(name: str, root: str, train: bool, download: bool, transform=None):
+    """The torchvision dataset object; a missing (or corrupt) file or a failed download
+    becomes a one-line UsageError."""
+    import torchvision.datasets as tvd
+
+    try:
+        if name == "cifar10":
+            return tvd.CIFAR10(root, train=train, download=download, transform=transform)
+        split = "train" if train else "test"  # SVHN: no "extra" split (SPEC §5)
+        cls = tvd.SVHN if name == "svhn" else tvd.STL10
+        return cls(root, split=split, download=download, transform=transform)
+    except RuntimeError as e:
+        # torchvision says "Dataset not found or corrupted. You can use download=True..."
+        if "not found or corrupted" not in str(e):
+            raise
+        raise UsageError(f"{name} not found (or corrupt) under {root}: fetch it with "
+                         f"`python -m contsup download --dataset {name} --data-root {root}` "
+                         f"or add --download to the train command") from None
+    except OSError as e:  # download=True without network, refused connection, disk full...
+        if not download:
+            raise
+        raise UsageError(f"could not download {name} into {root}: {e}") from None
+
+
+def _read_torchvision(name: str, root: str, download: bool) -> dict[str, torch.Tensor]:
+    out = {}
+    for split, train in (("train", True), ("test", False)):
+        ds = _torchvision_dataset(name, root, train, download)
+        if name == "cifar10":   # .data is [N,H,W,C] uint8, labels in .targets
+            x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2)
+            y = ds.targets
+        else:                   # SVHN and STL-10: .data is already [N,C,H,W], labels in .labels
+            x = torch.from_numpy(np.ascontiguousarray(ds.data))
+            y = ds.labels
+        out[f"{split}_x"] = x.contiguous()
+        out[f"{split}_y"] = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    return out
+
+
+def _read_cache(path: str, name: str) -> dict[str, torch.Tensor] | None:
+    """The cached tensors, or None when there is no cache or it does not fit this code."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:   # truncated or foreign file: rebuild it from the dataset files
+        return None
+    keys = ("train_x", "train_y", "test_x", "test_y")
+    if not isinstance(blob, dict) or blob.get("version") != CACHE_VERSION or blob.get("name") != name:
+        return None
+    if not all(isinstance(blob.get(k), torch.Tensor) for k in keys):
+        return None
+    s = tables.DATA_RECIPES[name].image_size
+    for split in ("train", "test"):
+        x, y = blob[f"{split}_x"], blob[f"{split}_y"]
+        if x.dtype != torch.uint8 or tuple(x.shape[1:]) != (3, s, s) or y.dtype != torch.int64 or y.shape != (len(x),):
+            return None
+    return {k: blob[k] for k in keys}
+
+
+def _write_cache(path: str, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write atomically (tmp file + rename) so an interrupted run never leaves half a cache."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save({"version": CACHE_VERSION, "name": name, **tensors}, tmp)
+        os.replace(tmp, path)
+    except OSError:     # read-only data folder: the cache is only a speed-up, carry on
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --------------------------------------------------------------------------------------
+# The offline stand-in: scikit-learn's 8x8 digits brought to CIFAR's 3x32x32 shape.
+DIGITS_TEST_SIZE = 500
+
+
+def _load_digits(size: int = 32) -> dict[str, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images).float()[:, None] * (255.0 / 16.0)  # values 0..16 -> 0..255
+    if size != 8:  # upsample in float and round once, so no precision is lost between steps
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    y = torch.from_numpy(d.target.astype(np.int64))
+    train_idx, test_idx = _stratified_split(y, DIGITS_TEST_SIZE)
+    return {"train_x": x[train_idx], "train_y": y[train_idx], "test_x": x[test_idx], "test_y": y[test_idx]}
+
+
+def _stratified_split(y: torch.Tensor, n_test: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class random split with its own seeded generator (independent of global RNG).
+
+    Each class gives the test set its share of n_test, rounded by largest remainder so
+    the shares add up to exactly n_test.
+    """
+    classes, counts = torch.unique(y, return_counts=True)
+    quota = counts.double() * n_test / len(y)
+    take = quota.floor().long()
+    short = n_test - int(take.sum())
+    # stable sort: ties go to the lower class, so the split never depends on float noise
+    order = torch.sort(quota - take, descending=True, stable=True).indices
+    take[order[:short]] += 1
+    gen = torch.Generator().manual_seed(0)
+    test = []
+    for c, k in zip(classes.tolist(), take.tolist()):
+        members = torch.nonzero(y == c).flatten()
+        test.append(members[torch.randperm(len(members), generator=gen)[:k]])
+    is_test = torch.zeros(len(y), dtype=torch.bool)
+    is_test[torch.cat(test)] = True
+    # kept in the original order; the loader shuffles the training set anyway
+    return torch.nonzero(~is_test).flatten(), torch.nonzero(is_test).flatten()
+
+
+# --------------------------------------------------------------------------------------
+# Normalisation, shared by the loader and the reconstruction target.
+def _stats(recipe: DataRecipe, device) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(recipe.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(recipe.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return mean, std
+
+
+def normalize(x_uint8: torch.Tensor, recipe: DataRecipe) -> torch.Tensor:
+    """uint8 [B,3,H,W] -> float32 (x/255 - mean)/std, what ToTensor+Normalize compute."""
+    mean, std = _stats(recipe, x_uint8.device)
+    return (x_uint8.float() / 255 - mean) / std
+
+
+def denormalize(x: torch.Tensor, recipe: DataRecipe) -> torch.Tensor:
+    """Normalised floats back to images in [0,1] (the reconstruction target)."""
+    mean, std = _stats(recipe, x.device)
+    # clamp only removes float round-off: an augmented image is always inside [0,1]
+    return (x * std + mean).clamp_(0, 1)
+
+
+# --------------------------------------------------------------------------------------
+# The training data path.
+class DeviceLoader:
+    """Batches of (normalised float32 images, int64 labels) from uint8 data on `device`.
+
+    train=True reshuffles every epoch and applies the recipe's random crop (after padding
+    by recipe.pad, reflect or zero) and horizontal flip, as torchvision's RandomCrop and
+    RandomHorizontalFlip do, but for the whole batch at once. Every random number comes
+    from `generator`, a CPU torch.Generator, so a run repeats bit for bit on any device
+    and resumes exactly when the caller restores the generator's state.
+    train=False yields the data in order, only normalised.
+    """
+
+    def __init__(self, images_uint8: torch.Tensor, labels: torch.Tensor, recipe: DataRecipe,
+                 batch_size: int, train: bool, device, generator: torch.Generator | None = None,
+                 drop_last: bool = False):
+        assert images_uint8.dtype == torch.uint8 and images_uint8.dim() == 4, "want uint8 [N,C,H,W]"
+        assert recipe.pad < min(images_uint8.shape[2:]), "reflect padding needs pad < image size"
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UsageError(f"batch size must be a positive integer, got {batch_size!r}")
+        # Once, up front: uint8 is 4x smaller than float and every batch is then a gather.
+        self.images = images_uint8.to(device)
+        self.labels = labels.to(device=device, dtype=torch.int64)
+        self.recipe, self.batch_size, self.train = recipe, batch_size, train
+        self.device, self.drop_last = torch.device(device), drop_last
+        # None follows torch.manual_seed, like a plain DataLoader with shuffle=True.
+        self.generator = generator if generator is not None else torch.default_generator
+
+    def __len__(self) -> int:
+        n, b = len(self.images), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __iter__(self):
+        n = len(self.images)
+        if not self.train:
+            for i in range(0, len(self) * self.batch_size, self.batch_size):
+                yield normalize(self.images[i:i + self.batch_size], self.recipe), self.labels[i:i + self.batch_size]
+            return
+        order = torch.randperm(n, generator=self.generator)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.device)
+            x = self.augment(self.images[idx])
+            yield normalize(x, self.recipe), self.labels[idx]
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """Random crop of the padded image and random flip, per image, in one gather.
+
+        Instead of materialising the padded batch we compute, for every output pixel,
+        which source pixel it shows: output row i of an image with vertical offset dy
+        (uniform in 0..2*pad, as in RandomCrop) is padded row i+dy, i.e. source row
+        i+dy-pad; columns likewise, reading the crop right to left when flipped. Rows and
+        columns outside the image are reflected back in ('reflect': -1 -> 1, no edge
+        repeat, as np.pad/torchvision) or, for 'constant', read as zero.
+        """
+        b, c, h, w = x.shape
+        p, gen = self.recipe.pad, self.generator
+        dy = torch.randint(0, 2 * p + 1, (b, 1), generator=gen).to(self.device)
+        dx = torch.randint(0, 2 * p + 1, (b, 1), generator=gen).to(self.device)
+        if self.recipe.flip:
+            flip = (torch.rand(b, 1, generator=gen) < 0.5).to(self.device)
+        else:
+            flip = torch.zeros(b, 1, dtype=torch.bool, device=self.device)
+        i = torch.arange(h, device=self.device)
+        j = torch.arange(w, device=self.device)
+        rows = i + dy - p                                       # [b,h]
+        cols = torch.where(flip, w - 1 - j, j) + dx - p         # [b,w]
+        if self.recipe.pad_mode == "reflect":
+            rows, cols = _reflect(rows, h), _reflect(cols, w)
+            inside = None
+        elif self.recipe.pad_mode == "constant":
+            inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+            rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+        else:
+            raise UsageError(f"unknown pad_mode '{self.recipe.pad_mode}'; choose reflect or constant")
+        src = (rows[:, :, None] * w + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+        out = x.reshape(b, c, h * w).gather(2, src).view(b, c, h, w)
+        if inside is not None:
+            out = out * inside[:, None].to(out.dtype)           # zero padding
+        return out
+
+
+def _reflect(k: torch.Tensor, size: int) -> torch.Tensor:
+    """Mirror indices in -pad..size-1+pad into 0..size-1 (one reflection, pad < size)."""
+    k = k.abs()
+    return torch.where(k > size - 1, 2 * (size - 1) - k, k)
+
+
+# --------------------------------------------------------------------------------------
+# The paper's PIL pipeline, kept as the reference for tests and benchmarks.
+def reference_transform(recipe: DataRecipe, train: bool):
+    """torchvision transforms equal to the recipe: e.g. CIFAR-10 train is
+    RandomCrop(32, padding=4, padding_mode='reflect') + RandomHorizontalFlip + ToTensor + Normalize."""
+    import torchvision.transforms as T
+
+    steps = []
+    if train:
+        steps.append(T.RandomCrop(recipe.image_size, padding=recipe.pad, padding_mode=recipe.pad_mode))
+        if recipe.flip:
+            steps.append(T.RandomHorizontalFlip())
+    steps += [T.ToTensor(), T.Normalize(recipe.mean, recipe.std)]
+    return T.Compose(steps)
+
+
+class UInt8ImageDataset(torch.utils.data.Dataset):
+    """uint8 [N,3,H,W] tensors served as PIL images through `transform` (used for digits)."""
+
+    def __init__(self, images_uint8: torch.Tensor, labels: torch.Tensor, transform=None):
+        self.images, self.labels, self.transform = images_uint8, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        img = Image.fromarray(self.images[index].permute(1, 2, 0).numpy())
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.labels[index])
+
+
+def torchvision_reference(name: str, root: str = "data", train: bool = True, download: bool = False):
+    """A torch Dataset yielding what the paper's DataLoader sees: PIL transforms per image."""
+    recipe = tables.check_dataset(name)
+    transform = reference_transform(recipe, train)
+    if name in ("digits", "digits8"):
+        d = load_dataset(name)
+        x, y = (d.train_x, d.train_y) if train else (d.test_x, d.test_y)
+        return UInt8ImageDataset(x, y, transform)
+    return _torchvision_dataset(name, root, train, download, transform=transform)
+
+
+def download(name: str, root: str = "data") -> None:
+    """Fetch both splits with torchvision (skipped when the files are already intact)
+    and write the uint8 cache, so the first training run starts at once."""
+    tables.check_dataset(name)
+    if name not in TORCHVISION_DATASETS:
+        raise UsageError(f"{name} is not downloaded; downloadable: {', '.join(TORCHVISION_DATASETS)}")
+    os.makedirs(root, exist_ok=True)
+    tensors = _read_torchvision(name, root, download=True)
+    _write_cache(os.path.join(root, f"{name}_uint8.pt"), name, tensors)

@@ -1,0 +1,93 @@
+"""The command line: bad input gets one line and exit 2; nothing written is damaged."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from contsup.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BAD_INPUTS = [
+    (["train", "--dataset", "mnist"], "cifar10"),
+    (["train", "--arch", "resnet50"], "resnet110"),
+    (["train", "--mode", "R3X"], "R1E"),
+    (["train", "--loss", "hinge"], "contrast"),
+    (["train", "--head", "3c3f"], "1c2f"),
+    (["train", "-k", "2", "--mode", "R4"], "K >= 4"),
+    (["train", "-k", "5"], "choose K from"),
+    (["describe", "--arch", "resnet110", "-k", "8", "--balanced"], "with a table: 2, 3, 4"),
+    (["train", "--dataset", "stl10", "--arch", "resnet32", "-k", "4", "--reconstruct"], "--loss-scales"),
+    (["train", "--epochs", "-1"], "positive"),
+    (["train", "--batch-size", "0"], "positive"),
+    (["train", "-k", "abc"], "invalid int"),
+    (["train", "--reconstruct", "--loss-scales", "1,2"], "four numbers"),
+    (["train", "--loss-scales", "a,b,c,d"], "four numbers"),
+    (["train", "--device", "tpu"], "cpu"),
+    (["describe", "--batch-size", "1", "--no-memory"], ">= 2"),
+    (["frobnicate"], "train"),
+    (["download", "--dataset", "digits"], "scikit-learn"),
+]
+
+
+@pytest.mark.parametrize("argv,hint", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_one_line_exit_2(argv, hint, capsys, tmp_path):
+    code = main(argv + (["--out", str(tmp_path / "run")] if argv[0] == "train" else []))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("contsup: error: ") and err.count("\n") == 1, err
+    assert hint in err
+    assert not (tmp_path / "run").exists()  # rejected before anything is written
+
+
+def test_missing_dataset_names_path_and_fetch_command(capsys, tmp_path):
+    code = main(["train", "--dataset", "cifar10", "--data-root", str(tmp_path / "nowhere"),
+                 "--out", str(tmp_path / "run"), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert str(tmp_path / "nowhere") in err and "download" in err
+
+
+def test_real_process_exit_code_and_no_traceback():
+    p = subprocess.run([sys.executable, "-m", "contsup", "train", "--mode", "R99"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1
+
+
+def _tiny_train(out, *extra):
+    return main(["train", "--dataset", "digits", "-k", "2", "--mode", "R1", "--epochs", "1",
+                 "--train-subset", "64", "--batch-size", "32", "--no-progress", "--out", str(out), *extra])
+
+
+def test_existing_run_and_corrupt_checkpoint_are_left_intact(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert _tiny_train(out) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert json.loads((out / "result.json").read_text())["epochs"] == 1
+    # Same folder without --resume: refused, nothing touched.
+    assert _tiny_train(out) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # A corrupt checkpoint of an unfinished run: refused with one line, file kept as it was.
+    (out / "result.json").unlink()
+    (out / "ckpt.pt").write_bytes(b"not a checkpoint")
+    assert _tiny_train(out, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "unreadable" in err and err.count("\n") == 1
+    assert (out / "ckpt.pt").read_bytes() == b"not a checkpoint"
+    assert (out / "metrics.jsonl").read_bytes() == before["metrics.jsonl"]
+    # A different config on resume: refused.
+    (out / "ckpt.pt").write_bytes(before["ckpt.pt"])
+    assert main(["train", "--dataset", "digits", "-k", "2", "--mode", "R0", "--epochs", "1", "--train-subset",
+                 "64", "--batch-size", "32", "--no-progress", "--out", str(out), "--resume"]) == 2
+    assert "mode" in capsys.readouterr().err
+
+
+def test_describe_json(capsys):
+    assert main(["describe", "--arch", "resnet32", "-k", "16", "--mode", "R1E", "--batch-size", "8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["cut_points"]) == 15 and report["modules"] == 16
+    assert report["params"]["backbone"] == 466_906 and report["params"]["context_encoders"] > 0
+    assert report["peak_activation_MB"] > 0
