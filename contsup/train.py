@@ -275,4 +275,4 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
               "train_seconds": sum(r["epoch_seconds"] for r in rows), "device": str(device),
               "config": _config_json(cfg)}
     _atomic_save(result, result_path, as_json=True)
-    return result
+    return json.loads(result_path.read_text())  # the same types as a skipped rerun returns
