@@ -1,0 +1,620 @@
+"""Tables and figures of the paper from finished run folders (SPEC §6, §7).
+
+    collect(results_dir)           -> one row per finished run (config + result fields)
+    table1..table4(df)             -> the paper's tables: ours | published reference | ContSup paper
+    figure4 / figure5 / table4_chart / motivation_figure(..., figures_dir) -> written PNG+PDF paths
+
+Everything is read from `<results_dir>/runs/<name>/{config.json, result.json}`; the config
+says what was trained. Runs of the quick/smoke profiles train a stand-in data set (digits)
+in place of CIFAR-10/SVHN/STL-10: `paper_dataset` says which entry of the paper a run
+stands for (from the experiment registry when the profile is known, else inferred from the
+config), and the published numbers beside such runs are labelled "not comparable".
+
+Every function accepts partial results: a missing run is a NaN cell or a missing point,
+an empty results folder gives empty tables and figures that say so. Errors are test
+errors in %, the mean over seeds when a config was trained more than once.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import tables
+
+KS = (2, 4, 8, 16)
+PAPER_DATASETS = ("cifar10", "stl10", "svhn")
+DATASET_NAMES = {"cifar10": "CIFAR-10", "svhn": "SVHN", "stl10": "STL-10"}
+ARCH_NAMES = {"resnet32": "ResNet-32", "resnet110": "ResNet-110"}
+CONTSUP_SLOT = "ContSup paper"
+MISSING = "—"
+MB = 2 ** 20
+
+# Columns every collect() frame has, even an empty one (what the tables select on).
+CONFIG_COLUMNS = ["dataset", "arch", "k", "mode", "loss", "head", "reconstruct", "loss_scales", "balanced",
+                  "widen", "epochs", "batch_size", "lr", "warmup_epochs", "train_subset", "seed"]
+RESULT_COLUMNS = ["final_error", "best_error", "best_epoch", "peak_activation_bytes", "cuda_peak_bytes",
+                  "peak_activation_MB", "cuda_peak_MB", "params_backbone", "params_local_heads",
+                  "params_context_encoders", "params_decoders", "n_cuts", "train_seconds", "images_per_s",
+                  "device"]
+COLUMNS = ["run", "run_dir", "paper_dataset", "paper_arch", "groups", "method", *CONFIG_COLUMNS, *RESULT_COLUMNS]
+
+
+# --------------------------------------------------------------------------------------
+# Collecting runs
+def run_dirs(results_dir) -> list[Path]:
+    """Run folders under `<results_dir>/runs/` (or directly under results_dir), finished or not."""
+    root = Path(results_dir)
+    base = root / "runs" if (root / "runs").is_dir() else root
+    if not base.is_dir():
+        return []
+    return sorted(p for p in base.iterdir()
+                  if p.is_dir() and ((p / "config.json").exists() or (p / "result.json").exists()))
+
+
+def _scales_key(scales):
+    return None if scales is None else tuple(round(float(v), 6) for v in scales)
+
+
+def infer_paper_dataset(cfg: dict) -> str:
+    """Which dataset of the paper a run stands for, from its config alone.
+
+    Real data sets stand for themselves. A stand-in (digits) stands for CIFAR-10, except a
+    reconstruction run whose loss scales are those of another data set's table (Table 3
+    trains STL-10's and SVHN's scales on digits under the quick profile).
+    """
+    dataset = cfg.get("dataset")
+    if dataset in PAPER_DATASETS:
+        return dataset
+    scales = _scales_key(cfg.get("loss_scales"))
+    if cfg.get("reconstruct") and scales is not None:
+        tables_ = tables.BALANCED_LOSS_SCALES if cfg.get("balanced") else tables.LOSS_SCALES
+        for data in PAPER_DATASETS:
+            if _scales_key(tables_.get((cfg.get("arch"), data), {}).get(cfg.get("k"))) == scales:
+                return data
+    return "cifar10"
+
+
+def method_label(cfg: dict) -> str:
+    """E2E, R0, E, R1E ..., with '+recon' and '*' (memory-balanced cuts) where they apply."""
+    if cfg.get("k") == 1:
+        return "E2E"
+    return cfg["mode"] + ("*" if cfg.get("balanced") else "") + (" +recon" if cfg.get("reconstruct") else "")
+
+
+def _registry(results_dir, profile):
+    """{run name: (groups, paper_dataset, paper_arch)} from the experiment registry, or {}.
+    Imported lazily: the report works on folders alone when the registry is unavailable."""
+    if profile is None:
+        return {}
+    try:
+        from . import experiments
+        by_group = experiments.runs_by_group(profile, results_dir)
+    except Exception:  # an unknown profile or a registry that does not import: infer instead
+        return {}
+    out: dict[str, tuple] = {}
+    for group, runs in by_group.items():
+        for r in runs:
+            groups = out.get(r.name, ((), r.paper_dataset, r.paper_arch))[0]
+            out[r.name] = (groups + (group,), r.paper_dataset, r.paper_arch)
+    return out
+
+
+def _mean_images_per_s(path: Path):
+    if not path.exists():
+        return np.nan
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return float(np.mean([r["images_per_s"] for r in rows])) if rows else np.nan
+
+
+def collect(results_dir, profile: str | None = None) -> pd.DataFrame:
+    """One row per finished run (a folder with result.json): every config field, every
+    result field, peak memory in MB, parameter counts per part, mean images/s.
+
+    With `profile`, the experiment registry names each run's groups and the paper entry it
+    stands for; without, those are inferred from the config (`infer_paper_dataset`).
+    """
+    registry = _registry(results_dir, profile)
+    rows = []
+    for d in run_dirs(results_dir):
+        if not (d / "result.json").exists():
+            continue
+        try:
+            result = json.loads((d / "result.json").read_text())
+        except json.JSONDecodeError:  # being written right now: not finished for us
+            continue
+        cfg = result.get("config") or json.loads((d / "config.json").read_text())
+        groups, paper_dataset, paper_arch = registry.get(d.name, ((), infer_paper_dataset(cfg), cfg.get("arch")))
+        row = {"run": d.name, "run_dir": str(d), "paper_dataset": paper_dataset, "paper_arch": paper_arch,
+               "groups": ",".join(groups), "method": method_label(cfg)}
+        row.update(cfg)
+        row["loss_scales"] = _scales_key(cfg.get("loss_scales"))
+        for key in ("final_error", "best_error", "best_epoch", "peak_activation_bytes", "cuda_peak_bytes",
+                    "train_seconds", "device"):
+            row[key] = result.get(key)
+        for part, n in (result.get("params") or {}).items():
+            row[f"params_{part}"] = n
+        row["n_cuts"] = len(result.get("cuts") or [])
+        row["images_per_s"] = _mean_images_per_s(d / "metrics.jsonl")
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for col in COLUMNS:
+        if col not in df:
+            df[col] = pd.Series(dtype=object if col in ("run", "run_dir", "dataset", "mode", "loss") else float)
+    for col in ("peak_activation_bytes", "cuda_peak_bytes", "final_error", "best_error"):
+        df[col] = pd.to_numeric(df[col], errors="coerce")
+    df["peak_activation_MB"] = df["peak_activation_bytes"] / MB
+    df["cuda_peak_MB"] = df["cuda_peak_bytes"] / MB
+    extra = [c for c in df.columns if c not in COLUMNS]
+    return df[COLUMNS + extra].reset_index(drop=True)
+
+
+def collect_or_demo(results_dir, profile: str | None = None, progress: bool = False) -> pd.DataFrame:
+    """`collect`; when `<results_dir>/runs` holds no run at all, first train a small demo set
+    there (E2E and K=4 R0/E/R1E on the embedded digits, seconds each, named `demo-...` so
+    that they never pass for a registry run): what lets the notebooks run on their own."""
+    df = collect(results_dir, profile)
+    if df.empty and not has_runs(results_dir):
+        from .information import train_demo_runs
+        print(f"note: no runs in {results_dir}; training a small demo set there "
+              f"(E2E and K=4 R0/E/R1E on digits) so that there is something to show.")
+        train_demo_runs(Path(results_dir) / "runs", progress=progress)
+        df = collect(results_dir, profile)
+    elif df.empty:
+        print(f"note: no finished runs in {results_dir} yet; the tables and figures below are empty.")
+    return df
+
+
+def has_runs(results_dir) -> bool:
+    """Whether `<results_dir>/runs` holds any run folder, finished or not."""
+    runs = Path(results_dir) / "runs"
+    return runs.is_dir() and any(p.is_dir() for p in runs.iterdir())
+
+
+def inventory(df: pd.DataFrame) -> pd.DataFrame:
+    """The finished runs at a glance."""
+    cols = ["run", "method", "paper_dataset", "dataset", "arch", "k", "loss", "epochs", "final_error", "best_error",
+            "peak_activation_MB", "train_seconds"]
+    return df[cols].sort_values(["paper_dataset", "arch", "k", "method"]).set_index("run")
+
+
+# --------------------------------------------------------------------------------------
+# Selecting and aggregating
+def _sel(df: pd.DataFrame, **where) -> pd.DataFrame:
+    mask = pd.Series(True, index=df.index)
+    for key, value in where.items():
+        if isinstance(value, (list, tuple, set)):
+            mask &= df[key].isin(list(value))
+        else:
+            mask &= df[key] == value
+    return df[mask]
+
+
+def _mean(df: pd.DataFrame, metric: str) -> float:
+    values = pd.to_numeric(df[metric], errors="coerce").dropna()
+    return float(values.mean()) if len(values) else np.nan
+
+
+def pick_dataset(df: pd.DataFrame, paper_dataset: str = "cifar10", dataset: str | None = None) -> str | None:
+    """The trained dataset standing for `paper_dataset`: the real one if present, else the
+    stand-in with the most runs; `dataset` forces a choice."""
+    if dataset is not None:
+        return dataset
+    rows = df[df["paper_dataset"] == paper_dataset]
+    if rows.empty:
+        return None
+    if (rows["dataset"] == paper_dataset).any():
+        return paper_dataset
+    return rows["dataset"].value_counts().index[0]
+
+
+def _pick_arch(df: pd.DataFrame, want: str, arch: str | None) -> str:
+    if arch is not None:
+        return arch
+    if df.empty or (df["arch"] == want).any():
+        return want
+    return df["arch"].value_counts().index[0]
+
+
+def reference_label(dataset: str | None, paper_dataset: str, arch: str) -> str:
+    """Column label of the InfoPro numbers (SPEC §7): comparable only on the paper's data."""
+    setting = f"{DATASET_NAMES[paper_dataset]} {ARCH_NAMES.get(arch, arch)}"
+    if dataset == paper_dataset:
+        return f"InfoPro paper ({setting})"
+    return f"paper setting ({setting}), not comparable"
+
+
+def ours_label(dataset: str | None) -> str:
+    return f"ours ({dataset})" if dataset else "ours (no runs)"
+
+
+def contsup_value(paper_dataset: str, arch: str, method: str, loss: str, k) -> float:
+    """The ContSup paper's own number from `tables.CONTSUP_PAPER`, NaN while the slot is empty.
+    Expected layout (as INFOPRO_REFERENCE): {(dataset, arch, method, loss): {K: error %}},
+    method as `method_label` writes it (E2E, R0, E, R1E, R1E +recon, E* ...)."""
+    entry = tables.CONTSUP_PAPER.get((paper_dataset, arch, method, loss), {})
+    return float(entry.get(k, np.nan)) if isinstance(entry, dict) else np.nan
+
+
+def infopro_value(paper_dataset: str, arch: str, method: str, k) -> float:
+    if method == "E2E":
+        return tables.E2E_REFERENCE.get((paper_dataset, arch), np.nan)
+    return tables.INFOPRO_REFERENCE.get((paper_dataset, arch, method), {}).get(k, np.nan)
+
+
+def format_table(table: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
+    """For display: numbers with `digits` decimals (parameter counts as integers), every
+    missing value as '—'."""
+    def fmt(v, count=False):
+        if isinstance(v, str):
+            return v
+        if v is None or (isinstance(v, (float, np.floating)) and math.isnan(v)):
+            return MISSING
+        if count:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}f}" if isinstance(v, (float, np.floating)) else str(v)
+    out = table.copy().astype(object)
+    for col in table.columns:
+        count = "params" in " ".join(map(str, col if isinstance(col, tuple) else (col,)))
+        out[col] = [fmt(v, count) for v in table[col]]
+    return out
+
+
+def _frame(rows: dict, columns: list, index_names) -> pd.DataFrame:
+    cols = pd.MultiIndex.from_tuples(columns, names=["source", ""])
+    index = pd.MultiIndex.from_tuples(list(rows)) if isinstance(next(iter(rows)), tuple) else pd.Index(list(rows))
+    index.names = index_names if isinstance(index_names, list) else [index_names]
+    return pd.DataFrame([rows[r] for r in rows], index=index, columns=cols)
+
+
+# --------------------------------------------------------------------------------------
+# Tables
+def table1(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_error") -> pd.DataFrame:
+    """Table 1: ResNet-32, K=16, softmax; rows E2E, R0, E, R1, R1E. Reference: InfoPro's
+    end-to-end and greedy SL (= R0) numbers."""
+    dataset = pick_dataset(df, "cifar10", dataset)
+    arch, ref, ours = "resnet32", reference_label(dataset, "cifar10", "resnet32"), ours_label(dataset)
+    base = _sel(df, dataset=dataset, arch=arch, reconstruct=False, balanced=False)
+    columns = [(ours, "test error (%)"), (ours, "best error (%)"), (ours, "peak activation (MB)"),
+               (ours, "context params"), (ref, "test error (%)"), (CONTSUP_SLOT, "test error (%)")]
+    rows = {}
+    for mode in ("E2E", "R0", "E", "R1", "R1E"):
+        sel = _sel(base, k=1) if mode == "E2E" else _sel(base, k=16, mode=mode, loss="softmax")
+        ref_method = {"E2E": "E2E", "R0": "Greedy SL"}.get(mode)
+        rows[mode] = [_mean(sel, metric), _mean(sel, "best_error"), _mean(sel, "peak_activation_MB"),
+                      _mean(sel, "params_context_encoders"),
+                      infopro_value("cifar10", arch, ref_method, 16) if ref_method else np.nan,
+                      contsup_value("cifar10", arch, mode, "softmax", 16 if mode != "E2E" else 1)]
+    return _frame(rows, columns, "mode")
+
+
+def table2(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_error") -> pd.DataFrame:
+    """Table 2: ResNet-32, rows mode (E, R1E) x loss (contrast, softmax), columns K; the
+    E2E column repeats the end-to-end baseline. Reference: InfoPro with the same loss."""
+    dataset = pick_dataset(df, "cifar10", dataset)
+    arch, ref, ours = "resnet32", reference_label(dataset, "cifar10", "resnet32"), ours_label(dataset)
+    base = _sel(df, dataset=dataset, arch=arch, reconstruct=False, balanced=False)
+    e2e = _mean(_sel(base, k=1), metric)
+    kcols = ["E2E"] + [f"K={k}" for k in KS]
+    columns = [(ours, c) for c in kcols] + [(ref, c) for c in kcols] + [(CONTSUP_SLOT, c) for c in kcols]
+    rows = {}
+    for mode in ("E", "R1E"):
+        for loss in ("contrast", "softmax"):
+            ours_vals = [e2e] + [_mean(_sel(base, k=k, mode=mode, loss=loss), metric) for k in KS]
+            ref_vals = [infopro_value("cifar10", arch, "E2E", 1)] + \
+                       [infopro_value("cifar10", arch, f"InfoPro {loss}", k) for k in KS]
+            slot = [contsup_value("cifar10", arch, "E2E", "softmax", 1)] + \
+                   [contsup_value("cifar10", arch, mode, loss, k) for k in KS]
+            rows[(mode, loss)] = ours_vals + ref_vals + slot
+    return _frame(rows, columns, ["mode", "loss"])
+
+
+def table3(df: pd.DataFrame, arch: str | None = None, metric: str = "final_error") -> pd.DataFrame:
+    """Table 3: R1E + reconstruction (ResNet-110), rows dataset x loss, columns K; the E2E
+    column is the end-to-end run on the same trained data. Reference: InfoPro, same loss."""
+    recon = _sel(df, mode="R1E", reconstruct=True, balanced=False)
+    arch = _pick_arch(recon, "resnet110", arch)
+    kcols = ["E2E"] + [f"K={k}" for k in KS]
+    trained = sorted(set(_sel(recon, arch=arch)["dataset"]))
+    comparable = all(d in PAPER_DATASETS for d in (trained or set(df["dataset"].dropna())))
+    ours = ours_label(", ".join(trained) if trained else None)
+    ref = f"InfoPro paper ({ARCH_NAMES.get(arch, arch)})" if comparable else \
+        f"paper setting ({ARCH_NAMES.get(arch, arch)}), not comparable"
+    columns = [(ours, c) for c in kcols] + [(ref, c) for c in kcols] + [(CONTSUP_SLOT, c) for c in kcols]
+    rows = {}
+    for paper_dataset in PAPER_DATASETS:
+        runs = _sel(recon, arch=arch, paper_dataset=paper_dataset)
+        data_trained = pick_dataset(runs, paper_dataset)
+        e2e = _mean(_sel(df, k=1, arch=arch, dataset=data_trained), metric) if data_trained else np.nan
+        for loss in ("contrast", "softmax"):
+            sel = _sel(runs, loss=loss, dataset=data_trained)
+            ours_vals = [e2e] + [_mean(_sel(sel, k=k), metric) for k in KS]
+            ref_vals = [infopro_value(paper_dataset, arch, "E2E", 1)] + \
+                       [infopro_value(paper_dataset, arch, f"InfoPro {loss}", k) for k in KS]
+            slot = [contsup_value(paper_dataset, arch, "E2E", "softmax", 1)] + \
+                   [contsup_value(paper_dataset, arch, "R1E +recon", loss, k) for k in KS]
+            rows[(DATASET_NAMES[paper_dataset], loss)] = ours_vals + ref_vals + slot
+    return _frame(rows, columns, ["dataset", "loss"])
+
+
+TABLE4_MODES = ("E2E", "R0", "E", "R1", "R2", "R4", "R8", "R16")
+
+
+def table4(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_error") -> pd.DataFrame:
+    """Table 4: ResNet-32, softmax, K=8 and 16, rows mode: test error and peak activation
+    memory (the E2E row repeats the end-to-end run under both K). Reference: InfoPro's
+    greedy SL (= R0) and E2E errors."""
+    dataset = pick_dataset(df, "cifar10", dataset)
+    arch, ref, ours = "resnet32", reference_label(dataset, "cifar10", "resnet32"), ours_label(dataset)
+    base = _sel(df, dataset=dataset, arch=arch, reconstruct=False, balanced=False)
+    gpu = base["cuda_peak_MB"].notna().any()
+    columns = []
+    for k in (8, 16):
+        columns += [(ours, f"K={k} error (%)"), (ours, f"K={k} peak activation (MB)")]
+        if gpu:
+            columns.append((ours, f"K={k} GPU peak (MB)"))
+    columns += [(ref, f"K={k} error (%)") for k in (8, 16)]
+    columns += [(CONTSUP_SLOT, f"K={k} {q}") for k in (8, 16) for q in ("error (%)", "memory")]
+    rows = {}
+    for mode in TABLE4_MODES:
+        vals, refs, slot = [], [], []
+        for k in (8, 16):
+            sel = _sel(base, k=1) if mode == "E2E" else _sel(base, k=k, mode=mode, loss="softmax")
+            if mode not in ("E2E", "R0", "E") and int(mode[1:]) > k:  # R16 needs K=16
+                sel = sel.iloc[0:0]
+            vals += [_mean(sel, metric), _mean(sel, "peak_activation_MB")]
+            vals += [_mean(sel, "cuda_peak_MB")] if gpu else []
+            ref_method = {"E2E": "E2E", "R0": "Greedy SL"}.get(mode)
+            refs.append(infopro_value("cifar10", arch, ref_method, k) if ref_method else np.nan)
+            slot += [contsup_value("cifar10", arch, mode, "softmax", k), np.nan]
+        rows[mode] = vals + refs + slot
+    return _frame(rows, columns, "mode")
+
+
+def all_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    return {"table1": table1(df), "table2": table2(df), "table3": table3(df), "table4": table4(df)}
+
+
+def save_tables(tables_: dict[str, pd.DataFrame], out_dir) -> list[Path]:
+    """Each table as CSV (numbers, NaN where missing) and as aligned text (as displayed)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, t in tables_.items():
+        t.to_csv(out / f"{name}.csv")
+        (out / f"{name}.txt").write_text(format_table(t).to_string() + "\n")
+        paths += [out / f"{name}.csv", out / f"{name}.txt"]
+    return paths
+
+
+def reference_table() -> pd.DataFrame:
+    """The published anchors of SPEC §7 as one table: InfoPro Table 2 (test error %) with
+    the E2E baselines; rows (dataset, arch, method), columns K."""
+    rows = {}
+    for (data, arch), err in tables.E2E_REFERENCE.items():
+        rows[(DATASET_NAMES[data], ARCH_NAMES[arch], "E2E")] = [err] + [np.nan] * len(KS)
+        for (d, a, method), by_k in tables.INFOPRO_REFERENCE.items():
+            if (d, a) == (data, arch):
+                rows[(DATASET_NAMES[d], ARCH_NAMES[a], method)] = [np.nan] + [by_k.get(k, np.nan) for k in KS]
+    out = pd.DataFrame(list(rows.values()), columns=["K=1"] + [f"K={k}" for k in KS],
+                       index=pd.MultiIndex.from_tuples(list(rows), names=["dataset", "arch", "method"]))
+    return out
+
+
+def memory_reference_table() -> pd.DataFrame:
+    """InfoPro Table 3: peak GPU memory (GB) of ResNet-110 on CIFAR-10, batch 1024."""
+    return pd.DataFrame({"peak GPU memory (GB)": tables.INFOPRO_MEMORY_GB}).rename_axis("method")
+
+
+# --------------------------------------------------------------------------------------
+# Figures
+def _plt():
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    sns.set_theme(style="whitegrid", context="notebook")
+    return plt, sns
+
+
+def _save(fig, figures_dir, name: str) -> list[Path]:
+    out = Path(figures_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    return paths
+
+
+def _note(ax, text: str):
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=10, color="0.4",
+            wrap=True)
+
+
+def _k_axis(ax, ks):
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(ks))
+    ax.set_xticklabels([str(k) for k in ks])
+    ax.set_xlim(min(ks) / 1.25, max(ks) * 1.25)
+    ax.minorticks_off()
+
+
+def _close(plt, fig):
+    plt.close(fig)
+
+
+MODE_ORDER = ["R0", "E", "R1", "R1E", "R2", "R4", "R8", "R16"]
+
+
+def figure4(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: str = "final_error",
+            show: bool = False) -> list[Path]:
+    """Figure 4: test error vs peak activation memory of one training step, one panel per
+    arch: memory-balanced cuts (E*) against equal-layer cuts of the same mode/loss, and E2E.
+    Points are labelled with K."""
+    plt, sns = _plt()
+    dataset = pick_dataset(df, "cifar10", dataset)
+    base = _sel(df, dataset=dataset, reconstruct=False) if dataset else df.iloc[0:0]
+    archs = [a for a in ("resnet32", "resnet110") if (base["arch"] == a).any()] or ["resnet32"]
+    fig, axes = plt.subplots(1, len(archs), figsize=(5.2 * len(archs), 4.2), squeeze=False)
+    palette = {"E* (memory-balanced)": "C3", "equal-layer cuts": "C0", "E2E": "k"}
+    for ax, arch in zip(axes[0], archs):
+        runs = _sel(base, arch=arch)
+        balanced = _sel(runs, balanced=True)
+        modes = balanced[["mode", "loss"]].drop_duplicates().values.tolist() or [["E", "contrast"]]
+        series = {"E* (memory-balanced)": balanced,
+                  "equal-layer cuts": pd.concat([_sel(runs, balanced=False, mode=m, loss=l) for m, l in modes])
+                  .query("k > 1"),
+                  "E2E": _sel(runs, k=1)}
+        drawn = False
+        for label, sel in series.items():
+            if sel.empty:
+                continue
+            pts = sel.groupby("k")[[metric, "peak_activation_MB"]].mean().reset_index()
+            pts = pts.sort_values("peak_activation_MB")
+            ax.plot(pts["peak_activation_MB"], pts[metric], "o-" if label != "E2E" else "*",
+                    color=palette[label], label=label, markersize=7 if label != "E2E" else 14)
+            for _, p in pts.iterrows():
+                ax.annotate(f"K={int(p['k'])}" if p["k"] > 1 else "E2E", (p["peak_activation_MB"], p[metric]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=8, color=palette[label])
+            drawn = True
+        mode_text = ", ".join(f"{m}/{l}" for m, l in modes)
+        ax.set_title(f"{ARCH_NAMES.get(arch, arch)} on {dataset or '—'} ({mode_text})", fontsize=10)
+        ax.set_xlabel("peak activation memory of one step (MB)")
+        ax.set_ylabel("test error (%)")
+        if drawn:
+            ax.legend(fontsize=8)
+            if balanced.empty:
+                ax.text(0.5, 0.02, "no memory-balanced (E*) runs yet", ha="center", va="bottom",
+                        transform=ax.transAxes, fontsize=9, color="0.4")
+        else:
+            _note(ax, "no finished runs for this panel yet")
+    fig.suptitle("Figure 4: memory-balanced cuts (E*) — error vs memory", fontsize=11)
+    fig.tight_layout()
+    paths = _save(fig, figures_dir, "figure4_memory_vs_error")
+    if not show:
+        _close(plt, fig)
+    return paths
+
+
+def _variant(row) -> str:
+    return row["loss"] + (" + reconstruction" if row["reconstruct"] else "")
+
+
+def figure5(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: str = "final_error",
+            show: bool = False) -> list[Path]:
+    """Figure 5 (ablation): test error vs K, ResNet-32, modes R0/E/R1/R1E, one panel per
+    local-loss variant (softmax, softmax + reconstruction — R0 there is the GDL decoder
+    baseline —, contrast). Dashed: E2E. Grey: InfoPro's published curve when comparable."""
+    plt, sns = _plt()
+    dataset = pick_dataset(df, "cifar10", dataset)
+    base = _sel(df, dataset=dataset, arch="resnet32", balanced=False) if dataset else df.iloc[0:0]
+    runs = _sel(base, mode=["R0", "E", "R1", "R1E"], k=list(KS))
+    order = ["softmax", "softmax + reconstruction", "contrast", "contrast + reconstruction"]
+    present = sorted({_variant(r) for _, r in runs.iterrows()}, key=lambda v: order.index(v) if v in order else 99)
+    variants = [v for v in order[:3]] + [v for v in present if v not in order[:3]]
+    e2e = _mean(_sel(base, k=1), metric)
+    fig, axes = plt.subplots(1, len(variants), figsize=(4.3 * len(variants), 4), squeeze=False, sharey=True)
+    colors = dict(zip(["R0", "E", "R1", "R1E"], sns.color_palette("deep", 4)))
+    refs = {"softmax": "Greedy SL", "softmax + reconstruction": "InfoPro softmax", "contrast": "InfoPro contrast"}
+    for ax, variant in zip(axes[0], variants):
+        sel = runs[[(_variant(r) == variant) for _, r in runs.iterrows()]] if not runs.empty else runs
+        for mode in ["R0", "E", "R1", "R1E"]:
+            pts = _sel(sel, mode=mode).groupby("k")[metric].mean()
+            if pts.empty:
+                continue
+            label = "R0 (GDL)" if mode == "R0" and "reconstruction" in variant else mode
+            ax.plot(pts.index, pts.values, "o-", color=colors[mode], label=label)
+        if not math.isnan(e2e):
+            ax.axhline(e2e, color="k", ls="--", lw=1, label="E2E")
+        if dataset == "cifar10" and variant in refs:
+            ref = tables.INFOPRO_REFERENCE[("cifar10", "resnet32", refs[variant])]
+            ax.plot(list(ref), list(ref.values()), "s:", color="0.6", label=f"{refs[variant]} (paper)")
+        _k_axis(ax, KS)
+        ax.set_title(variant, fontsize=10)
+        ax.set_xlabel("K (local modules)")
+        ax.set_ylabel("test error (%)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        if sel.empty:
+            _note(ax, "no finished runs yet")
+    fig.suptitle(f"Figure 5: context-supply ablation, ResNet-32 on {dataset or '—'}", fontsize=11)
+    fig.tight_layout()
+    paths = _save(fig, figures_dir, "figure5_ablation")
+    if not show:
+        _close(plt, fig)
+    return paths
+
+
+def table4_chart(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: str = "final_error",
+                 show: bool = False) -> list[Path]:
+    """Table 4 as bars: test error and peak activation memory per context mode at K=8 and
+    K=16 (ResNet-32, softmax); E2E as a dashed line."""
+    plt, sns = _plt()
+    dataset = pick_dataset(df, "cifar10", dataset)
+    base = _sel(df, dataset=dataset, arch="resnet32", reconstruct=False, balanced=False, loss="softmax") \
+        if dataset else df.iloc[0:0]
+    runs = _sel(base, k=[8, 16], mode=list(TABLE4_MODES[1:]))
+    agg = runs.groupby(["mode", "k"])[[metric, "peak_activation_MB"]].mean().reset_index()
+    agg["K"] = "K=" + agg["k"].astype(int).astype(str) if not agg.empty else pd.Series(dtype=str)
+    modes = [m for m in TABLE4_MODES[1:] if (agg["mode"] == m).any()] if not agg.empty else []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    e2e = _sel(base, k=1)
+    for ax, (col, label) in zip(axes, [(metric, "test error (%)"), ("peak_activation_MB", "peak activation (MB)")]):
+        if agg.empty:
+            _note(ax, "no finished runs for Table 4 yet")
+        else:
+            sns.barplot(data=agg, x="mode", y=col, hue="K", order=modes, hue_order=["K=8", "K=16"], ax=ax,
+                        palette="deep")
+            if not e2e.empty:
+                ax.axhline(_mean(e2e, col), color="k", ls="--", lw=1, label="E2E")
+            ax.legend(fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_xlabel("context mode")
+    fig.suptitle(f"Table 4: context modes at K=8 and K=16, ResNet-32 on {dataset or '—'}", fontsize=11)
+    fig.tight_layout()
+    paths = _save(fig, figures_dir, "table4_modes")
+    if not show:
+        _close(plt, fig)
+    return paths
+
+
+METHOD_ORDER = ["E2E", "GLL (R0)", "ContSup E", "ContSup R1E"]
+
+
+def motivation_figure(info_df: pd.DataFrame, figures_dir, show: bool = False) -> list[Path]:
+    """The motivation figure: along depth, the PSNR of a decoder trained on frozen h (a
+    proxy of I(h,x)) and the accuracy of a linear probe on frozen h (a proxy of I(h,y)),
+    one line per method; dotted verticals mark the cuts of the local-learning runs."""
+    plt, sns = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    info = info_df if info_df is not None else pd.DataFrame()
+    if info.empty:
+        for ax in axes:
+            _note(ax, "no information study results yet")
+    else:
+        methods = [m for m in METHOD_ORDER if (info["method"] == m).any()] + \
+                  sorted(set(info["method"]) - set(METHOD_ORDER))
+        palette = dict(zip(methods, ["k"] + sns.color_palette("deep", len(methods))[:len(methods) - 1]
+                           if methods and methods[0] == "E2E" else sns.color_palette("deep", len(methods))))
+        cuts = info[(info["is_cut"] == True) & (info["method"] != "E2E")]["depth_fraction"].unique()  # noqa: E712
+        for ax, (col, label) in zip(axes, [("psnr_db", "reconstruction PSNR (dB)  ~ I(h, x)"),
+                                           ("probe_accuracy", "linear-probe accuracy (%)  ~ I(h, y)")]):
+            for c in cuts:
+                ax.axvline(c, color="0.85", ls=":", lw=1, zorder=0)
+            sns.lineplot(data=info, x="depth_fraction", y=col, hue="method", hue_order=methods, palette=palette,
+                         marker="o", markersize=4, ax=ax, errorbar=None)
+            ax.set_xlabel("depth (fraction of layers; 0 = input image)")
+            ax.set_ylabel(label)
+            ax.legend(fontsize=8)
+        settings = info[["dataset", "arch", "k"]].drop_duplicates() if {"dataset", "arch", "k"} <= set(info) else None
+        if settings is not None and not settings.empty:
+            ks = sorted(int(k) for k in settings["k"].unique() if k > 1)
+            fig.suptitle(f"Layer-wise information, {ARCH_NAMES.get(settings['arch'].iloc[0], '')} on "
+                         f"{settings['dataset'].iloc[0]} (local learning with K={', '.join(map(str, ks))}; "
+                         f"dotted: cuts)", fontsize=11)
+    fig.tight_layout()
+    paths = _save(fig, figures_dir, "motivation_information")
+    if not show:
+        _close(plt, fig)
+    return paths

@@ -1,0 +1,418 @@
+"""`python -m contsup reproduce`: train every run of a profile, then build tables and figures.
+
+    python -m contsup reproduce --profile quick|paper|smoke [--only GROUP ...] [--out DIR]
+
+Each run is trained by executing `notebooks/02_train.ipynb` with papermill and lands in
+its own folder `<out>/runs/<name>/` (config.json, metrics.jsonl, ckpt.pt, result.json).
+A papermill kernel costs about 3 s to start on a 2-core CPU, so:
+
+- `paper` executes one notebook per run, saved as `<out>/runs/<name>/02_train.ipynb`
+  (3 s are nothing next to 160 GPU epochs);
+- `quick` and `smoke` execute one notebook per *group*, handed the group's run configs,
+  saved as `<out>/notebooks/02_train-<group>.ipynb` (87 quick runs x 3 s would eat a third
+  of the 15-minute budget). `--notebook-per run|group` overrides either default.
+
+A finished run (result.json present) is skipped; an interrupted one resumes from its
+checkpoint. A failing run does not stop the others: it writes `<run>/error.json`, is
+listed at the end with its one-line error and notebook, and the exit status becomes 1.
+Then notebooks 01 (only with the `motivation` group), 03 and 04 are executed with
+`results_dir`, `profile`, `figures_dir`; their executed copies go to `<out>/notebooks/`.
+`<out>/summary.json` records every run's status and which runs each group uses.
+
+The second half of this file holds the small helpers `02_train.ipynb` calls.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import experiments
+from .errors import UsageError
+from .train import MAY_CHANGE_ON_RESUME, TrainConfig, _config_json, train
+
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the repository root in a checkout
+NOTEBOOKS = PACKAGE_PARENT / "notebooks"
+TRAIN_NOTEBOOK = "02_train.ipynb"
+KERNEL = "python3"
+DEFAULT_FIGURES = {"quick": "figures", "paper": "figures/paper"}  # smoke: <out>/figures
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--profile", default="quick", help=f"one of {', '.join(experiments.PROFILES)}")
+    p.add_argument("--only", nargs="+", metavar="GROUP", default=None,
+                   help=f"run only these groups: {', '.join(experiments.GROUPS)}")
+    p.add_argument("--out", default=None, help="results folder (default: results/<profile>)")
+    p.add_argument("--figures-dir", default=None,
+                   help="where notebook 04 writes figures (default: figures/ for quick, figures/paper/ "
+                        "for paper, <out>/figures for smoke)")
+    p.add_argument("--notebook-per", choices=("run", "group"), default=None,
+                   help="one 02_train notebook per run or per group (default: run for paper, else group)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+# --------------------------------------------------------------------------------------
+# Executing notebooks
+def check_kernel(kernel_name: str = KERNEL) -> None:
+    """The kernel must exist and run this interpreter (or a plain `python`, which
+    jupyter_client replaces by sys.executable)."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+    try:
+        spec = KernelSpecManager().get_kernel_spec(kernel_name)
+    except NoSuchKernel:
+        raise UsageError(f"no Jupyter kernel '{kernel_name}'; install it with "
+                         f"`{sys.executable} -m ipykernel install --sys-prefix --name {kernel_name}`") from None
+    exe = spec.argv[0]
+    if exe not in ("python", "python3", f"python{sys.version_info[0]}.{sys.version_info[1]}") \
+            and Path(exe).resolve() != Path(sys.executable).resolve():
+        print(f"note: kernel '{kernel_name}' runs {exe}, not {sys.executable}; if its imports fail, run "
+              f"`{sys.executable} -m ipykernel install --sys-prefix --name {kernel_name}`", file=sys.stderr)
+
+
+@contextmanager
+def _kernel_environment():
+    """What the papermill kernels inherit: this very copy of contsup on PYTHONPATH (installed
+    or not), and OpenMP threads that sleep instead of spinning while they wait. On a shared
+    2-core machine, spinning torch threads of two busy processes slowed a training step
+    ~80x (10 vs 840 images/s, ResNet-32 on 8x8 digits); OMP_WAIT_POLICY=PASSIVE avoids it.
+    A value the user has set is kept."""
+    saved = {key: os.environ.get(key) for key in ("PYTHONPATH", "OMP_WAIT_POLICY")}
+    path = [str(PACKAGE_PARENT)] + ([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else [])
+    os.environ["PYTHONPATH"] = os.pathsep.join(path)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def execute(notebook: Path, output: Path, parameters: dict) -> str | None:
+    """Run a notebook with papermill; None on success, else the one-line error."""
+    import papermill
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _kernel_environment():
+            papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=KERNEL,
+                                       progress_bar=False, log_output=False, cwd=str(notebook.parent))
+    except papermill.PapermillExecutionError as e:
+        return f"{e.ename}: {e.evalue}".splitlines()[0] if e.evalue else e.ename
+    except Exception as e:  # kernel died, notebook unreadable...: still one line per run
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
+
+
+def _notebook_config(cfg: TrainConfig) -> dict:
+    """The config as the notebook receives it: JSON types, absolute paths."""
+    d = _config_json(cfg)
+    d["out_dir"] = str(Path(cfg.out_dir).resolve())
+    d["data_root"] = str(Path(cfg.data_root).resolve())
+    return d
+
+
+def _stale_keys(run) -> list[str]:
+    """Config keys in which a finished run folder differs from what the registry asks for
+    (e.g. after the quick profile's scaling changed); where a run lives may differ."""
+    path = run.out_dir / "config.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    wanted = _config_json(run.config)
+    default = {f.name: f.default for f in fields(TrainConfig)}  # a key newer than the run: its default
+    return sorted(k for k in set(stored) | set(wanted)
+                  if k not in MAY_CHANGE_ON_RESUME and stored.get(k, default.get(k)) != wanted.get(k))
+
+
+def _error_of(run) -> str | None:
+    path = run.out_dir / "error.json"
+    return json.loads(path.read_text())["error"] if path.exists() else None
+
+
+class _Watcher(threading.Thread):
+    """Advances the progress bar as runs inside a group notebook finish."""
+
+    def __init__(self, bar, runs):
+        super().__init__(daemon=True)
+        self.bar, self.pending, self.stop = bar, list(runs), threading.Event()
+
+    def run(self):
+        while not self.stop.wait(1.0):
+            self.poll()
+
+    def poll(self):
+        done = [r for r in self.pending if (r.out_dir / "result.json").exists() or _error_of(r)]
+        for r in done:
+            self.pending.remove(r)
+            self.bar.set_postfix_str(r.name, refresh=False)
+            self.bar.update(1)
+
+
+def run_all(runs, out, notebook_per: str = "run", progress: bool = True) -> list[dict]:
+    """Train `runs` (a list of experiments.Run) through 02_train.ipynb; one status dict per
+    run: name, group, status (done | skipped | failed), error, notebook, out_dir."""
+    if notebook_per not in ("run", "group"):
+        raise UsageError(f"unknown --notebook-per '{notebook_per}'; choose run or group")
+    out = Path(out)
+    status, pending = {}, []
+    for run in runs:
+        if (run.out_dir / "result.json").exists():
+            stale = _stale_keys(run)
+            error = (f"{run.out_dir} holds a finished run of another config (differs in {stale}); "
+                     f"move it away or use another --out") if stale else None
+            status[run.name] = {"status": "failed" if stale else "skipped", "error": error, "notebook": None}
+        else:
+            (run.out_dir / "error.json").unlink(missing_ok=True)  # a previous attempt's
+            pending.append(run)
+    if pending:
+        check_kernel()
+    notebook = NOTEBOOKS / TRAIN_NOTEBOOK
+    if notebook_per == "run":
+        batches = [(run.out_dir / TRAIN_NOTEBOOK, [run]) for run in pending]
+    else:
+        groups = dict.fromkeys(r.group for r in pending)
+        batches = [(out / "notebooks" / f"02_train-{g}.ipynb", [r for r in pending if r.group == g])
+                   for g in groups]
+
+    bar = tqdm(total=len(pending), desc="runs", unit="run", disable=not progress or not pending)
+    for output, batch in batches:
+        watcher = _Watcher(bar, batch)
+        watcher.start()
+        params = {"runs": [_notebook_config(r.config) for r in batch], "progress": False}
+        for r in batch:
+            r.out_dir.mkdir(parents=True, exist_ok=True)
+        notebook_error = execute(notebook, output, params)
+        watcher.stop.set()
+        watcher.join()
+        watcher.poll()
+        bar.update(len(watcher.pending))  # runs the notebook never reached
+        for r in batch:
+            if (r.out_dir / "result.json").exists():
+                status[r.name] = {"status": "done", "error": None, "notebook": str(output)}
+            else:
+                error = _error_of(r) or notebook_error or "the notebook ended without a result for this run"
+                status[r.name] = {"status": "failed", "error": error, "notebook": str(output)}
+    bar.close()
+    rows = []
+    for r in runs:
+        result = r.out_dir / "result.json"
+        seconds = json.loads(result.read_text())["train_seconds"] if result.exists() else None
+        rows.append({"name": r.name, "group": r.group, "out_dir": str(r.out_dir), **status[r.name],
+                     "train_seconds": seconds})
+    return rows
+
+
+def run_notebooks(names, out: Path, profile: str, figures_dir: Path) -> list[dict]:
+    """Execute the analysis notebooks that exist; a missing one is skipped with a note."""
+    params = {"results_dir": str(out.resolve()), "profile": profile, "figures_dir": str(figures_dir.resolve())}
+    results = []
+    for name in names:
+        src = NOTEBOOKS / name
+        if not src.exists():
+            print(f"note: {src} does not exist yet; skipped")
+            results.append({"notebook": name, "status": "missing", "error": None, "output": None})
+            continue
+        output = out / "notebooks" / name
+        t0 = time.perf_counter()
+        print(f"executing {name} ...", flush=True)
+        error = execute(src, output, params)
+        results.append({"notebook": name, "status": "failed" if error else "done", "error": error,
+                        "output": str(output), "seconds": round(time.perf_counter() - t0, 1)})
+    return results
+
+
+# --------------------------------------------------------------------------------------
+def reproduce(profile: str, out=None, only=None, runs=None, notebook_per: str | None = None,
+              figures_dir=None, analysis: bool = True, progress: bool = True) -> dict:
+    """Train the runs of `profile` (or the given `runs`), run the analysis notebooks, write
+    and return the summary; summary['exit_code'] is 0, or 1 if anything failed."""
+    t0 = time.perf_counter()
+    experiments.profile_settings(profile)
+    out = Path(out or f"results/{profile}")
+    groups = experiments.check_groups(only)
+    if runs is None:
+        runs = experiments.expand_all(profile, out, only)
+        registry = experiments.runs_by_group(profile, out, only)
+    else:
+        registry = {}
+        for r in runs:
+            registry.setdefault(r.group, []).append(r)
+        groups = list(registry)
+    notebook_per = notebook_per or ("run" if profile == "paper" else "group")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"reproduce --profile {profile}: {len(runs)} runs in {out}/runs "
+          f"(groups: {', '.join(groups)}; one notebook per {notebook_per})", flush=True)
+
+    statuses = run_all(runs, out, notebook_per, progress)
+
+    notebooks = []
+    if analysis:
+        names = (["01_information_motivation.ipynb"] if "motivation" in groups else []) + \
+                ["03_tables.ipynb", "04_figures.ipynb"]
+        figures = Path(figures_dir or DEFAULT_FIGURES.get(profile, out / "figures"))
+        notebooks = run_notebooks(names, out, profile, figures)
+
+    count = lambda key: sum(s["status"] == key for s in statuses)  # noqa: E731
+    failed = [s for s in statuses if s["status"] == "failed"] + [n for n in notebooks if n["status"] == "failed"]
+    summary = {
+        "profile": profile, "out": str(out), "groups": groups, "notebook_per": notebook_per,
+        "runs_total": len(statuses), "done": count("done"), "skipped": count("skipped"), "failed": count("failed"),
+        "notebooks": notebooks, "wall_seconds": round(time.perf_counter() - t0, 1),
+        "exit_code": 1 if failed else 0, "runs": statuses,
+        # which run folder each group's entries use, with the paper's dataset/arch they stand for
+        "registry": {g: [{"name": r.name, "paper_dataset": r.paper_dataset, "paper_arch": r.paper_arch,
+                          "config": _config_json(r.config)} for r in rs] for g, rs in registry.items()},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _print_summary(summary, out)
+    return summary
+
+
+def _print_summary(s: dict, out: Path) -> None:
+    minutes = s["wall_seconds"] / 60
+    print(f"\n{s['runs_total']} runs: {s['done']} done, {s['skipped']} skipped (already finished), "
+          f"{s['failed']} failed; {minutes:.1f} min. Summary: {out / 'summary.json'}")
+    for n in s["notebooks"]:
+        if n["status"] != "missing":
+            print(f"  {n['notebook']}: {n['status']} ({n['output']})")
+    failures = [r for r in s["runs"] if r["status"] == "failed"] + \
+               [dict(name=n["notebook"], error=n["error"], notebook=n["output"])
+                for n in s["notebooks"] if n["status"] == "failed"]
+    if failures:
+        print("failed:")
+        for f in failures:
+            print(f"  {f['name']}: {f['error']}\n      notebook: {f['notebook']}")
+
+
+def main(args) -> int:
+    try:
+        summary = reproduce(args.profile, args.out, args.only, notebook_per=args.notebook_per,
+                            figures_dir=args.figures_dir, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("contsup: interrupted; rerun the same command to continue (finished runs are skipped, "
+              "an interrupted one resumes from its checkpoint)", file=sys.stderr)
+        return 130
+    return summary["exit_code"]
+
+
+# --------------------------------------------------------------------------------------
+# Helpers of notebooks/02_train.ipynb
+def notebook_jobs(config: dict, out_dir: str | None, runs: list | None = None) -> list[TrainConfig]:
+    """The configs a 02_train execution trains: the `runs` handed in by `reproduce`, else
+    the single `config` in `out_dir` (None: a fresh temporary folder)."""
+    if runs:
+        return [TrainConfig.from_dict(c) for c in runs]
+    out_dir = out_dir or tempfile.mkdtemp(prefix="contsup-02_train-")
+    return [TrainConfig.from_dict({**config, "out_dir": out_dir})]
+
+
+def train_jobs(cfgs, progress: bool = True) -> dict[str, dict]:
+    """Train (or resume, or load) each config; a failure is recorded in `<run>/error.json`
+    and in the returned dict ({'error': ...}) instead of stopping the others."""
+    results = {}
+    for cfg in cfgs:
+        name = Path(cfg.out_dir).name
+        try:
+            results[name] = train(cfg, resume=True, progress=progress)
+            (Path(cfg.out_dir) / "error.json").unlink(missing_ok=True)
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}".splitlines()[0]
+            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.out_dir) / "error.json").write_text(
+                json.dumps({"error": error, "traceback": traceback.format_exc()}, indent=2))
+            results[name] = {"error": error}
+            print(f"{name}: FAILED: {error}")
+    return results
+
+
+def failures(results: dict) -> dict[str, str]:
+    return {name: r["error"] for name, r in results.items() if "error" in r}
+
+
+def learning_curves(cfgs):
+    """Train and test error per epoch of every run, long format (run, epoch, split, error)."""
+    import pandas as pd
+    rows = []
+    for cfg in cfgs:
+        path = Path(cfg.out_dir) / "metrics.jsonl"
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            m = json.loads(line)
+            for split in ("train", "test"):
+                rows.append({"run": Path(cfg.out_dir).name, "epoch": m["epoch"] + 1, "split": split,
+                             "error (%)": m[f"{split}_error"]})
+    return pd.DataFrame(rows, columns=["run", "epoch", "split", "error (%)"])
+
+
+def memory_table(cfgs, results: dict):
+    """Peak activation memory of one training step of each finished run and of the same
+    network trained end-to-end (K=1) at the same batch size."""
+    import pandas as pd
+    import torch
+
+    from . import tables
+    from .model import ContSupNet, ModelConfig
+    from .train import measure_step_memory, pick_device
+    rows, e2e = [], {}
+    for cfg in cfgs:
+        name = Path(cfg.out_dir).name
+        if "error" in results.get(name, {"error": "missing"}):
+            continue
+        key = (cfg.arch, cfg.dataset, cfg.batch_size)
+        if key not in e2e:
+            if cfg.k == 1:
+                e2e[key] = results[name]["peak_activation_bytes"]
+            else:
+                recipe = tables.DATA_RECIPES[cfg.dataset]
+                device = pick_device(cfg.device)
+                gen = torch.Generator().manual_seed(0)
+                x = torch.randn(cfg.batch_size, 3, recipe.image_size, recipe.image_size, generator=gen)
+                y = torch.randint(0, recipe.num_classes, (cfg.batch_size,), generator=gen)
+                net = ContSupNet(ModelConfig(arch=cfg.arch, k=1, mode="R0", dataset=cfg.dataset)).to(device)
+                e2e[key] = measure_step_memory(net, x.to(device), y.to(device))["peak_activation_bytes"]
+        rows.append({"run": name, "training": "this run",
+                     "peak activation (MB)": results[name]["peak_activation_bytes"] / 2**20})
+        if cfg.k > 1:
+            rows.append({"run": name, "training": "end-to-end", "peak activation (MB)": e2e[key] / 2**20})
+    return pd.DataFrame(rows, columns=["run", "training", "peak activation (MB)"])
+
+
+def results_table(cfgs, results: dict):
+    """One row per run: errors, memory, parameters, time (or the error)."""
+    import pandas as pd
+    rows = []
+    for cfg in cfgs:
+        name = Path(cfg.out_dir).name
+        r = results.get(name, {"error": "not run"})
+        if "error" in r:
+            rows.append({"run": name, "error": r["error"]})
+            continue
+        rows.append({"run": name, "final test error (%)": r["final_error"], "best test error (%)": r["best_error"],
+                     "best epoch": r["best_epoch"] + 1,
+                     "peak activation (MB)": round(r["peak_activation_bytes"] / 2**20, 1),
+                     "parameters": sum(r["params"].values()), "train seconds": round(r["train_seconds"], 1)})
+    return pd.DataFrame(rows).set_index("run")
+
+
+def describe_config(cfg: TrainConfig) -> str:
+    """Cut points and parameter counts of a config's network (deterministic)."""
+    from .model import ContSupNet
+    try:
+        net = ContSupNet(cfg.model_config())
+    except UsageError as e:  # shown, not raised: training reports it per run
+        return f"{Path(cfg.out_dir).name}: cannot build the network: {e}"
+    lines = [f"{cfg.arch} K={cfg.k} mode={cfg.mode} loss={cfg.loss} on {cfg.dataset}",
+             f"cut points (stage, block): {net.cuts}"]
+    lines += [f"{part:>17}: {n:,} parameters" for part, n in net.parts().items()]
+    return "\n".join(lines)
+

@@ -1,0 +1,254 @@
+"""Tables, figures and the information study, on realistic fake run folders and on one tiny
+really trained run."""
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from contsup import information, report, tables
+from contsup.errors import UsageError
+from contsup.train import TrainConfig
+
+
+def write_run(root, name=None, finished=True, final_error=20.0, peak_mb=100.0, **cfg_kw):
+    """A run folder as `train` leaves it: config.json, metrics.jsonl, result.json."""
+    cfg = TrainConfig(epochs=3, **cfg_kw)
+    name = name or f"{cfg.dataset}-{cfg.arch}-K{cfg.k}-{cfg.mode}-{cfg.loss}" + \
+        ("-recon" if cfg.reconstruct else "") + ("-balanced" if cfg.balanced else "") + f"-seed{cfg.seed}"
+    d = root / "runs" / name
+    d.mkdir(parents=True)
+    config = json.loads(json.dumps(asdict(cfg) | {"out_dir": str(d)}))
+    (d / "config.json").write_text(json.dumps(config))
+    rows = [{"epoch": e, "lr": 0.1, "train_error": 30.0, "test_error": final_error + 2 - e, "local_losses": [1.0],
+             "epoch_seconds": 2.0, "images_per_s": 500.0 + e} for e in range(3)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if finished:
+        result = {"final_error": final_error, "best_error": final_error - 0.5, "best_epoch": 2, "epochs": 3,
+                  "peak_activation_bytes": int(peak_mb * 2 ** 20), "cuda_peak_bytes": None,
+                  "params": {"backbone": 466906, "local_heads": 80000 if cfg.k > 1 else 0,
+                             "context_encoders": 0 if cfg.mode == "R0" or cfg.k == 1 else 13364, "decoders": 0},
+                  "cuts": tables.cut_points(cfg.arch, cfg.k, cfg.balanced, cfg.dataset), "train_seconds": 6.0,
+                  "device": "cpu", "config": config}
+        (d / "result.json").write_text(json.dumps(result))
+    return d
+
+
+@pytest.fixture
+def results(tmp_path):
+    """A quick-profile-like folder on digits: E2E, Table 1 modes at K=16, Table 2 at K=4,
+    a Table 3 reconstruction run with STL-10's scales, a balanced run, one unfinished run."""
+    write_run(tmp_path, k=1, mode="R0", final_error=10.0, peak_mb=150.0)
+    for i, mode in enumerate(("R0", "E", "R1E")):
+        write_run(tmp_path, k=16, mode=mode, final_error=30.0 - 5 * i, peak_mb=20.0 + i)
+    write_run(tmp_path, k=4, mode="E", loss="contrast", final_error=14.0, peak_mb=60.0)
+    write_run(tmp_path, k=4, mode="E", loss="contrast", final_error=16.0, peak_mb=60.0, seed=1)
+    write_run(tmp_path, k=4, mode="E", loss="contrast", balanced=True, final_error=15.0, peak_mb=40.0)
+    write_run(tmp_path, arch="resnet110", k=4, mode="R1E", reconstruct=True,
+              loss_scales=tables.LOSS_SCALES[("resnet110", "stl10")][4], final_error=12.5)
+    write_run(tmp_path, k=8, mode="R1", finished=False)
+    return tmp_path
+
+
+# --------------------------------------------------------------------------------------
+def test_collect_has_one_row_per_finished_run(results):
+    df = report.collect(results)
+    assert len(df) == 8  # the unfinished K=8 R1 run is left out
+    assert set(report.COLUMNS) <= set(df.columns)
+    e2e = df[df["k"] == 1].iloc[0]
+    assert e2e["method"] == "E2E" and e2e["final_error"] == 10.0
+    assert e2e["peak_activation_MB"] == pytest.approx(150.0)
+    assert e2e["images_per_s"] == pytest.approx(501.0)
+    assert e2e["params_backbone"] == 466906 and e2e["n_cuts"] == 0
+    assert set(df[df["k"] == 16]["n_cuts"]) == {15}
+    # digits stands in for CIFAR-10; the reconstruction run's scales name STL-10
+    assert set(df[~df["reconstruct"].astype(bool)]["paper_dataset"]) == {"cifar10"}
+    assert df[df["reconstruct"].astype(bool)]["paper_dataset"].item() == "stl10"
+    assert set(df["method"]) == {"E2E", "R0", "E", "R1E", "E*", "R1E +recon"}
+
+
+def test_collect_empty_folder_gives_empty_tables(tmp_path):
+    df = report.collect(tmp_path / "nothing-here")
+    assert df.empty and set(report.COLUMNS) <= set(df.columns)
+    for name, t in report.all_tables(df).items():
+        ours = t[[c for c in t.columns if c[0].startswith("ours")]]
+        assert ours.isna().all().all(), name
+
+
+def test_table1_layout_and_references(results):
+    t = report.table1(report.collect(results))
+    assert list(t.index) == ["E2E", "R0", "E", "R1", "R1E"]
+    sources = list(dict.fromkeys(t.columns.get_level_values(0)))
+    assert sources == ["ours (digits)", "paper setting (CIFAR-10 ResNet-32), not comparable", report.CONTSUP_SLOT]
+    ours, ref = t[sources[0]], t[sources[1]]
+    assert ours.loc["R0", "test error (%)"] == 30.0 and ours.loc["R1E", "test error (%)"] == 20.0
+    assert ours.loc["R1E", "peak activation (MB)"] == pytest.approx(22.0)
+    assert math.isnan(ours.loc["R1", "test error (%)"])  # not trained
+    assert ref.loc["R0", "test error (%)"] == 24.59 and ref.loc["E2E", "test error (%)"] == 7.37
+    assert math.isnan(ref.loc["E", "test error (%)"])  # InfoPro has no context supply
+    shown = report.format_table(t)
+    assert (shown[report.CONTSUP_SLOT] == report.MISSING).all().all()
+    assert shown.loc["R1", (sources[0], "test error (%)")] == report.MISSING
+
+
+def test_table2_layout_mean_over_seeds(results):
+    t = report.table2(report.collect(results))
+    assert list(t.index) == [("E", "contrast"), ("E", "softmax"), ("R1E", "contrast"), ("R1E", "softmax")]
+    assert list(dict.fromkeys(t.columns.get_level_values(1))) == ["E2E", "K=2", "K=4", "K=8", "K=16"]
+    assert t.shape == (4, 15)
+    assert t.loc[("E", "contrast"), ("ours (digits)", "K=4")] == 15.0  # seeds 0 and 1, balanced excluded
+    assert t.loc[("E", "softmax"), ("ours (digits)", "K=16")] == 25.0
+    assert (t[("ours (digits)", "E2E")] == 10.0).all()
+    ref = "paper setting (CIFAR-10 ResNet-32), not comparable"
+    assert t.loc[("R1E", "contrast"), (ref, "K=16")] == 12.75  # InfoPro contrast
+    assert t.loc[("E", "softmax"), (ref, "K=8")] == 11.40      # InfoPro softmax
+
+
+def test_table3_rows_per_paper_dataset(results):
+    t = report.table3(report.collect(results))
+    assert list(t.index) == [(d, l) for d in ("CIFAR-10", "STL-10", "SVHN") for l in ("contrast", "softmax")]
+    ours = [c for c in dict.fromkeys(t.columns.get_level_values(0)) if c.startswith("ours")][0]
+    assert t.loc[("STL-10", "softmax"), (ours, "K=4")] == 12.5
+    assert np.isnan(t.loc[("CIFAR-10", "softmax"), (ours, "K=4")])
+    ref = [c for c in dict.fromkeys(t.columns.get_level_values(0)) if "not comparable" in c][0]
+    assert t.loc[("STL-10", "softmax"), (ref, "K=4")] == 21.28 and t.loc[("SVHN", "contrast"), (ref, "E2E")] == 3.07
+
+
+def test_table4_layout(results):
+    t = report.table4(report.collect(results))
+    assert list(t.index) == list(report.TABLE4_MODES)
+    ours = t["ours (digits)"]
+    assert list(ours.columns) == ["K=8 error (%)", "K=8 peak activation (MB)", "K=16 error (%)",
+                                  "K=16 peak activation (MB)"]
+    assert ours.loc["E", "K=16 error (%)"] == 25.0 and math.isnan(ours.loc["E", "K=8 error (%)"])
+    assert ours.loc["E2E", "K=8 error (%)"] == ours.loc["E2E", "K=16 error (%)"] == 10.0
+
+
+def test_real_cifar_runs_are_labelled_comparable(tmp_path):
+    write_run(tmp_path, dataset="cifar10", k=16, mode="R0", final_error=25.0)
+    t = report.table1(report.collect(tmp_path))
+    assert "InfoPro paper (CIFAR-10 ResNet-32)" in t.columns.get_level_values(0)
+
+
+def test_reference_table_is_the_published_one():
+    t = report.reference_table()
+    assert t.loc[("CIFAR-10", "ResNet-32", "InfoPro contrast"), "K=16"] == 12.75
+    assert t.loc[("STL-10", "ResNet-110", "E2E"), "K=1"] == 22.27
+    assert len(t) == len(tables.INFOPRO_REFERENCE) + len(tables.E2E_REFERENCE)
+
+
+def _check_written(paths, names):
+    assert [p.name for p in paths] == [f"{n}.{ext}" for n in names for ext in ("png", "pdf")]
+    for p in paths:
+        assert p.exists() and p.stat().st_size > 1000, p
+
+
+def test_figures_are_written_with_partial_and_no_results(results, tmp_path):
+    df = report.collect(results)
+    for data, out in ((df, tmp_path / "fig"), (report.collect(tmp_path / "empty"), tmp_path / "fig-empty")):
+        _check_written(report.figure4(data, out), ["figure4_memory_vs_error"])
+        _check_written(report.figure5(data, out), ["figure5_ablation"])
+        _check_written(report.table4_chart(data, out), ["table4_modes"])
+    info = pd.DataFrame({"method": ["E2E"] * 3 + ["GLL (R0)"] * 3, "depth_fraction": [0, .5, 1] * 2,
+                         "psnr_db": [30, 20, 15, 30, 18, 12], "probe_accuracy": [10, 60, 90, 10, 70, 85],
+                         "is_cut": [False, False, False, False, True, False], "dataset": "digits",
+                         "arch": "resnet32", "k": [1] * 3 + [2] * 3})
+    _check_written(report.motivation_figure(info, tmp_path / "fig"), ["motivation_information"])
+    _check_written(report.motivation_figure(pd.DataFrame(), tmp_path / "fig-empty"), ["motivation_information"])
+
+
+# --------------------------------------------------------------------------------------
+# The information study on one tiny, really trained run
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run folder holding a ResNet-32 (K=4, R1E) after a few real local-learning steps on
+    digits, saved as `train` saves it (config.json + ckpt.pt['model']); `train` itself would
+    spend most of this test's budget evaluating the whole test set."""
+    import torch
+    from contsup.data import DeviceLoader, load_dataset
+    from contsup.model import ContSupNet
+    from contsup.train import _config_json, local_learning_step, make_optimizer
+
+    root = tmp_path_factory.mktemp("info")
+    out = root / "runs" / "tiny-K4-R1E"
+    cfg = TrainConfig(dataset=information.stand_in_dataset(), arch="resnet32", k=4, mode="R1E", epochs=1,
+                      batch_size=32, lr=0.05, train_subset=128, device="cpu", out_dir=str(out))
+    torch.manual_seed(0)
+    net = ContSupNet(cfg.model_config())
+    data = load_dataset(cfg.dataset, train_subset=cfg.train_subset)
+    opt = make_optimizer(net, cfg)
+    loader = DeviceLoader(data.train_x, data.train_y, tables.DATA_RECIPES[cfg.dataset], 32, True, "cpu",
+                          torch.Generator().manual_seed(0))
+    net.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny net: more threads only cost time on a busy CPU
+    try:
+        for x, y in loader:
+            local_learning_step(net, x, y)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    finally:
+        torch.set_num_threads(threads)
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(_config_json(cfg)))
+    torch.save({"model": net.state_dict(), "config": _config_json(cfg)}, out / "ckpt.pt")
+    return root, cfg
+
+
+TINY = information.Budget(n_train=128, n_test=100, decoder_steps=5, probe_steps=40)
+
+
+def test_layerwise_information_on_a_trained_net(tiny_run):
+    root, cfg = tiny_run
+    rows = information.layerwise_information(cfg.out_dir, budget=TINY)
+    n_layers = 1 + 3 * tables.BLOCKS_PER_STAGE["resnet32"]  # stem + residual blocks
+    assert [r["layer_index"] for r in rows] == list(range(n_layers + 1))  # + the input image
+    assert rows[0]["name"] == "input" and rows[1]["name"] == "stem" and rows[-1]["depth_fraction"] == 1.0
+    assert sum(r["is_cut"] for r in rows) == cfg.k - 1
+    assert [r["module"] for r in rows if r["is_cut"]] == [0, 1, 2]
+    for r in rows:
+        assert math.isfinite(r["psnr_db"]) and r["psnr_db"] > 0
+        assert 0 <= r["probe_accuracy"] <= 100
+    # real behaviour: early features are linearly informative about the digit (chance = 10%)
+    assert max(r["probe_accuracy"] for r in rows[1:4]) > 25
+
+
+def test_layer_stride_keeps_input_and_last(tiny_run):
+    _, cfg = tiny_run
+    from dataclasses import replace
+    rows = information.layerwise_information(cfg.out_dir, budget=replace(TINY, layer_stride=4, decoder_steps=1,
+                                                                          probe_steps=2))
+    assert [r["layer_index"] for r in rows] == [0, 4, 8, 12, 16]
+
+
+def test_study_writes_and_reuses_its_cache(tiny_run):
+    root, cfg = tiny_run
+    budget = information.Budget(n_train=64, n_test=50, decoder_steps=1, probe_steps=2, layer_stride=8)
+    df = information.study(root, ["tiny-K4-R1E"], budget)
+    csv = root / "motivation" / "information.csv"
+    assert csv.exists() and len(df) == 3 and set(df["method"]) == {"ContSup R1E"}
+    stamp = csv.stat().st_mtime_ns
+    time.sleep(0.01)
+    again = information.study(root, {"ContSup R1E": cfg.out_dir}, budget)
+    assert csv.stat().st_mtime_ns == stamp  # read back, not recomputed
+    pd.testing.assert_frame_equal(df.reset_index(drop=True), again.reset_index(drop=True), check_dtype=False)
+    os.utime(os.path.join(cfg.out_dir, "ckpt.pt"))  # a newer checkpoint invalidates the cache
+    information.study(root, ["tiny-K4-R1E"], budget)
+    assert csv.stat().st_mtime_ns != stamp
+    assert not information.summary(again).empty
+
+
+def test_load_run_names_a_missing_run(tmp_path):
+    with pytest.raises(UsageError, match="no trained run"):
+        information.load_run(tmp_path)
+
+
+def test_demo_runs_are_never_trained_beside_real_runs(tmp_path, capsys):
+    write_run(tmp_path, k=8, mode="R1", finished=False)  # a failed or running registry run
+    df = report.collect_or_demo(tmp_path)
+    assert df.empty and "no finished runs" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["digits-resnet32-K8-R1-softmax-seed0"]

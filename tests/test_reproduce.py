@@ -1,0 +1,81 @@
+"""`python -m contsup reproduce`: runs go through the 02_train notebook (papermill), a failing
+run does not stop the others, a rerun skips what is finished, bad input exits 2."""
+import json
+from dataclasses import replace
+
+import pytest
+
+from contsup import experiments, reproduce
+from contsup.cli import main
+
+
+@pytest.fixture(scope="module")
+def first_pass(tmp_path_factory):
+    """Three smoke runs of one group, the middle one broken (mode R16 needs K >= 16, which
+    only the network refuses, inside train()); one papermill execution for the group."""
+    out = tmp_path_factory.mktemp("reproduce")
+    e2e, r0 = experiments.expand("motivation", "smoke", out)[:2]
+    broken_cfg = replace(r0.config, k=4, mode="R16", out_dir=str(out / "runs" / "broken"))
+    broken = experiments.Run("motivation", "broken", broken_cfg, "cifar10", "resnet32")
+    runs = [e2e, broken, r0]
+    summary = reproduce.reproduce("smoke", out, runs=runs, notebook_per="group", analysis=False, progress=False)
+    return out, runs, summary
+
+
+def test_failure_does_not_stop_the_others(first_pass, capsys):
+    out, (e2e, broken, r0), summary = first_pass
+    assert summary["exit_code"] == 1
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (2, 0, 1)
+    for run in (e2e, r0):
+        result = json.loads((run.out_dir / "result.json").read_text())
+        assert result["epochs"] == 1 and 0 <= result["final_error"] <= 100
+    status = {s["name"]: s for s in summary["runs"]}
+    assert status["broken"]["status"] == "failed"
+    assert "R16" in status["broken"]["error"] and "\n" not in status["broken"]["error"]
+    notebook = out / "notebooks" / "02_train-motivation.ipynb"
+    assert status["broken"]["notebook"] == str(notebook) and notebook.exists()
+    # the executed notebook trained all three and ended on the failure check
+    cells = json.loads(notebook.read_text())["cells"]
+    assert any("AssertionError" in json.dumps(c.get("outputs", [])) for c in cells)
+    assert json.loads((out / "summary.json").read_text())["failed"] == 1
+
+
+def test_rerun_skips_finished_runs(first_pass, capsys):
+    out, (e2e, broken, r0), _ = first_pass
+    mtimes = {r.name: (r.out_dir / "result.json").stat().st_mtime_ns for r in (e2e, r0)}
+    # per-run notebooks this time: only the broken run is tried again, in its own folder
+    summary = reproduce.reproduce("smoke", out, runs=[e2e, broken, r0], notebook_per="run",
+                                  analysis=False, progress=False)
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (0, 2, 1)
+    assert {r.name: (r.out_dir / "result.json").stat().st_mtime_ns for r in (e2e, r0)} == mtimes
+    assert (broken.out_dir / "02_train.ipynb").exists()
+    printed = capsys.readouterr().out
+    assert "2 skipped" in printed and "broken: " in printed and "R16" in printed
+    assert str(broken.out_dir / "02_train.ipynb") in printed
+
+
+def test_missing_analysis_notebook_is_skipped_with_a_note(tmp_path, capsys):
+    result = reproduce.run_notebooks(["99_not_written_yet.ipynb"], tmp_path, "smoke", tmp_path / "figures")
+    assert result[0]["status"] == "missing"
+    assert "does not exist yet" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,hint", [
+    (["reproduce", "--profile", "fast"], "paper, quick, smoke"),
+    (["reproduce", "--profile", "smoke", "--only", "table9"], "table1"),
+    (["reproduce", "--notebook-per", "cell"], "invalid choice"),
+])
+def test_bad_input_exits_2_with_one_line(argv, hint, tmp_path, capsys):
+    assert main(argv + ["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("contsup: error: ") and err.count("\n") == 1 and hint in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_finished_run_of_another_config_is_flagged_not_reused(first_pass):
+    out, (e2e, _, _), _ = first_pass
+    changed = replace(e2e, config=replace(e2e.config, epochs=3))  # e.g. the profile's scaling changed
+    before = (e2e.out_dir / "result.json").stat().st_mtime_ns
+    [status] = reproduce.run_all([changed], out, progress=False)
+    assert status["status"] == "failed" and "differs in ['epochs']" in status["error"]
+    assert (e2e.out_dir / "result.json").stat().st_mtime_ns == before
