@@ -157,6 +157,214 @@ def parse_mode(mode: str, k: int) -> ContextMode:
     return parsed
 
 
+# --------------------------------------------------------------------------------------
+# Memory-lean context encoders (same function, fewer saved activations)
+#
+# An encoder is a chain of conv+BN+ReLU layers followed by an adaptive average pool. Plain
+# autograd saves, per layer, the conv output (for BN) and the ReLU output (for ReLU and the
+# next conv): at the image resolution that is far more than a late module's own
+# activations. `_EncoderChainFn` computes the same forward (same ops, same BN running-stat
+# update, exactly once) and saves only the pre-BN conv outputs z_l and the BN batch
+# statistics; the backward rebuilds each ReLU output from z_l. With `lean` it does not keep
+# the last (widest) z either: it saves two pooled maps instead (the pool of the ReLU mask and
+# of mask * x_hat, which give the BN reductions exactly) and recomputes the last conv in
+# batch chunks during the backward, one extra conv forward in all.
+def _bn_train_forward(z, bn: nn.BatchNorm2d):
+    """F.batch_norm in training mode, returning (out, mean, invstd); updates running stats once."""
+    factor = 0.0
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    out, mean, invstd = torch.native_batch_norm(z, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                                True, factor, bn.eps)
+    return out, mean, invstd
+
+
+def _bn_train_stats(z, bn: nn.BatchNorm2d):
+    """Batch mean and 1/std of z, with BatchNorm's running-stat update, without its output."""
+    var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        count = z.numel() // z.shape[1]
+        bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+        bn.running_var.mul_(1 - factor).add_(var * (count / max(count - 1, 1)), alpha=factor)
+    return mean, (var + bn.eps).rsqrt()
+
+
+def _bn_apply(z, mean, invstd, weight, bias):
+    shape = (1, -1, 1, 1)
+    return (z - mean.view(shape)) * (invstd * weight).view(shape) + bias.view(shape)
+
+
+def _conv(conv: nn.Conv2d, x, weight):
+    return F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _conv_backward(conv: nn.Conv2d, grad, x, weight, need_input: bool):
+    g_in, g_w, _ = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, list(conv.stride), list(conv.padding), list(conv.dilation), False, [0, 0],
+        conv.groups, [need_input, True, False])
+    return g_in, g_w
+
+
+class _EncoderChainFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layers, side, lean, chunks, *params):
+        # params: (conv.weight, bn.weight, bn.bias) per layer
+        ctx.layers, ctx.side, ctx.lean, ctx.chunks = layers, side, lean, chunks
+        h, saved, stats = x, [], []
+        n = len(layers)
+        for i, (conv, bn) in enumerate(layers[:n - 1] if lean else layers):
+            z = _conv(conv, h, params[3 * i])
+            out, mean, invstd = _bn_train_forward(z, bn)
+            stats += [mean, invstd]
+            h = out.relu_()
+            saved.append(z)
+        ctx.pooled_stats = False
+        if lean:
+            # Pooled statistics pay only where the pool shrinks the map; else the backward
+            # recomputes the last conv twice (once for the BN reductions, once for the gradient).
+            conv, bn = layers[-1]
+            z = _conv(conv, h, params[-3])
+            ctx.pooled_stats = 2 * side * side < z.shape[2] * z.shape[3]
+            if not ctx.pooled_stats:
+                out, mean, invstd = _bn_train_forward(z, bn)
+                stats += [mean, invstd]
+                pooled = F.adaptive_avg_pool2d(out.relu_(), side)
+            else:  # BN on z in place, then pooled output / ReLU mask / mask * x_hat, chunk by chunk
+                mean, invstd = _bn_train_stats(z, bn)
+                stats += [mean, invstd]
+                xhat = z.sub_(mean.view(1, -1, 1, 1)).mul_(invstd.view(1, -1, 1, 1))
+                gamma, beta = params[-2].view(1, -1, 1, 1), params[-1].view(1, -1, 1, 1)
+                parts = ([], [], [])
+                step = max(1, -(-xhat.shape[0] // chunks))
+                for s in range(0, xhat.shape[0], step):
+                    xc = xhat[s:s + step]
+                    t = torch.mul(xc, gamma).add_(beta).relu_()
+                    parts[0].append(F.adaptive_avg_pool2d(t, side))
+                    mask = t.gt_(0)
+                    parts[1].append(F.adaptive_avg_pool2d(mask, side))
+                    parts[2].append(F.adaptive_avg_pool2d(mask.mul_(xc), side))
+                    del t, mask, xc
+                pooled, p_mask, p_mx = (torch.cat(p) for p in parts)
+                saved += [p_mask, p_mx]
+                del xhat
+            del z
+        else:
+            pooled = F.adaptive_avg_pool2d(h, side)
+        del h
+        ctx.save_for_backward(x, *saved, *stats, *params)
+        return pooled
+
+    @staticmethod
+    def backward(ctx, g_out):
+        layers, side, lean, n = ctx.layers, ctx.side, ctx.lean, len(ctx.layers)
+        tensors = ctx.saved_tensors
+        x = tensors[0]
+        n_z = n - 1 if lean else n
+        zs = list(tensors[1:1 + n_z])
+        pos = 1 + n_z
+        pooled_stats = tensors[pos:pos + 2] if ctx.pooled_stats else None
+        pos += 2 if ctx.pooled_stats else 0
+        stats = tensors[pos:pos + 2 * n]
+        params = tensors[pos + 2 * n:]
+        grads = [None] * (3 * n)
+        need_x = ctx.needs_input_grad[0]
+
+        def relu_out(i, z):
+            return _bn_apply(z, stats[2 * i], stats[2 * i + 1], params[3 * i + 1], params[3 * i + 2]).relu_()
+
+        # Inputs of each layer (rebuilt from the saved z's; layer 0 reads x).
+        def layer_input(i):
+            return x if i == 0 else relu_out(i - 1, zs[i - 1])
+
+        conv_l, bn_l = layers[-1]
+        w_l, gamma_l = params[3 * (n - 1)], params[3 * (n - 1) + 1]
+        mean_l, invstd_l = stats[2 * (n - 1)], stats[2 * (n - 1) + 1]
+        h_in = layer_input(n - 1)
+        need_in = n > 1 or need_x
+        shape = (1, -1, 1, 1)
+        beta_l = params[3 * (n - 1) + 2]
+
+        def masked_grad(xhat, g):  # dL/d(BN output) of the last layer, from its x_hat
+            g_t = torch.ops.aten._adaptive_avg_pool2d_backward(g.contiguous(), xhat)
+            off = torch.mul(xhat, gamma_l.view(shape)).add_(beta_l.view(shape)) <= 0
+            return g_t.masked_fill_(off, 0)
+
+        if not lean:
+            z = zs[-1]
+            off = relu_out(n - 1, z) <= 0
+            g_t = torch.ops.aten._adaptive_avg_pool2d_backward(g_out.contiguous(), z).masked_fill_(off, 0)
+            del off
+            g_z, g_gamma, g_beta = torch.ops.aten.native_batch_norm_backward(
+                g_t, z, gamma_l, None, None, mean_l, invstd_l, True, bn_l.eps, [True, True, True])
+            del g_t
+            g_h, g_w = _conv_backward(conv_l, g_z, h_in, w_l, need_in)
+            del g_z
+        else:
+            B = h_in.shape[0]
+            chunk = max(1, -(-B // ctx.chunks))
+
+            def chunk_xhat(s):
+                xhat = _conv(conv_l, h_in[s:s + chunk], w_l)
+                return xhat.sub_(mean_l.view(shape)).mul_(invstd_l.view(shape))
+
+            if pooled_stats is not None:
+                p_mask, p_mx = pooled_stats
+                g_beta = (g_out * p_mask).sum((0, 2, 3))
+                g_gamma = (g_out * p_mx).sum((0, 2, 3))
+            else:  # pass A: the BN reductions from a recomputed x_hat
+                g_beta, g_gamma = torch.zeros_like(gamma_l), torch.zeros_like(gamma_l)
+                for s in range(0, B, chunk):
+                    xhat = chunk_xhat(s)
+                    g_t = masked_grad(xhat, g_out[s:s + chunk])
+                    g_beta += g_t.sum((0, 2, 3))
+                    g_gamma += (g_t * xhat).sum((0, 2, 3))
+                    del xhat, g_t
+            sum_g, sum_gx = g_beta * gamma_l, g_gamma * gamma_l   # Σ dL/dx_hat, Σ dL/dx_hat * x_hat
+            g_w = torch.zeros_like(w_l)
+            g_h = torch.empty_like(h_in) if need_in else None
+            total = None
+            for s in range(0, B, chunk):
+                xhat = chunk_xhat(s)
+                if total is None:
+                    total = B * xhat.shape[2] * xhat.shape[3]
+                g_t = masked_grad(xhat, g_out[s:s + chunk]).mul_(gamma_l.view(shape))
+                # dL/dz = invstd * (g - mean(g) - x_hat * mean(g * x_hat))
+                g_t.sub_((sum_g / total).view(shape)).addcmul_(xhat, (-sum_gx / total).view(shape))
+                g_z = g_t.mul_(invstd_l.view(shape))
+                del xhat
+                gi, gw = _conv_backward(conv_l, g_z, h_in[s:s + chunk], w_l, need_in)
+                g_w += gw
+                if need_in:
+                    g_h[s:s + chunk] = gi
+                del g_z, g_t, gi, gw
+        grads[3 * (n - 1):3 * n] = [g_w, g_gamma, g_beta]
+        # Earlier layers: plain (full-batch) BN and conv backward from the saved z's.
+        for i in range(n - 2, -1, -1):
+            conv, bn = layers[i]
+            z = zs[i]
+            mask = relu_out(i, z) > 0
+            g_h.mul_(mask)
+            del mask
+            g_z, g_gamma, g_beta = torch.ops.aten.native_batch_norm_backward(
+                g_h, z, params[3 * i + 1], None, None, stats[2 * i], stats[2 * i + 1], True, bn.eps,
+                [True, True, True])
+            h_prev = layer_input(i)
+            g_h, g_w = _conv_backward(conv, g_z, h_prev, params[3 * i], i > 0 or need_x)
+            grads[3 * i:3 * i + 3] = [g_w, g_gamma, g_beta]
+        return (g_h if need_x else None, None, None, None, None, *grads)
+
+
+def encoder_chain(x, layers, side: int, lean: bool = False, chunks: int = 4):
+    """adaptive_avg_pool(relu(bn(conv(... x ...))), side) over `layers` = [(conv, bn), ...],
+    training mode, with fewer saved activations (see above); `lean` recomputes the last conv
+    in the backward in `chunks` slices of the batch."""
+    params = [p for conv, bn in layers for p in (conv.weight, bn.weight, bn.bias)]
+    return _EncoderChainFn.apply(x, layers, side, lean, chunks, *params)
+
+
 class ImageEncoder(nn.Module):
     """Enc_k(x): conv3x3(3->12)+BN+ReLU, conv3x3(12->C)+BN+ReLU, pooled to the feature side."""
 
@@ -165,9 +373,10 @@ class ImageEncoder(nn.Module):
         hidden = int(12 * widen)
         self.net = nn.Sequential(conv_bn_relu(3, hidden), conv_bn_relu(hidden, channels),
                                  nn.AdaptiveAvgPool2d(side))
+        self.side, self.impl = side, "fused"
 
     def forward(self, x):
-        return self.net(x)
+        return _encoder_forward(self, x)
 
 
 class ResidualEncoder(nn.Module):
@@ -176,9 +385,34 @@ class ResidualEncoder(nn.Module):
     def __init__(self, c_in: int, channels: int, side: int):
         super().__init__()
         self.net = nn.Sequential(conv_bn_relu(c_in, channels, kernel=1), nn.AdaptiveAvgPool2d(side))
+        self.side, self.impl = side, "fused"
 
     def forward(self, h):
-        return self.net(h)
+        return _encoder_forward(self, h)
+
+
+CONTEXT_IMPLS = ("plain", "fused", "lean")
+
+
+def _encoder_forward(enc, x):
+    """plain: the nn.Sequential through autograd (the reference). fused (default) / lean: the
+    same function through `encoder_chain`, used while training with gradients on."""
+    if enc.impl == "plain" or not (enc.training and torch.is_grad_enabled()):
+        return enc.net(x)
+    layers = [(block[0], block[1]) for block in enc.net if isinstance(block, nn.Sequential)]
+    if not all(bn.training for _, bn in layers):
+        return enc.net(x)
+    return encoder_chain(x, layers, enc.side, lean=enc.impl == "lean")
+
+
+def set_context_impl(net: nn.Module, impl: str) -> nn.Module:
+    """Choose how the context encoders of `net` run: plain | fused | lean (same function)."""
+    if impl not in CONTEXT_IMPLS:
+        raise UsageError(f"unknown context implementation '{impl}'; choose one of: {', '.join(CONTEXT_IMPLS)}")
+    for m in net.modules():
+        if isinstance(m, (ImageEncoder, ResidualEncoder)):
+            m.impl = impl
+    return net
 
 
 class ContextSupply(nn.Module):
@@ -217,6 +451,7 @@ class ModelConfig:
     balanced: bool = False          # memory-balanced cut points (E*)
     dataset: str = "cifar10"
     widen: float = 1.0
+    lean_context: bool = False      # recompute the widest encoder conv in backward (same function)
 
 
 class ContSupNet(nn.Module):
@@ -264,6 +499,7 @@ class ContSupNet(nn.Module):
         # How far back the residual context reaches: module inputs older than that are dropped.
         self.keep_inputs = max([max(0, c - min(s.sources)) for c, s in enumerate(self.context) if s.sources] or [0])
         self.reset_parameters()
+        set_context_impl(self, "lean" if cfg.lean_context else "fused")
 
     def reset_parameters(self):
         for m in self.modules():

@@ -39,6 +39,7 @@ class TrainConfig:
     loss_scales: tuple | None = None
     balanced: bool = False
     widen: float = 1.0
+    lean_context: bool = False
     # optimisation; None = the paper's value for the dataset (tables.DATA_RECIPES)
     epochs: int = 160
     batch_size: int | None = None
@@ -142,6 +143,7 @@ def local_learning_step(net: ContSupNet, x, y, image=None):
             losses.append(torch.zeros((), device=x.device))
         if k < net.k - 1:
             h_in = net.supply(k, h, x, module_inputs)                 # h.detach() + context
+            h = None  # module k's output is not needed any more (frees it where h_in is a new tensor)
     return logits.detach(), torch.stack(losses)
 
 

@@ -1,0 +1,197 @@
+"""Peak activation memory, FLOPs and step time of one local-learning training step.
+
+    python benchmarks/bench_step.py                       # targets (ResNet-32 K=16 @256) + grid @32
+    python benchmarks/bench_step.py --grid-batch 256      # the full grid at batch 256 (slow on CPU)
+    python benchmarks/bench_step.py --device cuda         # + max_memory_allocated and images/s
+
+Every configuration is timed in the same process, and the repetitions are interleaved
+(rep 1 of every config, then rep 2, ...), so ratios between rows are robust to a machine
+whose load changes; compare ratios, not absolute seconds. Writes
+benchmarks/results/step_<device>.json and step_<device>.png.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from contsup.memory import cuda_peak_bytes, peak_activation_bytes  # noqa: E402
+from contsup.model import ContSupNet, ModelConfig, set_context_impl  # noqa: E402
+from contsup.train import local_learning_step  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ["R0", "E", "R1", "R1E", "R2", "R4", "R8", "R16"]
+TARGET_MODES = ["R0", "E", "R1", "R1E", "R16"]
+
+
+def valid_modes(k):
+    return [m for m in MODES if not (m.startswith("R") and m not in ("R0", "R1E") and int(m[1:]) > k)]
+
+
+def make_net(arch, k, mode, loss, impl, device):
+    torch.manual_seed(0)
+    net = ContSupNet(ModelConfig(arch=arch, k=k, mode=mode, loss=loss, dataset="cifar10"))
+    return set_context_impl(net, impl).to(device).train()
+
+
+def batch(n, device):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device)
+
+
+def step(net, x, y):
+    local_learning_step(net, x, y)
+    net.zero_grad(set_to_none=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(rows, batch_size, reps, device):
+    """Fill each row with peak activation bytes, FLOPs and median step time (interleaved reps)."""
+    x, y = batch(batch_size, device)
+    nets = []
+    for r in rows:
+        net = make_net(r["arch"], r["k"], r["mode"], r["loss"], r["impl"], device)
+        probe = copy.deepcopy(net)
+        r["peak_activation_bytes"] = peak_activation_bytes(lambda: step(probe, x, y), exclude=[probe], inputs=[x, y])
+        with FlopCounterMode(display=False) as fc:
+            step(probe, x, y)
+        r["flops"] = fc.get_total_flops()
+        r["cuda_peak_bytes"] = cuda_peak_bytes(lambda: step(probe, x, y), device)
+        del probe
+        step(net, x, y)  # warm-up
+        r["times"] = []
+        nets.append(net)
+        print(f"  {r['arch']} K={r['k']} {r['mode']} {r['loss']} {r['impl']}: "
+              f"{r['peak_activation_bytes'] / 2**20:.1f} MB, {r['flops'] / 1e9:.1f} GFLOP", flush=True)
+    for rep in range(reps):
+        for r, net in zip(rows, nets):
+            sync(device)
+            t = time.perf_counter()
+            step(net, x, y)
+            sync(device)
+            r["times"].append(time.perf_counter() - t)
+        print(f"  rep {rep + 1}/{reps} done", flush=True)
+    for r in rows:
+        r["step_seconds"] = statistics.median(r["times"])
+        r["images_per_s"] = batch_size / r["step_seconds"]
+        r["batch"] = batch_size
+    return rows
+
+
+def row(arch, k, mode, loss="softmax", impl="fused"):
+    return {"arch": arch, "k": k, "mode": mode, "loss": loss, "impl": impl}
+
+
+def target_rows():
+    rows = [row("resnet32", 1, "R0")]
+    rows += [row("resnet32", 16, m) for m in TARGET_MODES]
+    rows += [row("resnet32", 16, "R1E", impl="plain"), row("resnet32", 16, "R1E", impl="lean"),
+             row("resnet32", 16, "R16", impl="lean")]
+    return rows
+
+
+def grid_rows(archs, ks, losses):
+    rows = []
+    for arch in archs:
+        for loss in losses:
+            rows.append(row(arch, 1, "R0", loss))
+            for k in ks:
+                rows += [row(arch, k, m, loss) for m in valid_modes(k)]
+                rows.append(row(arch, k, "R1E", loss, impl="lean"))
+    return rows
+
+
+def judge(rows):
+    """The issue's targets on the ResNet-32 K=16 rows of one run."""
+    def get(mode, impl="fused", k=16):
+        return next(r for r in rows if r["arch"] == "resnet32" and r["k"] == k and r["mode"] == mode
+                    and r["impl"] == impl and r["loss"] == "softmax")
+    e2e, r0 = get("R0", k=1), get("R0")
+    out = {"time_vs_flops": {}}
+    for r in rows:
+        if r["arch"] == "resnet32" and r["k"] == 16:
+            t, f = r["step_seconds"] / r0["step_seconds"], r["flops"] / r0["flops"]
+            out["time_vs_flops"][f"{r['mode']}/{r['impl']}"] = {
+                "time_ratio": t, "flop_ratio": f, "excess": t / f, "met": t <= 1.15 * f}
+    mem = lambda r: r["peak_activation_bytes"]  # noqa: E731
+    r1e, r16, lean = get("R1E"), get("R16"), get("R1E", "lean")
+    out["R1E_mem_vs_E2E"] = {"ratio": mem(r1e) / mem(e2e), "target": 0.25, "met": mem(r1e) <= 0.25 * mem(e2e)}
+    out["R16_mem_vs_E2E"] = {"ratio": mem(r16) / mem(e2e), "target": 0.5, "met": mem(r16) <= 0.5 * mem(e2e)}
+    out["lean_R1E_mem_vs_R0"] = {"ratio": mem(lean) / mem(r0), "target": 1.3, "met": mem(lean) <= 1.3 * mem(r0)}
+    tl = lean["step_seconds"] / r1e["step_seconds"]
+    out["lean_R1E_time_vs_default"] = {"ratio": tl, "target": 1.3, "met": tl <= 1.3}
+    return out
+
+
+def figure(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sel = [r for r in rows if r["arch"] == "resnet32" and r["k"] in (1, 16) and r["loss"] == "softmax"]
+    e2e = next(r for r in sel if r["k"] == 1)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    labels = ["E2E" if r["k"] == 1 else f"{r['mode']}\n{r['impl']}" for r in sel]
+    axes[0].bar(labels, [r["peak_activation_bytes"] / e2e["peak_activation_bytes"] for r in sel], color="C0")
+    axes[0].axhline(0.25, ls="--", c="k", lw=0.8)
+    axes[0].set_ylabel("peak activation memory / E2E")
+    axes[1].bar(labels, [r["step_seconds"] / e2e["step_seconds"] for r in sel], color="C1", label="time")
+    axes[1].plot(labels, [r["flops"] / e2e["flops"] for r in sel], "ko", label="FLOPs")
+    axes[1].set_ylabel("step time / E2E")
+    axes[1].legend()
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle(f"ResNet-32, K=16, batch {e2e['batch']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--target-batch", type=int, default=256)
+    p.add_argument("--grid-batch", type=int, default=32)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--archs", default="resnet32,resnet110")
+    p.add_argument("--ks", default="2,4,8,16")
+    p.add_argument("--losses", default="softmax,contrast")
+    p.add_argument("--no-grid", action="store_true", help="only the target rows")
+    p.add_argument("--out", default=None, help="JSON path (default: results/step_<device>.json)")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    out = Path(a.out) if a.out else RESULTS / f"step_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
+            "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+            "reps": a.reps, "note": "medians of interleaved repetitions; compare ratios within this file"}
+    print(f"targets: batch {a.target_batch}", flush=True)
+    targets = measure(target_rows(), a.target_batch, a.reps, device)
+    result = {"meta": meta, "targets": {"rows": targets, "judged": judge(targets)}}
+    out.write_text(json.dumps(result, indent=1))
+    figure(targets, out.with_suffix(".png"))
+    if not a.no_grid:
+        print(f"grid: batch {a.grid_batch}", flush=True)
+        grid = measure(grid_rows(a.archs.split(","), [int(k) for k in a.ks.split(",")], a.losses.split(",")),
+                       a.grid_batch, a.reps, device)
+        result["grid"] = {"batch": a.grid_batch, "rows": grid}
+        out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result["targets"]["judged"], indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The optimized context paths (fused default, lean recompute, channels_last) compute the same
+function as the plain autograd reference: outputs, every parameter gradient and the BN
+running statistics (float64, small batch, CPU)."""
+import copy
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from contsup.model import ContSupNet, ImageEncoder, ModelConfig, ResidualEncoder, set_context_impl
+from contsup.train import local_learning_step
+
+
+def _batch(n=8, dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, 32, 32, generator=g, dtype=dtype), torch.randint(0, 10, (n,), generator=g)
+
+
+def _assert_same(net, ref, out, out_ref, tol=1e-10):
+    torch.testing.assert_close(out, out_ref, rtol=tol, atol=tol)
+    for (name, p), (_, q) in zip(net.named_parameters(), ref.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=tol, atol=tol, msg=name)
+    for (name, a), (_, b) in zip(net.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["R0", "E", "R1E", "R2"])
+@pytest.mark.parametrize("impl,channels_last", [("fused", False), ("lean", False), ("fused", True),
+                                                ("lean", True)])
+def test_optimized_step_matches_plain_reference(mode, impl, channels_last):
+    torch.manual_seed(0)
+    base = ContSupNet(ModelConfig(arch="resnet32", k=4, mode=mode, dataset="cifar10")).double()
+    x, y = _batch()
+    ref = set_context_impl(copy.deepcopy(base), "plain")
+    out_ref, losses_ref = local_learning_step(ref, x, y)
+    net = set_context_impl(copy.deepcopy(base), impl)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    out, losses = local_learning_step(net, x, y)
+    torch.testing.assert_close(losses, losses_ref, rtol=1e-10, atol=1e-10)
+    _assert_same(net, ref, out, out_ref)
+    # a second step with the updated running stats still agrees
+    out_ref2, _ = local_learning_step(ref, x.contiguous(), y)
+    out2, _ = local_learning_step(net, x, y)
+    _assert_same(net, ref, out2, out_ref2)
+
+
+@pytest.mark.parametrize("make", [lambda: ImageEncoder(64, 8), lambda: ImageEncoder(16, 32),
+                                  lambda: ResidualEncoder(16, 32, 16), lambda: ResidualEncoder(32, 64, 8)])
+@pytest.mark.parametrize("impl", ["fused", "lean"])
+def test_encoder_float32_and_input_gradient(make, impl):
+    torch.manual_seed(0)
+    enc = make()
+    c_in = enc.net[0][0].in_channels
+    side = 32 if c_in in (3, 16) else 16
+    x = torch.randn(10, c_in, side, side, requires_grad=True)
+    ref = copy.deepcopy(enc)
+    ref.impl, enc.impl = "plain", impl
+    x_ref = x.detach().clone().requires_grad_()
+    out, out_ref = enc(x), ref(x_ref)
+    g = torch.randn_like(out)
+    out.backward(g)
+    out_ref.backward(g)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    for p, q in zip(enc.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4 * q.grad.abs().max().item())
+    for a, b in zip(enc.buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_and_no_grad_use_the_plain_path():
+    torch.manual_seed(0)
+    net = ContSupNet(ModelConfig(arch="resnet32", k=4, mode="R1E", dataset="cifar10", lean_context=True))
+    ref = set_context_impl(copy.deepcopy(net), "plain")
+    x, _ = _batch(4, torch.float32)
+    net.eval(), ref.eval()
+    torch.testing.assert_close(net(x), ref(x))
+
+
+def test_unknown_impl_is_a_usage_error():
+    from contsup.errors import UsageError
+    with pytest.raises(UsageError, match="plain, fused, lean"):
+        set_context_impl(ContSupNet(ModelConfig(k=2, mode="R0", dataset="cifar10")), "fast")
+
+
+def test_flop_count_sanity():
+    x, y = _batch(2, torch.float32)
+
+    def flops(mode, k=4):
+        net = ContSupNet(ModelConfig(arch="resnet32", k=k, mode=mode, dataset="cifar10"))
+        with FlopCounterMode(display=False) as fc:
+            local_learning_step(net, x, y)
+        return fc.get_total_flops()
+
+    r0, r1e, e2e = flops("R0"), flops("R1E"), flops("R0", k=1)
+    assert r1e > r0 > e2e > 0
