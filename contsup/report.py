@@ -418,12 +418,17 @@ def _plt():
     return plt, sns
 
 
-def _save(fig, figures_dir, name: str) -> list[Path]:
+def _save(fig, figures_dir, name: str, show: bool = False) -> list[Path]:
+    """Lay out, write `name`.png and .pdf, and close the figure unless it is to be shown."""
+    fig.tight_layout()
     out = Path(figures_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     fig.savefig(paths[0], dpi=150, bbox_inches="tight")
     fig.savefig(paths[1], bbox_inches="tight")
+    if not show:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
     return paths
 
 
@@ -438,10 +443,6 @@ def _k_axis(ax, ks):
     ax.set_xticklabels([str(k) for k in ks])
     ax.set_xlim(min(ks) / 1.25, max(ks) * 1.25)
     ax.minorticks_off()
-
-
-def _close(plt, fig):
-    plt.close(fig)
 
 
 MODE_ORDER = ["R0", "E", "R1", "R1E", "R2", "R4", "R8", "R16"]
@@ -490,11 +491,7 @@ def figure4(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: s
         else:
             _note(ax, "no finished runs for this panel yet")
     fig.suptitle("Figure 4: memory-balanced cuts (E*) — error vs memory", fontsize=11)
-    fig.tight_layout()
-    paths = _save(fig, figures_dir, "figure4_memory_vs_error")
-    if not show:
-        _close(plt, fig)
-    return paths
+    return _save(fig, figures_dir, "figure4_memory_vs_error", show)
 
 
 def _variant(row) -> str:
@@ -539,11 +536,7 @@ def figure5(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: s
         if sel.empty:
             _note(ax, "no finished runs yet")
     fig.suptitle(f"Figure 5: context-supply ablation, ResNet-32 on {dataset or '—'}", fontsize=11)
-    fig.tight_layout()
-    paths = _save(fig, figures_dir, "figure5_ablation")
-    if not show:
-        _close(plt, fig)
-    return paths
+    return _save(fig, figures_dir, "figure5_ablation", show)
 
 
 def table4_chart(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: str = "final_error",
@@ -572,11 +565,7 @@ def table4_chart(df: pd.DataFrame, figures_dir, dataset: str | None = None, metr
         ax.set_ylabel(label)
         ax.set_xlabel("context mode")
     fig.suptitle(f"Table 4: context modes at K=8 and K=16, ResNet-32 on {dataset or '—'}", fontsize=11)
-    fig.tight_layout()
-    paths = _save(fig, figures_dir, "table4_modes")
-    if not show:
-        _close(plt, fig)
-    return paths
+    return _save(fig, figures_dir, "table4_modes", show)
 
 
 METHOD_ORDER = ["E2E", "GLL (R0)", "ContSup E", "ContSup R1E"]
@@ -613,8 +602,4 @@ def motivation_figure(info_df: pd.DataFrame, figures_dir, show: bool = False) ->
             fig.suptitle(f"Layer-wise information, {ARCH_NAMES.get(settings['arch'].iloc[0], '')} on "
                          f"{settings['dataset'].iloc[0]} (local learning with K={', '.join(map(str, ks))}; "
                          f"dotted: cuts)", fontsize=11)
-    fig.tight_layout()
-    paths = _save(fig, figures_dir, "motivation_information")
-    if not show:
-        _close(plt, fig)
-    return paths
+    return _save(fig, figures_dir, "motivation_information", show)
