@@ -397,7 +397,8 @@ CONTEXT_IMPLS = ("plain", "fused", "lean")
 def _encoder_forward(enc, x):
     """plain: the nn.Sequential through autograd (the reference). fused (default) / lean: the
     same function through `encoder_chain`, used while training with gradients on."""
-    if enc.impl == "plain" or not (enc.training and torch.is_grad_enabled()):
+    if enc.impl == "plain" or not (enc.training and torch.is_grad_enabled()) \
+            or torch.is_autocast_enabled(x.device.type):  # autograd handles autocast's casts
         return enc.net(x)
     layers = [(block[0], block[1]) for block in enc.net if isinstance(block, nn.Sequential)]
     if not all(bn.training for _, bn in layers):

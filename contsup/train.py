@@ -23,7 +23,7 @@ from .data import DeviceLoader, denormalize, load_dataset
 from .errors import UsageError
 from .losses import head_loss, reconstruction_loss
 from .memory import cuda_peak_bytes, peak_activation_bytes
-from .model import ContSupNet, ModelConfig
+from .model import ContSupNet, ModelConfig, set_context_impl
 
 
 @dataclass
@@ -40,6 +40,11 @@ class TrainConfig:
     balanced: bool = False
     widen: float = 1.0
     lean_context: bool = False
+    # speed: none of these changes the function computed, except bf16's rounding
+    channels_last: bool = True      # NHWC activations: faster convolutions on CPU and GPU alike
+    bf16: bool = False              # bfloat16 autocast for the forward passes (weights stay fp32)
+    cudnn_benchmark: bool = True    # let cuDNN time and pick its fastest algorithms (CUDA only)
+    torch_compile: bool = False     # torch.compile every module, head, encoder and decoder
     # optimisation; None = the paper's value for the dataset (tables.DATA_RECIPES)
     epochs: int = 160
     batch_size: int | None = None
@@ -114,8 +119,32 @@ def make_optimizer(net, cfg: TrainConfig):
                            weight_decay=s.weight_decay)
 
 
+def autocast(x, bf16: bool):
+    """bfloat16 autocast on x's device when `bf16`, else a no-op context."""
+    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def prepare_model(net: ContSupNet, cfg: TrainConfig, device) -> ContSupNet:
+    """Move `net` to the device in the memory format, and compile it, as `cfg` asks."""
+    net = net.to(device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    if cfg.torch_compile:
+        # Compiled encoders run the plain autograd version: inductor fuses its BN/ReLU/pool itself.
+        set_context_impl(net, "plain")
+        for part in [*net.blocks, *net.heads, net.classifier, *net.context, *net.decoders]:
+            part.compile()  # in place: state_dict keys stay the same
+    return net
+
+
+def to_format(x, cfg: TrainConfig):
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+
+
 # --------------------------------------------------------------------------------------
-def local_learning_step(net: ContSupNet, x, y, image=None):
+def local_learning_step(net: ContSupNet, x, y, image=None, bf16: bool = False):
     """Forward and backward through the K modules, one at a time (SPEC §1-§2).
 
     For module k: forward, its own local loss, backward (gradient reaches module k and the
@@ -123,47 +152,54 @@ def local_learning_step(net: ContSupNet, x, y, image=None):
     becomes the next input. K=1 is end-to-end. `image` ([B,3,S,S] in [0,1]) is the
     reconstruction target. Returns the final logits (detached) and the K losses.
     Gradients accumulate into .grad; the caller zeroes and steps the optimizer.
+    `bf16` runs the forward passes under bfloat16 autocast.
     """
     module_inputs, h_in, losses = [], x, []
     for k, block in enumerate(net.blocks):
         module_inputs.append(h_in.detach())
-        h = block(h_in)                                               # [B, C_k, H_k, W_k]
-        if k == net.k - 1:
-            logits = net.classifier(h)                                # [B, classes]
-            loss = F.cross_entropy(logits, y)
-        else:
-            a, b = net.loss_weights[k]
-            loss = b * head_loss(net.heads[k](h), y, net.cfg.loss) if b else 0.0
-            if a:
-                loss = loss + a * reconstruction_loss(net.decoders[k](h), image)
+        with autocast(x, bf16):
+            h = block(h_in)                                           # [B, C_k, H_k, W_k]
+            if k == net.k - 1:
+                logits = net.classifier(h)                            # [B, classes]
+                loss = F.cross_entropy(logits, y)
+            else:
+                a, b = net.loss_weights[k]
+                loss = b * head_loss(net.heads[k](h), y, net.cfg.loss) if b else 0.0
+                if a:
+                    loss = loss + a * reconstruction_loss(net.decoders[k](h), image)
         if torch.is_tensor(loss):
             loss.backward()  # frees module k's graph before module k+1 starts
             losses.append(loss.detach())
         else:
             losses.append(torch.zeros((), device=x.device))
         if k < net.k - 1:
-            h_in = net.supply(k, h, x, module_inputs)                 # h.detach() + context
+            with autocast(x, bf16):
+                h_in = net.supply(k, h, x, module_inputs)             # h.detach() + context
             h = None  # module k's output is not needed any more (frees it where h_in is a new tensor)
     return logits.detach(), torch.stack(losses)
 
 
-def measure_step_memory(net: ContSupNet, x, y, image=None) -> dict:
+def measure_step_memory(net: ContSupNet, x, y, image=None, bf16: bool = False) -> dict:
     """Peak activation bytes of one training step (device-independent; see memory.py),
     plus torch.cuda.max_memory_allocated on CUDA. Runs on a copy: the model is untouched."""
     net = copy.deepcopy(net).train()
-    step = lambda: local_learning_step(net, x, y, image)  # noqa: E731
+    step = lambda: local_learning_step(net, x, y, image, bf16)  # noqa: E731
     peak = peak_activation_bytes(step, exclude=[net], inputs=[x, y] + ([image] if image is not None else []))
     net.zero_grad(set_to_none=True)
     return {"peak_activation_bytes": peak, "cuda_peak_bytes": cuda_peak_bytes(step, x.device)}
 
 
 @torch.no_grad()
-def evaluate(net: ContSupNet, loader) -> float:
+def evaluate(net: ContSupNet, loader, channels_last: bool = False, bf16: bool = False) -> float:
     """Test error in %, BN in eval mode, context included."""
     net.eval()
     wrong = total = 0
     for x, y in loader:
-        wrong += (net(x).argmax(1) != y).sum().item()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(x, bf16):
+            logits = net(x)
+        wrong += (logits.argmax(1) != y).sum().item()
         total += len(y)
     return 100.0 * wrong / total
 
@@ -186,8 +222,10 @@ def load_checkpoint(path: Path) -> dict:
                          f"move it away to start the run over") from None
 
 
-# Where a run lives and runs may change between its start and its resume; nothing else may.
-MAY_CHANGE_ON_RESUME = {"out_dir", "device", "data_root", "download"}
+# Where a run lives and how fast it runs may change between its start and its resume;
+# nothing else may (bf16 changes the rounding, so it stays).
+MAY_CHANGE_ON_RESUME = {"out_dir", "device", "data_root", "download", "channels_last", "cudnn_benchmark",
+                        "torch_compile"}
 
 
 def _config_json(cfg: TrainConfig) -> dict:
@@ -207,15 +245,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             return json.loads(result_path.read_text())
         ckpt = load_checkpoint(ckpt_path)
         now = _config_json(cfg)
-        diff = sorted(k for k in set(now) | set(ckpt["config"])
-                      if k not in MAY_CHANGE_ON_RESUME and ckpt["config"].get(k) != now.get(k))
+        then = _config_json(TrainConfig(dataset=cfg.dataset)) | ckpt["config"]  # keys added since: defaults
+        diff = sorted(k for k in set(now) | set(then)
+                      if k not in MAY_CHANGE_ON_RESUME and then.get(k) != now.get(k))
         if diff:
             raise UsageError(f"{ckpt_path} was written by a different config (differs in {diff}); "
                              f"use another --out or the same settings")
 
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    net = ContSupNet(cfg.model_config()).to(device)  # validates the model choices first
+    net = prepare_model(ContSupNet(cfg.model_config()), cfg, device)  # validates the model choices first
     recipe = tables.DATA_RECIPES[cfg.dataset]
     data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.train_subset)
     gen = torch.Generator().manual_seed(cfg.seed)   # data order and augmentation
@@ -239,7 +278,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         _atomic_save(_config_json(cfg), out / "config.json", as_json=True)
         metrics_path.write_text("")
         x, y = next(iter(DeviceLoader(data.train_x, data.train_y, recipe, cfg.batch_size, False, device)))
-        memory = measure_step_memory(net, x, y, denormalize(x, recipe) if cfg.reconstruct else None)
+        memory = measure_step_memory(net, to_format(x, cfg), y, denormalize(x, recipe) if cfg.reconstruct else None,
+                                     cfg.bf16)
 
     epochs = tqdm(range(start_epoch, cfg.epochs), desc=Path(cfg.out_dir).name, disable=not progress,
                   initial=start_epoch, total=cfg.epochs)
@@ -251,14 +291,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         t0, seen, wrong, loss_sum = time.perf_counter(), 0, 0, 0.0
         for x, y in train_loader:
             image = denormalize(x, recipe) if cfg.reconstruct else None
-            logits, losses = local_learning_step(net, x, y, image)
+            logits, losses = local_learning_step(net, to_format(x, cfg), y, image, cfg.bf16)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             seen += len(y)
             wrong += (logits.argmax(1) != y).sum()
             loss_sum = loss_sum + losses * len(y)
         train_time = time.perf_counter() - t0
-        test_error = evaluate(net, test_loader)
+        test_error = evaluate(net, test_loader, cfg.channels_last, cfg.bf16)
         if test_error < best[0]:
             best = (test_error, epoch)
         row = {"epoch": epoch, "lr": lr, "train_error": 100.0 * float(wrong) / seen,

@@ -98,3 +98,78 @@ def test_flop_count_sanity():
 
     r0, r1e, e2e = flops("R0"), flops("R1E"), flops("R0", k=1)
     assert r1e > r0 > e2e > 0
+
+
+# --------------------------------------------------------------------------------------
+# Speed options of the trainer (channels_last, bf16 autocast, torch.compile)
+def _digits_cfg(out, **kw):
+    from contsup.train import TrainConfig
+    return TrainConfig(**{"dataset": "digits8", "arch": "resnet32", "k": 4, "mode": "R1E", "epochs": 2,
+                          "warmup_epochs": 0, "batch_size": 64, "lr": 0.05, "train_subset": 256,
+                          "out_dir": str(out), "device": "cpu", **kw})
+
+
+def test_channels_last_trains_the_same_run(tmp_path):
+    """NHWC reorders the float sums only: the same losses and test error to rounding. (Over
+    many steps rounding differences grow chaotically, so one epoch of 4 steps is compared.)"""
+    import json
+
+    from contsup.train import train
+    rows = {}
+    for cl in (False, True):
+        train(_digits_cfg(tmp_path / f"cl{cl}", channels_last=cl, epochs=1), progress=False)
+        rows[cl] = json.loads((tmp_path / f"cl{cl}" / "metrics.jsonl").read_text())
+    torch.testing.assert_close(torch.tensor(rows[True]["local_losses"]), torch.tensor(rows[False]["local_losses"]),
+                               rtol=1e-4, atol=1e-5)
+    assert abs(rows[True]["test_error"] - rows[False]["test_error"]) <= 0.4  # one of 500 digits may flip
+    nhwc = torch.load(tmp_path / "clTrue" / "ckpt.pt", weights_only=True)["model"]
+    assert nhwc["blocks.1.0.conv1.weight"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bf16_autocast_runs_convs_in_bf16_and_keeps_fp32_gradients():
+    torch.manual_seed(0)
+    base = ContSupNet(ModelConfig(arch="resnet32", k=4, mode="R1E", dataset="cifar10"))
+    x, y = _batch(16, torch.float32)
+    ref, net = copy.deepcopy(base), copy.deepcopy(base)
+    _, losses_ref = local_learning_step(ref, x, y)
+    dtypes = set()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(lambda mod, inp, out: dtypes.add(out.dtype))
+    _, losses = local_learning_step(net, x, y, bf16=True)
+    assert dtypes == {torch.bfloat16}
+    torch.testing.assert_close(losses, losses_ref, rtol=0.05, atol=0.02)
+    g = torch.cat([p.grad.flatten() for p in net.parameters()])
+    g_ref = torch.cat([p.grad.flatten() for p in ref.parameters()])
+    assert g.dtype == torch.float32 and torch.isfinite(g).all()
+    assert torch.nn.functional.cosine_similarity(g, g_ref, dim=0) > 0.95
+
+
+def test_prepare_model_compiles_every_part_in_place():
+    from contsup.train import TrainConfig, prepare_model
+    cfg = TrainConfig(dataset="digits8", k=2, mode="R1E", torch_compile=True)
+    net = ContSupNet(cfg.model_config())
+    keys = list(net.state_dict())
+    net = prepare_model(net, cfg, torch.device("cpu"))
+    parts = [*net.blocks, *net.heads, net.classifier, *net.context]
+    assert all(p._compiled_call_impl is not None for p in parts)
+    assert list(net.state_dict()) == keys  # checkpoints stay loadable without compile
+    assert net.blocks[0][0][0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compiled_context_supply_matches_eager():
+    """One ContextSupply (image + residual encoder), compiled by inductor on CPU (~30 s)."""
+    from contsup.model import ContextSupply, parse_mode
+    torch.manual_seed(0)
+    eager = ContextSupply(1, parse_mode("R1E", 4), [(3, 8), (16, 8), (16, 8)], (32, 4))
+    set_context_impl(eager, "plain")
+    compiled = copy.deepcopy(eager)
+    compiled.compile()
+    x, h = torch.randn(6, 3, 8, 8), torch.randn(6, 16, 8, 8)
+    out, out_ref = compiled(x, [x, h]), eager(x, [x, h])
+    g = torch.randn_like(out)
+    out.backward(g)
+    out_ref.backward(g)
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    for (name, p), (_, q) in zip(compiled.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)

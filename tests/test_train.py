@@ -60,3 +60,20 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     assert resumed["final_error"] == straight["final_error"]
     # A finished run is not trained again.
     assert train(_cfg(tmp_path / "resumed"), resume=True, progress=False) == resumed
+
+
+def test_resume_accepts_speed_options_refuses_bf16_and_old_configs(tmp_path):
+    from contsup.errors import UsageError
+    cfg = TrainConfig(dataset="digits8", arch="resnet32", k=2, mode="R1E", epochs=1, warmup_epochs=0,
+                      batch_size=64, train_subset=64, out_dir=str(tmp_path / "run"), device="cpu")
+    train(cfg, progress=False)
+    (tmp_path / "run" / "result.json").unlink()  # as if killed right after the last checkpoint
+    with pytest.raises(UsageError, match="bf16"):
+        train(TrainConfig(**{**cfg.__dict__, "bf16": True}), resume=True, progress=False)
+    # A checkpoint written before the speed options existed resumes under their defaults.
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    for key in ("channels_last", "bf16", "cudnn_benchmark", "torch_compile"):
+        ckpt["config"].pop(key)
+    torch.save(ckpt, tmp_path / "run" / "ckpt.pt")
+    faster = TrainConfig(**{**cfg.__dict__, "channels_last": False, "cudnn_benchmark": False})
+    assert train(faster, resume=True, progress=False)["epochs"] == 1
