@@ -231,7 +231,7 @@ class _EncoderChainFn(torch.autograd.Function):
             if not ctx.pooled_stats:
                 out, mean, invstd = _bn_train_forward(z, bn)
                 stats += [mean, invstd]
-                pooled = F.adaptive_avg_pool2d(out.relu_(), side)
+                pooled = pool_to(out.relu_(), side)
             else:  # BN on z in place, then pooled output / ReLU mask / mask * x_hat, chunk by chunk
                 mean, invstd = _bn_train_stats(z, bn)
                 stats += [mean, invstd]
@@ -242,17 +242,17 @@ class _EncoderChainFn(torch.autograd.Function):
                 for s in range(0, xhat.shape[0], step):
                     xc = xhat[s:s + step]
                     t = torch.mul(xc, gamma).add_(beta).relu_()
-                    parts[0].append(F.adaptive_avg_pool2d(t, side))
+                    parts[0].append(pool_to(t, side))
                     mask = t.gt_(0)
-                    parts[1].append(F.adaptive_avg_pool2d(mask, side))
-                    parts[2].append(F.adaptive_avg_pool2d(mask.mul_(xc), side))
+                    parts[1].append(pool_to(mask, side))
+                    parts[2].append(pool_to(mask.mul_(xc), side))
                     del t, mask, xc
                 pooled, p_mask, p_mx = (torch.cat(p) for p in parts)
                 saved += [p_mask, p_mx]
                 del xhat
             del z
         else:
-            pooled = F.adaptive_avg_pool2d(h, side)
+            pooled = pool_to(h, side)
         del h
         ctx.save_for_backward(x, *saved, *stats, *params)
         return pooled
@@ -288,14 +288,14 @@ class _EncoderChainFn(torch.autograd.Function):
         beta_l = params[3 * (n - 1) + 2]
 
         def masked_grad(xhat, g):  # dL/d(BN output) of the last layer, from its x_hat
-            g_t = torch.ops.aten._adaptive_avg_pool2d_backward(g.contiguous(), xhat)
+            g_t = pool_to_backward(g, xhat)
             off = torch.mul(xhat, gamma_l.view(shape)).add_(beta_l.view(shape)) <= 0
             return g_t.masked_fill_(off, 0)
 
         if not lean:
             z = zs[-1]
             off = relu_out(n - 1, z) <= 0
-            g_t = torch.ops.aten._adaptive_avg_pool2d_backward(g_out.contiguous(), z).masked_fill_(off, 0)
+            g_t = pool_to_backward(g_out, z).masked_fill_(off, 0)
             del off
             g_z, g_gamma, g_beta = torch.ops.aten.native_batch_norm_backward(
                 g_t, z, gamma_l, None, None, mean_l, invstd_l, True, bn_l.eps, [True, True, True])
@@ -365,14 +365,47 @@ def encoder_chain(x, layers, side: int, lean: bool = False, chunks: int = 4):
     return _EncoderChainFn.apply(x, layers, side, lean, chunks, *params)
 
 
+def pool_to(h, side: int):
+    """adaptive_avg_pool2d(h, side), by its cheapest exact form: nothing when h is already
+    side x side, a plain f x f average pool when the side divides evenly."""
+    H, W = h.shape[-2:]
+    if H == side and W == side:
+        return h
+    if H % side == 0 and W % side == 0:
+        return F.avg_pool2d(h, (H // side, W // side))
+    return F.adaptive_avg_pool2d(h, side)
+
+
+def pool_to_backward(g, like):
+    """The gradient of pool_to(like, side) given g = dL/d(pooled); a new tensor shaped like `like`."""
+    H, W = like.shape[-2:]
+    h, w = g.shape[-2:]
+    if (H, W) == (h, w):
+        return g.clone(memory_format=torch.preserve_format)
+    if H % h == 0 and W % w == 0:
+        kernel = [H // h, W // w]
+        return torch.ops.aten.avg_pool2d_backward(g, like, kernel, kernel, [0, 0], False, True, None)
+    return torch.ops.aten._adaptive_avg_pool2d_backward(g.contiguous(), like)
+
+
+class PoolTo(nn.Module):
+    """nn.AdaptiveAvgPool2d(side), computed by `pool_to`."""
+
+    def __init__(self, side: int):
+        super().__init__()
+        self.side = side
+
+    def forward(self, h):
+        return pool_to(h, self.side)
+
+
 class ImageEncoder(nn.Module):
     """Enc_k(x): conv3x3(3->12)+BN+ReLU, conv3x3(12->C)+BN+ReLU, pooled to the feature side."""
 
     def __init__(self, channels: int, side: int, widen: float = 1.0):
         super().__init__()
         hidden = int(12 * widen)
-        self.net = nn.Sequential(conv_bn_relu(3, hidden), conv_bn_relu(hidden, channels),
-                                 nn.AdaptiveAvgPool2d(side))
+        self.net = nn.Sequential(conv_bn_relu(3, hidden), conv_bn_relu(hidden, channels), PoolTo(side))
         self.side, self.impl = side, "fused"
 
     def forward(self, x):
@@ -384,7 +417,7 @@ class ResidualEncoder(nn.Module):
 
     def __init__(self, c_in: int, channels: int, side: int):
         super().__init__()
-        self.net = nn.Sequential(conv_bn_relu(c_in, channels, kernel=1), nn.AdaptiveAvgPool2d(side))
+        self.net = nn.Sequential(conv_bn_relu(c_in, channels, kernel=1), PoolTo(side))
         self.side, self.impl = side, "fused"
 
     def forward(self, h):

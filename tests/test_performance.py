@@ -173,3 +173,19 @@ def test_compiled_context_supply_matches_eager():
     torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
     for (name, p), (_, q) in zip(compiled.named_parameters(), eager.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("size,side", [(32, 32), (32, 8), (16, 8), (9, 4)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pool_to_is_adaptive_avg_pool(size, side, channels_last):
+    from contsup.model import PoolTo, pool_to_backward
+    h = torch.randn(3, 5, size, size, dtype=torch.float64)
+    if channels_last:
+        h = h.contiguous(memory_format=torch.channels_last)
+    a, b = h.clone().requires_grad_(), h.clone().requires_grad_()
+    out, ref = PoolTo(side)(a), torch.nn.AdaptiveAvgPool2d(side)(b)
+    g = torch.randn_like(ref)
+    out.backward(g), ref.backward(g)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(pool_to_backward(g, h), b.grad, rtol=0, atol=1e-12)
