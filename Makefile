@@ -1,4 +1,5 @@
-# Two commands do all the set-up: `make demo` (install + the main job) and `make test`.
+# Two commands do all the set-up: `make demo` (install + the quick reproduction of every
+# table and figure on the embedded digits, CPU) and `make test`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -13,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m contsup train --dataset digits --arch resnet32 -k 4 --mode R1E --epochs 10 --warmup-epochs 1 --out runs/demo --resume
+	$(BIN)/python -m contsup reproduce --profile quick
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
@@ -57,6 +58,9 @@ def add_arguments(p) -> None:
                         "for paper, <out>/figures for smoke)")
     p.add_argument("--notebook-per", choices=("run", "group"), default=None,
                    help="one 02_train notebook per run or per group (default: run for paper, else group)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="notebooks trained side by side, each with cores/jobs threads (default: 2 for "
+                        "quick and smoke on a CPU with 2+ cores, else 1; one GPU: 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -79,16 +83,19 @@ def check_kernel(kernel_name: str = KERNEL) -> None:
 
 
 @contextmanager
-def _kernel_environment():
+def _kernel_environment(threads: int | None = None):
     """What the papermill kernels inherit: this very copy of contsup on PYTHONPATH (installed
     or not), and OpenMP threads that sleep instead of spinning while they wait. On a shared
     2-core machine, spinning torch threads of two busy processes slowed a training step
     ~80x (10 vs 840 images/s, ResNet-32 on 8x8 digits); OMP_WAIT_POLICY=PASSIVE avoids it.
+    With `threads`, each kernel gets that many OpenMP threads (parallel jobs share the cores).
     A value the user has set is kept."""
-    saved = {key: os.environ.get(key) for key in ("PYTHONPATH", "OMP_WAIT_POLICY")}
+    saved = {key: os.environ.get(key) for key in ("PYTHONPATH", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     path = [str(PACKAGE_PARENT)] + ([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else [])
     os.environ["PYTHONPATH"] = os.pathsep.join(path)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     try:
         yield
     finally:
@@ -104,9 +111,8 @@ def execute(notebook: Path, output: Path, parameters: dict) -> str | None:
     import papermill
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with _kernel_environment():
-            papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=KERNEL,
-                                       progress_bar=False, log_output=False, cwd=str(notebook.parent))
+        papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=KERNEL,
+                                   progress_bar=False, log_output=False, cwd=str(notebook.parent))
     except papermill.PapermillExecutionError as e:
         return f"{e.ename}: {e.evalue}".splitlines()[0] if e.evalue else e.ename
     except Exception as e:  # kernel died, notebook unreadable...: still one line per run
@@ -157,11 +163,22 @@ class _Watcher(threading.Thread):
             self.bar.update(1)
 
 
-def run_all(runs, out, notebook_per: str = "run", progress: bool = True) -> list[dict]:
-    """Train `runs` (a list of experiments.Run) through 02_train.ipynb; one status dict per
-    run: name, group, status (done | skipped | failed), error, notebook, out_dir."""
+def default_jobs(profile: str) -> int:
+    """Two notebooks side by side on a CPU of 2+ cores for the small profiles: their steps are
+    too small to keep two threads busy (measured: see experiments.py); one otherwise."""
+    import torch
+    small = profile in ("quick", "smoke") and not torch.cuda.is_available()
+    return 2 if small and (os.cpu_count() or 1) >= 2 else 1
+
+
+def run_all(runs, out, notebook_per: str = "run", progress: bool = True, jobs: int = 1) -> list[dict]:
+    """Train `runs` (a list of experiments.Run) through 02_train.ipynb, `jobs` notebooks at
+    a time; one status dict per run: name, group, status (done | skipped | failed), error,
+    notebook, out_dir."""
     if notebook_per not in ("run", "group"):
         raise UsageError(f"unknown --notebook-per '{notebook_per}'; choose run or group")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise UsageError(f"--jobs must be a positive integer, got {jobs}")
     out = Path(out)
     status, pending = {}, []
     for run in runs:
@@ -178,13 +195,18 @@ def run_all(runs, out, notebook_per: str = "run", progress: bool = True) -> list
     notebook = NOTEBOOKS / TRAIN_NOTEBOOK
     if notebook_per == "run":
         batches = [(run.out_dir / TRAIN_NOTEBOOK, [run]) for run in pending]
-    else:
+    else:  # with jobs > 1 each group is dealt round-robin into `jobs` notebooks of similar cost
         groups = dict.fromkeys(r.group for r in pending)
-        batches = [(out / "notebooks" / f"02_train-{g}.ipynb", [r for r in pending if r.group == g])
-                   for g in groups]
+        batches = []
+        for g in groups:
+            mine = [r for r in pending if r.group == g]
+            shards = min(jobs, len(mine))
+            batches += [(out / "notebooks" / (f"02_train-{g}.ipynb" if shards == 1 else f"02_train-{g}-{i + 1}.ipynb"),
+                         mine[i::shards]) for i in range(shards)]
 
     bar = tqdm(total=len(pending), desc="runs", unit="run", disable=not progress or not pending)
-    for output, batch in batches:
+
+    def train_batch(output, batch):
         watcher = _Watcher(bar, batch)
         watcher.start()
         params = {"runs": [_notebook_config(r.config) for r in batch], "progress": False}
@@ -201,6 +223,11 @@ def run_all(runs, out, notebook_per: str = "run", progress: bool = True) -> list
             else:
                 error = _error_of(r) or notebook_error or "the notebook ended without a result for this run"
                 status[r.name] = {"status": "failed", "error": error, "notebook": str(output)}
+
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    with _kernel_environment(threads), ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(train_batch, output, batch) for output, batch in batches]:
+            future.result()
     bar.close()
     rows = []
     for r in runs:
@@ -224,7 +251,8 @@ def run_notebooks(names, out: Path, profile: str, figures_dir: Path) -> list[dic
         output = out / "notebooks" / name
         t0 = time.perf_counter()
         print(f"executing {name} ...", flush=True)
-        error = execute(src, output, params)
+        with _kernel_environment():
+            error = execute(src, output, params)
         results.append({"notebook": name, "status": "failed" if error else "done", "error": error,
                         "output": str(output), "seconds": round(time.perf_counter() - t0, 1)})
     return results
@@ -232,7 +260,7 @@ def run_notebooks(names, out: Path, profile: str, figures_dir: Path) -> list[dic
 
 # --------------------------------------------------------------------------------------
 def reproduce(profile: str, out=None, only=None, runs=None, notebook_per: str | None = None,
-              figures_dir=None, analysis: bool = True, progress: bool = True) -> dict:
+              figures_dir=None, analysis: bool = True, progress: bool = True, jobs: int | None = None) -> dict:
     """Train the runs of `profile` (or the given `runs`), run the analysis notebooks, write
     and return the summary; summary['exit_code'] is 0, or 1 if anything failed."""
     t0 = time.perf_counter()
@@ -248,11 +276,14 @@ def reproduce(profile: str, out=None, only=None, runs=None, notebook_per: str | 
             registry.setdefault(r.group, []).append(r)
         groups = list(registry)
     notebook_per = notebook_per or ("run" if profile == "paper" else "group")
+    jobs = default_jobs(profile) if jobs is None else jobs
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise UsageError(f"--jobs must be a positive integer, got {jobs}")
     out.mkdir(parents=True, exist_ok=True)
     print(f"reproduce --profile {profile}: {len(runs)} runs in {out}/runs "
-          f"(groups: {', '.join(groups)}; one notebook per {notebook_per})", flush=True)
+          f"(groups: {', '.join(groups)}; one notebook per {notebook_per}; {jobs} at a time)", flush=True)
 
-    statuses = run_all(runs, out, notebook_per, progress)
+    statuses = run_all(runs, out, notebook_per, progress, jobs)
 
     notebooks = []
     if analysis:
@@ -265,7 +296,7 @@ def reproduce(profile: str, out=None, only=None, runs=None, notebook_per: str | 
     failed = [s for s in statuses if s["status"] == "failed"] + [n for n in notebooks if n["status"] == "failed"]
     summary = {
         "profile": profile, "out": str(out), "groups": groups, "notebook_per": notebook_per,
-        "runs_total": len(statuses), "done": count("done"), "skipped": count("skipped"), "failed": count("failed"),
+        "jobs": jobs, "runs_total": len(statuses), "done": count("done"), "skipped": count("skipped"), "failed": count("failed"),
         "notebooks": notebooks, "wall_seconds": round(time.perf_counter() - t0, 1),
         "exit_code": 1 if failed else 0, "runs": statuses,
         # which run folder each group's entries use, with the paper's dataset/arch they stand for
@@ -296,7 +327,7 @@ def _print_summary(s: dict, out: Path) -> None:
 def main(args) -> int:
     try:
         summary = reproduce(args.profile, args.out, args.only, notebook_per=args.notebook_per,
-                            figures_dir=args.figures_dir, progress=not args.no_progress)
+                            figures_dir=args.figures_dir, progress=not args.no_progress, jobs=args.jobs)
     except KeyboardInterrupt:
         print("contsup: interrupted; rerun the same command to continue (finished runs are skipped, "
               "an interrupted one resumes from its checkpoint)", file=sys.stderr)

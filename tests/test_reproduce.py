@@ -18,7 +18,8 @@ def first_pass(tmp_path_factory):
     broken_cfg = replace(r0.config, k=4, mode="R16", out_dir=str(out / "runs" / "broken"))
     broken = experiments.Run("motivation", "broken", broken_cfg, "cifar10", "resnet32")
     runs = [e2e, broken, r0]
-    summary = reproduce.reproduce("smoke", out, runs=runs, notebook_per="group", analysis=False, progress=False)
+    summary = reproduce.reproduce("smoke", out, runs=runs, notebook_per="group", analysis=False, progress=False,
+                                  jobs=1)
     return out, runs, summary
 
 
@@ -64,6 +65,7 @@ def test_missing_analysis_notebook_is_skipped_with_a_note(tmp_path, capsys):
     (["reproduce", "--profile", "fast"], "paper, quick, smoke"),
     (["reproduce", "--profile", "smoke", "--only", "table9"], "table1"),
     (["reproduce", "--notebook-per", "cell"], "invalid choice"),
+    (["reproduce", "--profile", "smoke", "--only", "e2e", "--jobs", "0"], "--jobs must be a positive integer"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, hint, tmp_path, capsys):
     assert main(argv + ["--out", str(tmp_path / "out")]) == 2
@@ -79,3 +81,14 @@ def test_finished_run_of_another_config_is_flagged_not_reused(first_pass):
     [status] = reproduce.run_all([changed], out, progress=False)
     assert status["status"] == "failed" and "differs in ['epochs']" in status["error"]
     assert (e2e.out_dir / "result.json").stat().st_mtime_ns == before
+
+
+def test_two_jobs_split_a_group_into_two_notebooks_run_side_by_side(tmp_path):
+    runs = experiments.expand("table1", "smoke", tmp_path)[:3]
+    summary = reproduce.reproduce("smoke", tmp_path, runs=runs, notebook_per="group", analysis=False,
+                                  progress=False, jobs=2)
+    assert summary["jobs"] == 2 and summary["done"] == 3 and summary["exit_code"] == 0
+    notebooks = {s["notebook"] for s in summary["runs"]}
+    assert notebooks == {str(tmp_path / "notebooks" / f"02_train-table1-{i}.ipynb") for i in (1, 2)}
+    for run in runs:
+        assert (run.out_dir / "result.json").exists()
