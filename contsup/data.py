@@ -198,7 +198,8 @@ def _stats(recipe: DataRecipe, device) -> tuple[torch.Tensor, torch.Tensor]:
 def normalize(x_uint8: torch.Tensor, recipe: DataRecipe) -> torch.Tensor:
     """uint8 [B,3,H,W] -> float32 (x/255 - mean)/std, what ToTensor+Normalize compute."""
     mean, std = _stats(recipe, x_uint8.device)
-    return (x_uint8.float() / 255 - mean) / std
+    # in place on the one new float tensor: the same arithmetic, a third of the allocations
+    return x_uint8.float().div_(255).sub_(mean).div_(std)
 
 
 def denormalize(x: torch.Tensor, recipe: DataRecipe) -> torch.Tensor:
@@ -255,12 +256,11 @@ class DeviceLoader:
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         """Random crop of the padded image and random flip, per image, in one gather.
 
-        Instead of materialising the padded batch we compute, for every output pixel,
-        which source pixel it shows: output row i of an image with vertical offset dy
-        (uniform in 0..2*pad, as in RandomCrop) is padded row i+dy, i.e. source row
-        i+dy-pad; columns likewise, reading the crop right to left when flipped. Rows and
-        columns outside the image are reflected back in ('reflect': -1 -> 1, no edge
-        repeat, as np.pad/torchvision) or, for 'constant', read as zero.
+        The batch is padded once (uint8; 'reflect' mirrors without repeating the edge, as
+        np.pad/torchvision; 'constant' pads zeros); then, for every output pixel, we compute
+        which padded pixel it shows: output row i of an image with vertical offset dy
+        (uniform in 0..2*pad, as in RandomCrop) is padded row i+dy; columns likewise, read
+        right to left when flipped.
         """
         b, c, h, w = x.shape
         p, gen = self.recipe.pad, self.generator
@@ -270,29 +270,18 @@ class DeviceLoader:
             flip = (torch.rand(b, 1, generator=gen) < 0.5).to(self.device)
         else:
             flip = torch.zeros(b, 1, dtype=torch.bool, device=self.device)
+        if self.recipe.pad_mode not in ("reflect", "constant"):
+            raise UsageError(f"unknown pad_mode '{self.recipe.pad_mode}'; choose reflect or constant")
+        # Pad the batch (uint8, one pass), then read each crop from it: padded row i+dy, and
+        # padded column j+dx, read right to left when flipped.
+        x = F.pad(x, (p, p, p, p), mode=self.recipe.pad_mode)
+        H, W = h + 2 * p, w + 2 * p
         i = torch.arange(h, device=self.device)
         j = torch.arange(w, device=self.device)
-        rows = i + dy - p                                       # [b,h]
-        cols = torch.where(flip, w - 1 - j, j) + dx - p         # [b,w]
-        if self.recipe.pad_mode == "reflect":
-            rows, cols = _reflect(rows, h), _reflect(cols, w)
-            inside = None
-        elif self.recipe.pad_mode == "constant":
-            inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
-            rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
-        else:
-            raise UsageError(f"unknown pad_mode '{self.recipe.pad_mode}'; choose reflect or constant")
-        src = (rows[:, :, None] * w + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
-        out = x.reshape(b, c, h * w).gather(2, src).view(b, c, h, w)
-        if inside is not None:
-            out = out * inside[:, None].to(out.dtype)           # zero padding
-        return out
-
-
-def _reflect(k: torch.Tensor, size: int) -> torch.Tensor:
-    """Mirror indices in -pad..size-1+pad into 0..size-1 (one reflection, pad < size)."""
-    k = k.abs()
-    return torch.where(k > size - 1, 2 * (size - 1) - k, k)
+        rows = i + dy                                           # [b,h]
+        cols = torch.where(flip, w - 1 - j, j) + dx             # [b,w]
+        src = (rows[:, :, None] * W + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+        return x.reshape(b, c, H * W).gather(2, src).view(b, c, h, w)
 
 
 # --------------------------------------------------------------------------------------
