@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("reproduce", help="train every run of the paper's experiments, then tables and figures")
     reproduce.add_arguments(r)
+
+    from .estimate import add_arguments as estimate_arguments
+    e = sub.add_parser("estimate", help="GPU-hours of a profile's runs on an H100, from FLOPs counted on the CPU")
+    estimate_arguments(e)
     return parser
 
 
@@ -146,7 +150,19 @@ def cmd_download(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "describe": cmd_describe, "download": cmd_download, "reproduce": reproduce.main}
+def cmd_estimate(args) -> int:
+    from . import estimate
+    result = estimate.estimate(args.profile, args.only, args.utilisation, args.peak_tflops, args.precision,
+                               progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(estimate.markdown(result) if args.markdown else estimate.format_table(result))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "describe": cmd_describe, "download": cmd_download, "reproduce": reproduce.main,
+            "estimate": cmd_estimate}
 
 
 def main(argv=None) -> int:

@@ -108,6 +108,18 @@ DATA_RECIPES = {
     "digits8": DataRecipe(10, 8, 1, "constant", False, (0.5,) * 3, (0.5,) * 3, batch_size=128, lr=0.1),
 }
 
+# Images per split, (train, test), as `data.load_dataset` yields them (SPEC §5): SVHN's
+# train split without "extra", STL-10's 5k labelled train images (no unlabelled split).
+# digits: scikit-learn's 1,797 images, data.DIGITS_TEST_SIZE = 500 held out as the test set.
+# Used by the GPU-hours estimate (estimate.py); a test checks the digits rows against the loader.
+DATASET_SIZES = {
+    "cifar10": (50_000, 10_000),
+    "svhn": (73_257, 26_032),
+    "stl10": (5_000, 8_000),
+    "digits": (1_297, 500),
+    "digits8": (1_297, 500),
+}
+
 
 @dataclass(frozen=True)
 class Schedule:
