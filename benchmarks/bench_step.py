@@ -1,7 +1,7 @@
 """Peak activation memory, FLOPs and step time of one local-learning training step.
 
     python benchmarks/bench_step.py                       # targets (ResNet-32 K=16 @256) + grid @32
-    python benchmarks/bench_step.py --grid-batch 256      # the full grid at batch 256 (slow on CPU)
+    python benchmarks/bench_step.py --no-targets --grid-batch 256 --archs resnet32   # one grid, added
     python benchmarks/bench_step.py --device cuda         # + max_memory_allocated and images/s
 
 Every configuration is timed in the same process, and the repetitions are interleaved
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -37,15 +38,21 @@ def valid_modes(k):
     return [m for m in MODES if not (m.startswith("R") and m not in ("R0", "R1E") and int(m[1:]) > k)]
 
 
+CHANNELS_LAST = True  # the trainer's default (TrainConfig.channels_last); --nchw turns it off
+
+
 def make_net(arch, k, mode, loss, impl, device):
     torch.manual_seed(0)
-    net = ContSupNet(ModelConfig(arch=arch, k=k, mode=mode, loss=loss, dataset="cifar10"))
-    return set_context_impl(net, impl).to(device).train()
+    net = set_context_impl(ContSupNet(ModelConfig(arch=arch, k=k, mode=mode, loss=loss, dataset="cifar10")), impl)
+    net = net.to(device).train()
+    return net.to(memory_format=torch.channels_last) if CHANNELS_LAST else net
 
 
 def batch(n, device):
     g = torch.Generator().manual_seed(0)
-    return torch.randn(n, 3, 32, 32, generator=g).to(device), torch.randint(0, 10, (n,), generator=g).to(device)
+    x = torch.randn(n, 3, 32, 32, generator=g).to(device)
+    x = x.contiguous(memory_format=torch.channels_last) if CHANNELS_LAST else x
+    return x, torch.randint(0, 10, (n,), generator=g).to(device)
 
 
 def step(net, x, y):
@@ -98,8 +105,8 @@ def row(arch, k, mode, loss="softmax", impl="fused"):
 def target_rows():
     rows = [row("resnet32", 1, "R0")]
     rows += [row("resnet32", 16, m) for m in TARGET_MODES]
-    rows += [row("resnet32", 16, "R1E", impl="plain"), row("resnet32", 16, "R1E", impl="lean"),
-             row("resnet32", 16, "R16", impl="lean")]
+    rows += [row("resnet32", 16, m, impl="plain") for m in ("E", "R1E", "R16")]
+    rows += [row("resnet32", 16, m, impl="lean") for m in ("E", "R1E", "R16")]
     return rows
 
 
@@ -168,8 +175,12 @@ def main(argv=None):
     p.add_argument("--ks", default="2,4,8,16")
     p.add_argument("--losses", default="softmax,contrast")
     p.add_argument("--no-grid", action="store_true", help="only the target rows")
+    p.add_argument("--no-targets", action="store_true", help="only the grid (added to an existing JSON)")
     p.add_argument("--out", default=None, help="JSON path (default: results/step_<device>.json)")
+    p.add_argument("--nchw", action="store_true", help="NCHW activations instead of the default channels_last")
     a = p.parse_args(argv)
+    global CHANNELS_LAST
+    CHANNELS_LAST = not a.nchw
     device = torch.device(a.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -177,19 +188,25 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-            "reps": a.reps, "note": "medians of interleaved repetitions; compare ratios within this file"}
-    print(f"targets: batch {a.target_batch}", flush=True)
-    targets = measure(target_rows(), a.target_batch, a.reps, device)
-    result = {"meta": meta, "targets": {"rows": targets, "judged": judge(targets)}}
-    out.write_text(json.dumps(result, indent=1))
-    figure(targets, out.with_suffix(".png"))
+            "reps": a.reps, "channels_last": CHANNELS_LAST, "load_before": os.getloadavg(),
+            "note": "medians of interleaved repetitions; compare ratios within one table of this file"}
+    result = json.loads(out.read_text()) if a.no_targets and out.exists() else {}
+    if not a.no_targets:
+        print(f"targets: batch {a.target_batch}", flush=True)
+        targets = measure(target_rows(), a.target_batch, a.reps, device)
+        meta["load_after"] = os.getloadavg()
+        result = {"meta": meta, "targets": {"rows": targets, "judged": judge(targets)}}
+        out.write_text(json.dumps(result, indent=1))
+        figure(targets, out.with_suffix(".png"))
+        print(json.dumps(result["targets"]["judged"], indent=1))
     if not a.no_grid:
         print(f"grid: batch {a.grid_batch}", flush=True)
         grid = measure(grid_rows(a.archs.split(","), [int(k) for k in a.ks.split(",")], a.losses.split(",")),
                        a.grid_batch, a.reps, device)
-        result["grid"] = {"batch": a.grid_batch, "rows": grid}
+        meta["load_after"] = os.getloadavg()
+        result.setdefault("grids", {})[f"{a.archs}@{a.grid_batch}"] = {"meta": meta, "batch": a.grid_batch,
+                                                                      "rows": grid}
         out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result["targets"]["judged"], indent=1))
     print(f"wrote {out}")
 
 
