@@ -11,8 +11,9 @@ A *profile* decides how each run is trained:
 - `quick`: the same grid on scikit-learn's digits at their native 8x8 resolution
   (`digits8`, standing in for CIFAR-10, SVHN and STL-10 alike), ResNet-32 and ResNet-110 as
   in the paper, QUICK_EPOCHS epochs of batch QUICK_BATCH. Measured on a 2-core CPU
-  (no GPU): the whole `python -m contsup reproduce --profile quick` — QUICK_RUNS distinct
-  runs, the motivation study, tables and figures — takes about QUICK_MINUTES minutes.
+  (no GPU): the whole `python -m contsup reproduce --profile quick` — 87 distinct runs,
+  the motivation study, tables and figures — took 11.4 minutes (two notebooks side by
+  side, `--jobs 2`; 15.6 minutes one at a time in NCHW before).
   The numbers show trends on a toy problem, not the paper's accuracies.
 - `smoke`: seconds per run (64 images, one epoch), for tests of the plumbing.
 
