@@ -125,17 +125,21 @@ def autocast(x, bf16: bool):
 
 
 def prepare_model(net: ContSupNet, cfg: TrainConfig, device) -> ContSupNet:
-    """Move `net` to the device in the memory format, and compile it, as `cfg` asks."""
+    """Move `net` to the device in the memory format `cfg` asks for."""
     net = net.to(device)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
-    if cfg.torch_compile:
-        # Compiled encoders run the plain autograd version: inductor fuses its BN/ReLU/pool itself.
-        set_context_impl(net, "plain")
-        for part in [*net.blocks, *net.heads, net.classifier, *net.context, *net.decoders]:
-            part.compile()  # in place: state_dict keys stay the same
+    return net
+
+
+def compile_model(net: ContSupNet) -> ContSupNet:
+    """torch.compile every part in place (state_dict keys stay the same). The encoders then
+    run their plain autograd version: inductor fuses BN/ReLU/pool by itself."""
+    set_context_impl(net, "plain")
+    for part in [*net.blocks, *net.heads, net.classifier, *net.context, *net.decoders]:
+        part.compile()
     return net
 
 
@@ -280,6 +284,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         x, y = next(iter(DeviceLoader(data.train_x, data.train_y, recipe, cfg.batch_size, False, device)))
         memory = measure_step_memory(net, to_format(x, cfg), y, denormalize(x, recipe) if cfg.reconstruct else None,
                                      cfg.bf16)
+    if cfg.torch_compile:  # after the memory measurement, which runs eagerly on a copy
+        compile_model(net)
 
     epochs = tqdm(range(start_epoch, cfg.epochs), desc=Path(cfg.out_dir).name, disable=not progress,
                   initial=start_epoch, total=cfg.epochs)

@@ -145,12 +145,12 @@ def test_bf16_autocast_runs_convs_in_bf16_and_keeps_fp32_gradients():
     assert torch.nn.functional.cosine_similarity(g, g_ref, dim=0) > 0.95
 
 
-def test_prepare_model_compiles_every_part_in_place():
-    from contsup.train import TrainConfig, prepare_model
+def test_compile_model_compiles_every_part_in_place():
+    from contsup.train import TrainConfig, compile_model, prepare_model
     cfg = TrainConfig(dataset="digits8", k=2, mode="R1E", torch_compile=True)
     net = ContSupNet(cfg.model_config())
     keys = list(net.state_dict())
-    net = prepare_model(net, cfg, torch.device("cpu"))
+    net = compile_model(prepare_model(net, cfg, torch.device("cpu")))
     parts = [*net.blocks, *net.heads, net.classifier, *net.context]
     assert all(p._compiled_call_impl is not None for p in parts)
     assert list(net.state_dict()) == keys  # checkpoints stay loadable without compile
