@@ -164,8 +164,9 @@ def parse_mode(mode: str, k: int) -> ContextMode:
 # autograd saves, per layer, the conv output (for BN) and the ReLU output (for ReLU and the
 # next conv): at the image resolution that is far more than a late module's own
 # activations. `_EncoderChainFn` computes the same forward (same ops, same BN running-stat
-# update, exactly once) and saves only the pre-BN conv outputs z_l and the BN batch
-# statistics; the backward rebuilds each ReLU output from z_l. With `lean` it does not keep
+# update, exactly once) and saves only the pre-BN conv outputs z_l, the BN batch statistics
+# and the last ReLU's mask (1 byte per element); the backward rebuilds the earlier ReLU
+# outputs (the next conv's input) from z_l. With `lean` it does not keep
 # the last (widest) z either: it saves two pooled maps instead (the pool of the ReLU mask and
 # of mask * x_hat, which give the BN reductions exactly) and recomputes the last conv in
 # batch chunks during the backward, one extra conv forward in all.
@@ -253,6 +254,7 @@ class _EncoderChainFn(torch.autograd.Function):
             del z
         else:
             pooled = pool_to(h, side)
+            saved.append(h > 0)  # the last ReLU's mask: 1 byte, saves recomputing BN+ReLU in backward
         del h
         ctx.save_for_backward(x, *saved, *stats, *params)
         return pooled
@@ -267,6 +269,8 @@ class _EncoderChainFn(torch.autograd.Function):
         pos = 1 + n_z
         pooled_stats = tensors[pos:pos + 2] if ctx.pooled_stats else None
         pos += 2 if ctx.pooled_stats else 0
+        last_mask = None if lean else tensors[pos]
+        pos += 0 if lean else 1
         stats = tensors[pos:pos + 2 * n]
         params = tensors[pos + 2 * n:]
         grads = [None] * (3 * n)
@@ -294,9 +298,7 @@ class _EncoderChainFn(torch.autograd.Function):
 
         if not lean:
             z = zs[-1]
-            off = relu_out(n - 1, z) <= 0
-            g_t = pool_to_backward(g_out, z).masked_fill_(off, 0)
-            del off
+            g_t = pool_to_backward(g_out, z).mul_(last_mask)
             g_z, g_gamma, g_beta = torch.ops.aten.native_batch_norm_backward(
                 g_t, z, gamma_l, None, None, mean_l, invstd_l, True, bn_l.eps, [True, True, True])
             del g_t
