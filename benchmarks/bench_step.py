@@ -190,12 +190,12 @@ def main(argv=None):
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
             "reps": a.reps, "channels_last": CHANNELS_LAST, "load_before": os.getloadavg(),
             "note": "medians of interleaved repetitions; compare ratios within one table of this file"}
-    result = json.loads(out.read_text()) if a.no_targets and out.exists() else {}
+    result = json.loads(out.read_text()) if out.exists() else {}  # a new run replaces only what it measures
     if not a.no_targets:
         print(f"targets: batch {a.target_batch}", flush=True)
         targets = measure(target_rows(), a.target_batch, a.reps, device)
         meta["load_after"] = os.getloadavg()
-        result = {"meta": meta, "targets": {"rows": targets, "judged": judge(targets)}}
+        result |= {"meta": meta, "targets": {"rows": targets, "judged": judge(targets)}}
         out.write_text(json.dumps(result, indent=1))
         figure(targets, out.with_suffix(".png"))
         print(json.dumps(result["targets"]["judged"], indent=1))
