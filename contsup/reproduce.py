@@ -171,14 +171,18 @@ def default_jobs(profile: str) -> int:
     return 2 if small and (os.cpu_count() or 1) >= 2 else 1
 
 
+def check_jobs(jobs) -> None:
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise UsageError(f"--jobs must be a positive integer, got {jobs}")
+
+
 def run_all(runs, out, notebook_per: str = "run", progress: bool = True, jobs: int = 1) -> list[dict]:
     """Train `runs` (a list of experiments.Run) through 02_train.ipynb, `jobs` notebooks at
     a time; one status dict per run: name, group, status (done | skipped | failed), error,
     notebook, out_dir."""
     if notebook_per not in ("run", "group"):
         raise UsageError(f"unknown --notebook-per '{notebook_per}'; choose run or group")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise UsageError(f"--jobs must be a positive integer, got {jobs}")
+    check_jobs(jobs)
     out = Path(out)
     status, pending = {}, []
     for run in runs:
@@ -277,8 +281,7 @@ def reproduce(profile: str, out=None, only=None, runs=None, notebook_per: str | 
         groups = list(registry)
     notebook_per = notebook_per or ("run" if profile == "paper" else "group")
     jobs = default_jobs(profile) if jobs is None else jobs
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise UsageError(f"--jobs must be a positive integer, got {jobs}")
+    check_jobs(jobs)
     out.mkdir(parents=True, exist_ok=True)
     print(f"reproduce --profile {profile}: {len(runs)} runs in {out}/runs "
           f"(groups: {', '.join(groups)}; one notebook per {notebook_per}; {jobs} at a time)", flush=True)

@@ -143,8 +143,9 @@ def compile_model(net: ContSupNet) -> ContSupNet:
     return net
 
 
-def to_format(x, cfg: TrainConfig):
-    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+def to_format(x, channels_last: bool):
+    """The input batch in the model's memory format."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 # --------------------------------------------------------------------------------------
@@ -199,8 +200,7 @@ def evaluate(net: ContSupNet, loader, channels_last: bool = False, bf16: bool = 
     net.eval()
     wrong = total = 0
     for x, y in loader:
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = to_format(x, channels_last)
         with autocast(x, bf16):
             logits = net(x)
         wrong += (logits.argmax(1) != y).sum().item()
@@ -282,8 +282,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         _atomic_save(_config_json(cfg), out / "config.json", as_json=True)
         metrics_path.write_text("")
         x, y = next(iter(DeviceLoader(data.train_x, data.train_y, recipe, cfg.batch_size, False, device)))
-        memory = measure_step_memory(net, to_format(x, cfg), y, denormalize(x, recipe) if cfg.reconstruct else None,
-                                     cfg.bf16)
+        image = denormalize(x, recipe) if cfg.reconstruct else None
+        memory = measure_step_memory(net, to_format(x, cfg.channels_last), y, image, cfg.bf16)
     if cfg.torch_compile:  # after the memory measurement, which runs eagerly on a copy
         compile_model(net)
 
@@ -297,7 +297,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         t0, seen, wrong, loss_sum = time.perf_counter(), 0, 0, 0.0
         for x, y in train_loader:
             image = denormalize(x, recipe) if cfg.reconstruct else None
-            logits, losses = local_learning_step(net, to_format(x, cfg), y, image, cfg.bf16)
+            logits, losses = local_learning_step(net, to_format(x, cfg.channels_last), y, image, cfg.bf16)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             seen += len(y)
