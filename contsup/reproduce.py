@@ -298,8 +298,8 @@ def reproduce(profile: str, out=None, only=None, runs=None, notebook_per: str | 
     count = lambda key: sum(s["status"] == key for s in statuses)  # noqa: E731
     failed = [s for s in statuses if s["status"] == "failed"] + [n for n in notebooks if n["status"] == "failed"]
     summary = {
-        "profile": profile, "out": str(out), "groups": groups, "notebook_per": notebook_per,
-        "jobs": jobs, "runs_total": len(statuses), "done": count("done"), "skipped": count("skipped"), "failed": count("failed"),
+        "profile": profile, "out": str(out), "groups": groups, "notebook_per": notebook_per, "jobs": jobs,
+        "runs_total": len(statuses), "done": count("done"), "skipped": count("skipped"), "failed": count("failed"),
         "notebooks": notebooks, "wall_seconds": round(time.perf_counter() - t0, 1),
         "exit_code": 1 if failed else 0, "runs": statuses,
         # which run folder each group's entries use, with the paper's dataset/arch they stand for
