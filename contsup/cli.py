@@ -8,8 +8,6 @@ import argparse
 import json
 import sys
 
-import torch
-
 from . import reproduce, tables
 from .errors import UsageError
 
@@ -107,6 +105,7 @@ def cmd_train(args) -> int:
 
 def describe(args) -> dict:
     from .model import ContSupNet, ModelConfig
+    from .data import random_batch
     from .train import measure_step_memory
     if args.batch_size < 2:
         raise UsageError(f"--batch-size must be >= 2 for a training step, got {args.batch_size}")
@@ -115,11 +114,7 @@ def describe(args) -> dict:
     report = {"config": vars(cfg) | {"loss_scales": cfg.loss_scales}, "cut_points": net.cuts,
               "modules": len(net.blocks), "params": net.parts(), "loss_weights": net.loss_weights}
     if not args.no_memory:
-        recipe = tables.DATA_RECIPES[cfg.dataset]
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(args.batch_size, 3, recipe.image_size, recipe.image_size, generator=gen)
-        y = torch.randint(0, recipe.num_classes, (args.batch_size,), generator=gen)
-        image = torch.rand(x.shape, generator=gen) if cfg.reconstruct else None
+        x, y, image = random_batch(cfg.dataset, args.batch_size, cfg.reconstruct)
         mem = measure_step_memory(net, x, y, image)
         report |= {"batch_size": args.batch_size, "peak_activation_MB": mem["peak_activation_bytes"] / 2**20}
     return report

@@ -202,6 +202,19 @@ def normalize(x_uint8: torch.Tensor, recipe: DataRecipe) -> torch.Tensor:
     return x_uint8.float().div_(255).sub_(mean).div_(std)
 
 
+def random_batch(dataset: str, batch: int, reconstruct: bool = False, seed: int = 0):
+    """A random batch of the dataset's shape, from its own seeded generator: normalised-like
+    images [B,3,S,S], labels, and reconstruction targets in [0,1] (None unless asked).
+    For measuring memory and FLOPs, where the values don't matter."""
+    recipe = tables.check_dataset(dataset)
+    gen = torch.Generator().manual_seed(seed)
+    s = recipe.image_size
+    x = torch.randn(batch, 3, s, s, generator=gen)
+    y = torch.randint(0, recipe.num_classes, (batch,), generator=gen)
+    image = torch.rand(batch, 3, s, s, generator=gen) if reconstruct else None
+    return x, y, image
+
+
 def denormalize(x: torch.Tensor, recipe: DataRecipe) -> torch.Tensor:
     """Normalised floats back to images in [0,1] (the reconstruction target)."""
     mean, std = _stats(recipe, x.device)

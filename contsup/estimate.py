@@ -68,6 +68,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from . import experiments, tables
+from .data import random_batch
 from .errors import UsageError
 from .model import ContSupNet, ModelConfig
 from .train import TrainConfig, local_learning_step
@@ -82,17 +83,6 @@ COUNT_BATCHES = (2, 4)                         # the two tiny batches f(B) = a*B
 
 # --------------------------------------------------------------------------------------
 # Counting one step on the CPU
-def _inputs(mc: ModelConfig, batch: int):
-    """A random batch of the dataset's shape: images, labels, reconstruction targets."""
-    recipe = tables.DATA_RECIPES[mc.dataset]
-    gen = torch.Generator().manual_seed(0)
-    s = recipe.image_size
-    x = torch.randn(batch, 3, s, s, generator=gen)
-    y = torch.randint(0, recipe.num_classes, (batch,), generator=gen)
-    image = torch.rand(batch, 3, s, s, generator=gen) if mc.reconstruct else None
-    return x, y, image
-
-
 @contextmanager
 def _counting():
     """FlopCounterMode on one thread with oneDNN off. The count is the same either way (it
@@ -119,7 +109,7 @@ def _model(mc: ModelConfig, train: bool) -> ContSupNet:
 def count_step_flops(mc: ModelConfig, batch: int) -> int:
     """Counted FLOPs of one local-learning training step at `batch` (forward + backward)."""
     net = _model(mc, train=True)
-    x, y, image = _inputs(mc, batch)
+    x, y, image = random_batch(mc.dataset, batch, mc.reconstruct)
     with _counting() as counter:
         local_learning_step(net, x, y, image)
     return counter.get_total_flops()
@@ -128,7 +118,7 @@ def count_step_flops(mc: ModelConfig, batch: int) -> int:
 def count_eval_flops(mc: ModelConfig, batch: int) -> int:
     """Counted FLOPs of one inference forward of `batch` test images."""
     net = _model(mc, train=False)
-    x, _, _ = _inputs(mc, batch)
+    x, _, _ = random_batch(mc.dataset, batch)
     with torch.no_grad(), _counting() as counter:
         net(x)
     return counter.get_total_flops()
