@@ -158,44 +158,95 @@ def parse_mode(mode: str, k: int) -> ContextMode:
 
 
 # --------------------------------------------------------------------------------------
-# Memory-lean context encoders (same function, fewer saved activations)
+# Memory-lean context encoders (same function, fewer saved activations, fewer passes)
 #
 # An encoder is a chain of conv+BN+ReLU layers followed by an adaptive average pool. Plain
 # autograd saves, per layer, the conv output (for BN) and the ReLU output (for ReLU and the
 # next conv): at the image resolution that is far more than a late module's own
 # activations. `_EncoderChainFn` computes the same forward (same ops, same BN running-stat
-# update, exactly once) and saves only the pre-BN conv outputs z_l, the BN batch statistics
-# and the last ReLU's mask (1 byte per element); the backward rebuilds the earlier ReLU
-# outputs (the next conv's input) from z_l. With `lean` it does not keep
-# the last (widest) z either: it saves two pooled maps instead (the pool of the ReLU mask and
-# of mask * x_hat, which give the BN reductions exactly) and recomputes the last conv in
-# batch chunks during the backward, one extra conv forward in all.
+# update, exactly once) and saves only the pre-BN conv outputs z_l and the BN batch
+# statistics; the backward rebuilds each ReLU output from its z_l (it is the next conv's
+# input, and it gives the ReLU's mask). With `lean`, where the pool shrinks the map, it does
+# not keep the last (widest) z either: it saves two pooled maps instead (the pool of the
+# ReLU mask and of mask * x_hat, which give the BN reductions exactly) and recomputes the
+# last conv in batch chunks during the backward, one extra conv forward in all; a 1x1 last
+# conv is also recomputed chunk by chunk in the forward, so its full z never exists at all.
+# At the image resolution these encoders are memory-bound on a CPU, so the code counts
+# passes over memory: BN+ReLU is one addcmul and one in-place relu, the BN backward writes
+# dL/dz into the incoming gradient, and the ReLU mask is applied by threshold_backward
+# against the ReLU output (a bool mask times a float tensor costs three times as much).
+SHAPE = (1, -1, 1, 1)
+
+
+def _bn_momentum(bn: nn.BatchNorm2d):
+    """Count one training step of `bn` and return this step's running-stat factor (as
+    F.batch_norm does); None when `bn` keeps no running statistics."""
+    if not (bn.track_running_stats and bn.num_batches_tracked is not None):
+        return None
+    bn.num_batches_tracked.add_(1)
+    return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+
+
 def _bn_train_forward(z, bn: nn.BatchNorm2d):
     """F.batch_norm in training mode, returning (out, mean, invstd); updates running stats once."""
-    factor = 0.0
-    if bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    out, mean, invstd = torch.native_batch_norm(z, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                                True, factor, bn.eps)
-    return out, mean, invstd
+    factor = _bn_momentum(bn)
+    return torch.native_batch_norm(z, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                   True, factor or 0.0, bn.eps)
 
 
-def _bn_train_stats(z, bn: nn.BatchNorm2d):
-    """Batch mean and 1/std of z, with BatchNorm's running-stat update, without its output."""
-    var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
-    if bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        count = z.numel() // z.shape[1]
+def _bn_train_stats(z_of, n: int, step: int, bn: nn.BatchNorm2d):
+    """Batch mean and 1/std of z, with BatchNorm's running-stat update, without its output.
+    z_of(s) gives z's batch rows s:s+step (sliced or recomputed); each chunk's mean and
+    centred sum of squares are merged exactly (Chan et al.), so the whole z never has to
+    exist at once (and torch.var_mean over (0, 2, 3) is ~5x slower on a CPU)."""
+    count, mean, m2 = 0, 0.0, 0.0
+    for s in range(0, n, step):
+        z = z_of(s)
+        c = z.numel() // z.shape[1]
+        m = z.sum((0, 2, 3)) / c
+        q = (z - m.view(SHAPE)).square_().sum((0, 2, 3))
+        delta = m - mean
+        mean = mean + delta * (c / (count + c))
+        m2 = m2 + q + delta.square() * (count * c / (count + c))
+        count += c
+        del z
+    var = m2 / count
+    factor = _bn_momentum(bn)
+    if factor is not None:
         bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
         bn.running_var.mul_(1 - factor).add_(var * (count / max(count - 1, 1)), alpha=factor)
     return mean, (var + bn.eps).rsqrt()
 
 
-def _bn_apply(z, mean, invstd, weight, bias):
-    shape = (1, -1, 1, 1)
-    return (z - mean.view(shape)) * (invstd * weight).view(shape) + bias.view(shape)
+def _bn_relu(z, mean, invstd, weight, bias):
+    """relu(batch_norm(z)) with the given batch statistics, as a new tensor."""
+    scale = invstd * weight
+    return torch.addcmul((bias - mean * scale).view(SHAPE), z, scale.view(SHAPE)).relu_()
+
+
+def _relu_backward_(g, relu_out):
+    """g where the ReLU was active, 0 elsewhere; written into g."""
+    return torch.ops.aten.threshold_backward.grad_input(g, relu_out, 0.0, grad_input=g)
+
+
+def _bn_reductions(g, z, mean, invstd, weight):
+    """(Σ g * x_hat, Σ g) per channel: BatchNorm's weight and bias gradients."""
+    _, g_weight, g_bias = torch.ops.aten.native_batch_norm_backward(
+        g, z, weight, None, None, mean, invstd, True, 0.0, [False, True, True])
+    return g_weight, g_bias
+
+
+def _bn_input_grad_(g, z, mean, invstd, weight, g_weight, g_bias, count: int):
+    """dL/dz of BatchNorm (training) from g = dL/d(output), written into g:
+    invstd * weight * (g - mean(g) - x_hat * mean(g * x_hat)), as g*k1 + z*k2 + k3."""
+    k1 = invstd * weight
+    k2 = -k1 * invstd * g_weight / count
+    k3 = -k1 * g_bias / count - k2 * mean
+    return g.mul_(k1.view(SHAPE)).addcmul_(z, k2.view(SHAPE)).add_(k3.view(SHAPE))
+
+
+def _chunk_size(n: int, chunks: int) -> int:
+    return max(1, -(-n // chunks))
 
 
 def _conv(conv: nn.Conv2d, x, weight):
@@ -222,39 +273,32 @@ class _EncoderChainFn(torch.autograd.Function):
             stats += [mean, invstd]
             h = out.relu_()
             saved.append(z)
-        ctx.pooled_stats = False
-        if lean:
-            # Pooled statistics pay only where the pool shrinks the map; else the backward
-            # recomputes the last conv twice (once for the BN reductions, once for the gradient).
-            conv, bn = layers[-1]
-            z = _conv(conv, h, params[-3])
-            ctx.pooled_stats = 2 * side * side < z.shape[2] * z.shape[3]
-            if not ctx.pooled_stats:
-                out, mean, invstd = _bn_train_forward(z, bn)
-                stats += [mean, invstd]
-                pooled = pool_to(out.relu_(), side)
-            else:  # BN on z in place, then pooled output / ReLU mask / mask * x_hat, chunk by chunk
-                mean, invstd = _bn_train_stats(z, bn)
-                stats += [mean, invstd]
-                xhat = z.sub_(mean.view(1, -1, 1, 1)).mul_(invstd.view(1, -1, 1, 1))
-                gamma, beta = params[-2].view(1, -1, 1, 1), params[-1].view(1, -1, 1, 1)
-                parts = ([], [], [])
-                step = max(1, -(-xhat.shape[0] // chunks))
-                for s in range(0, xhat.shape[0], step):
-                    xc = xhat[s:s + step]
-                    t = torch.mul(xc, gamma).add_(beta).relu_()
-                    parts[0].append(pool_to(t, side))
-                    mask = t.gt_(0)
-                    parts[1].append(pool_to(mask, side))
-                    parts[2].append(pool_to(mask.mul_(xc), side))
-                    del t, mask, xc
-                pooled, p_mask, p_mx = (torch.cat(p) for p in parts)
-                saved += [p_mask, p_mx]
-                del xhat
-            del z
-        else:
+        if not lean:
             pooled = pool_to(h, side)
-            saved.append(h > 0)  # the last ReLU's mask: 1 byte, saves recomputing BN+ReLU in backward
+        else:  # pooled output / ReLU mask / mask * x_hat, chunk by chunk
+            conv, bn = layers[-1]
+            w, B = params[-3], h.shape[0]
+            step = _chunk_size(B, chunks)
+            if conv.kernel_size == (1, 1):  # costs about one pass over memory: recompute it
+                z_of = lambda s: _conv(conv, h[s:s + step], w)  # noqa: E731
+            else:                           # computed once, sliced
+                z = _conv(conv, h, w)
+                z_of = lambda s: z[s:s + step]  # noqa: E731
+            mean, invstd = _bn_train_stats(z_of, B, step, bn)
+            stats += [mean, invstd]
+            gamma, beta = params[-2].view(SHAPE), params[-1].view(SHAPE)
+            parts = ([], [], [])
+            for s in range(0, B, step):
+                xc = z_of(s).sub_(mean.view(SHAPE)).mul_(invstd.view(SHAPE))   # x_hat
+                t = torch.addcmul(beta, xc, gamma).relu_()
+                parts[0].append(pool_to(t, side))
+                mask = t.gt_(0)
+                parts[1].append(pool_to(mask, side))
+                parts[2].append(pool_to(mask.mul_(xc), side))
+                del t, mask, xc
+            pooled, p_mask, p_mx = (torch.cat(p) for p in parts)
+            saved += [p_mask, p_mx]
+            z = z_of = None
         del h
         ctx.save_for_backward(x, *saved, *stats, *params)
         return pooled
@@ -267,102 +311,76 @@ class _EncoderChainFn(torch.autograd.Function):
         n_z = n - 1 if lean else n
         zs = list(tensors[1:1 + n_z])
         pos = 1 + n_z
-        pooled_stats = tensors[pos:pos + 2] if ctx.pooled_stats else None
-        pos += 2 if ctx.pooled_stats else 0
-        last_mask = None if lean else tensors[pos]
-        pos += 0 if lean else 1
+        pooled_stats = tensors[pos:pos + 2] if lean else None   # (p_mask, p_mx)
+        pos += 2 if lean else 0
         stats = tensors[pos:pos + 2 * n]
         params = tensors[pos + 2 * n:]
         grads = [None] * (3 * n)
         need_x = ctx.needs_input_grad[0]
 
-        def relu_out(i, z):
-            return _bn_apply(z, stats[2 * i], stats[2 * i + 1], params[3 * i + 1], params[3 * i + 2]).relu_()
+        def bn_args(i):  # (mean, invstd, weight) of layer i
+            return stats[2 * i], stats[2 * i + 1], params[3 * i + 1]
 
-        # Inputs of each layer (rebuilt from the saved z's; layer 0 reads x).
-        def layer_input(i):
-            return x if i == 0 else relu_out(i - 1, zs[i - 1])
+        def relu_out(i):  # the ReLU output of layer i, rebuilt from its saved z
+            return _bn_relu(zs[i], *bn_args(i), params[3 * i + 2])
 
-        conv_l, bn_l = layers[-1]
-        w_l, gamma_l = params[3 * (n - 1)], params[3 * (n - 1) + 1]
-        mean_l, invstd_l = stats[2 * (n - 1)], stats[2 * (n - 1) + 1]
-        h_in = layer_input(n - 1)
+        # The last layer: pool, ReLU and BN backward, then its conv.
+        conv_l = layers[-1][0]
+        w_l = params[3 * (n - 1)]
+        h_in = x if n == 1 else relu_out(n - 2)   # input of the last conv
         need_in = n > 1 or need_x
-        shape = (1, -1, 1, 1)
-        beta_l = params[3 * (n - 1) + 2]
-
-        def masked_grad(xhat, g):  # dL/d(BN output) of the last layer, from its x_hat
-            g_t = pool_to_backward(g, xhat)
-            off = torch.mul(xhat, gamma_l.view(shape)).add_(beta_l.view(shape)) <= 0
-            return g_t.masked_fill_(off, 0)
-
         if not lean:
             z = zs[-1]
-            g_t = pool_to_backward(g_out, z).mul_(last_mask)
-            g_z, g_gamma, g_beta = torch.ops.aten.native_batch_norm_backward(
-                g_t, z, gamma_l, None, None, mean_l, invstd_l, True, bn_l.eps, [True, True, True])
-            del g_t
+            r = relu_out(n - 1)
+            g_t = _relu_backward_(pool_to_backward(g_out, r), r)
+            del r
+            g_gamma, g_beta = _bn_reductions(g_t, z, *bn_args(n - 1))
+            g_z = _bn_input_grad_(g_t, z, *bn_args(n - 1), g_gamma, g_beta, z.numel() // z.shape[1])
             g_h, g_w = _conv_backward(conv_l, g_z, h_in, w_l, need_in)
-            del g_z
-        else:
+            del g_z, g_t
+        else:  # recompute the last conv in batch chunks
             B = h_in.shape[0]
-            chunk = max(1, -(-B // ctx.chunks))
+            step = _chunk_size(B, ctx.chunks)
 
-            def chunk_xhat(s):
-                xhat = _conv(conv_l, h_in[s:s + chunk], w_l)
-                return xhat.sub_(mean_l.view(shape)).mul_(invstd_l.view(shape))
+            def chunk_grad(s):  # (z, dL/d(BN output)) of one chunk
+                z = _conv(conv_l, h_in[s:s + step], w_l)
+                r = _bn_relu(z, *bn_args(n - 1), params[-1])
+                return z, _relu_backward_(pool_to_backward(g_out[s:s + step], r), r)
 
-            if pooled_stats is not None:
-                p_mask, p_mx = pooled_stats
-                g_beta = (g_out * p_mask).sum((0, 2, 3))
-                g_gamma = (g_out * p_mx).sum((0, 2, 3))
-            else:  # pass A: the BN reductions from a recomputed x_hat
-                g_beta, g_gamma = torch.zeros_like(gamma_l), torch.zeros_like(gamma_l)
-                for s in range(0, B, chunk):
-                    xhat = chunk_xhat(s)
-                    g_t = masked_grad(xhat, g_out[s:s + chunk])
-                    g_beta += g_t.sum((0, 2, 3))
-                    g_gamma += (g_t * xhat).sum((0, 2, 3))
-                    del xhat, g_t
-            sum_g, sum_gx = g_beta * gamma_l, g_gamma * gamma_l   # Σ dL/dx_hat, Σ dL/dx_hat * x_hat
+            p_mask, p_mx = pooled_stats
+            g_beta = (g_out * p_mask).sum((0, 2, 3))
+            g_gamma = (g_out * p_mx).sum((0, 2, 3))
             g_w = torch.zeros_like(w_l)
             g_h = torch.empty_like(h_in) if need_in else None
-            total = None
-            for s in range(0, B, chunk):
-                xhat = chunk_xhat(s)
-                if total is None:
-                    total = B * xhat.shape[2] * xhat.shape[3]
-                g_t = masked_grad(xhat, g_out[s:s + chunk]).mul_(gamma_l.view(shape))
-                # dL/dz = invstd * (g - mean(g) - x_hat * mean(g * x_hat))
-                g_t.sub_((sum_g / total).view(shape)).addcmul_(xhat, (-sum_gx / total).view(shape))
-                g_z = g_t.mul_(invstd_l.view(shape))
-                del xhat
-                gi, gw = _conv_backward(conv_l, g_z, h_in[s:s + chunk], w_l, need_in)
+            count = None
+            for s in range(0, B, step):
+                z, g_t = chunk_grad(s)
+                count = count or B * z.shape[2] * z.shape[3]
+                g_z = _bn_input_grad_(g_t, z, *bn_args(n - 1), g_gamma, g_beta, count)
+                gi, gw = _conv_backward(conv_l, g_z, h_in[s:s + step], w_l, need_in)
                 g_w += gw
                 if need_in:
-                    g_h[s:s + chunk] = gi
-                del g_z, g_t, gi, gw
+                    g_h[s:s + step] = gi
+                del z, g_t, g_z, gi, gw
         grads[3 * (n - 1):3 * n] = [g_w, g_gamma, g_beta]
-        # Earlier layers: plain (full-batch) BN and conv backward from the saved z's.
+        # Earlier layers: ReLU, BN and conv backward from the saved z's.
         for i in range(n - 2, -1, -1):
-            conv, bn = layers[i]
             z = zs[i]
-            mask = relu_out(i, z) > 0
-            g_h.mul_(mask)
-            del mask
-            g_z, g_gamma, g_beta = torch.ops.aten.native_batch_norm_backward(
-                g_h, z, params[3 * i + 1], None, None, stats[2 * i], stats[2 * i + 1], True, bn.eps,
-                [True, True, True])
-            h_prev = layer_input(i)
-            g_h, g_w = _conv_backward(conv, g_z, h_prev, params[3 * i], i > 0 or need_x)
+            g_h = _relu_backward_(g_h, h_in)      # h_in is layer i's ReLU output
+            g_gamma, g_beta = _bn_reductions(g_h, z, *bn_args(i))
+            g_z = _bn_input_grad_(g_h, z, *bn_args(i), g_gamma, g_beta, z.numel() // z.shape[1])
+            h_in = x if i == 0 else relu_out(i - 1)
+            g_h, g_w = _conv_backward(layers[i][0], g_z, h_in, params[3 * i], i > 0 or need_x)
             grads[3 * i:3 * i + 3] = [g_w, g_gamma, g_beta]
         return (g_h if need_x else None, None, None, None, None, *grads)
 
 
-def encoder_chain(x, layers, side: int, lean: bool = False, chunks: int = 4):
+def encoder_chain(x, layers, side: int, lean: bool = False, chunks: int = 8):
     """adaptive_avg_pool(relu(bn(conv(... x ...))), side) over `layers` = [(conv, bn), ...],
     training mode, with fewer saved activations (see above); `lean` recomputes the last conv
-    in the backward in `chunks` slices of the batch."""
+    in the backward in `chunks` slices of the batch, where the pool shrinks the map (else
+    its z is no bigger than the output, and is kept)."""
+    lean = lean and side < x.shape[-1]   # encoder convs keep the input's resolution
     params = [p for conv, bn in layers for p in (conv.weight, bn.weight, bn.bias)]
     return _EncoderChainFn.apply(x, layers, side, lean, chunks, *params)
 
