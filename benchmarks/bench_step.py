@@ -25,7 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from contsup.memory import cuda_peak_bytes, peak_activation_bytes  # noqa: E402
+from contsup.memory import cuda_peak_bytes, peak_activation_bytes, reuse_freed_cpu_memory  # noqa: E402
 from contsup.model import ContSupNet, ModelConfig, set_context_impl  # noqa: E402
 from contsup.train import local_learning_step  # noqa: E402
 
@@ -178,7 +178,10 @@ def main(argv=None):
     p.add_argument("--no-targets", action="store_true", help="only the grid (added to an existing JSON)")
     p.add_argument("--out", default=None, help="JSON path (default: results/step_<device>.json)")
     p.add_argument("--nchw", action="store_true", help="NCHW activations instead of the default channels_last")
+    p.add_argument("--no-reuse-memory", action="store_true",
+                   help="leave glibc's malloc as it is (the trainer's default is reuse_freed_cpu_memory)")
     a = p.parse_args(argv)
+    reused = False if a.no_reuse_memory else reuse_freed_cpu_memory()
     global CHANNELS_LAST
     CHANNELS_LAST = not a.nchw
     device = torch.device(a.device)
@@ -188,7 +191,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-            "reps": a.reps, "channels_last": CHANNELS_LAST, "load_before": os.getloadavg(),
+            "reps": a.reps, "channels_last": CHANNELS_LAST, "reuse_freed_cpu_memory": reused, "load_before": os.getloadavg(),
             "note": "medians of interleaved repetitions; compare ratios within one table of this file"}
     result = json.loads(out.read_text()) if out.exists() else {}  # a new run replaces only what it measures
     if not a.no_targets:
