@@ -98,15 +98,15 @@ def measure(rows, batch_size, reps, device):
     return rows
 
 
-def row(arch, k, mode, loss="softmax", impl="fused"):
+def row(arch, k, mode, loss="softmax", impl="lean"):
     return {"arch": arch, "k": k, "mode": mode, "loss": loss, "impl": impl}
 
 
 def target_rows():
     rows = [row("resnet32", 1, "R0")]
     rows += [row("resnet32", 16, m) for m in TARGET_MODES]
+    rows += [row("resnet32", 16, m, impl="fused") for m in ("E", "R1E", "R16")]
     rows += [row("resnet32", 16, m, impl="plain") for m in ("E", "R1E", "R16")]
-    rows += [row("resnet32", 16, m, impl="lean") for m in ("E", "R1E", "R16")]
     return rows
 
 
@@ -117,13 +117,13 @@ def grid_rows(archs, ks, losses):
             rows.append(row(arch, 1, "R0", loss))
             for k in ks:
                 rows += [row(arch, k, m, loss) for m in valid_modes(k)]
-                rows.append(row(arch, k, "R1E", loss, impl="lean"))
+                rows.append(row(arch, k, "R1E", loss, impl="fused"))
     return rows
 
 
 def judge(rows):
     """The issue's targets on the ResNet-32 K=16 rows of one run."""
-    def get(mode, impl="fused", k=16):
+    def get(mode, impl="lean", k=16):
         return next(r for r in rows if r["arch"] == "resnet32" and r["k"] == k and r["mode"] == mode
                     and r["impl"] == impl and r["loss"] == "softmax")
     e2e, r0 = get("R0", k=1), get("R0")
@@ -134,12 +134,15 @@ def judge(rows):
             out["time_vs_flops"][f"{r['mode']}/{r['impl']}"] = {
                 "time_ratio": t, "flop_ratio": f, "excess": t / f, "met": t <= 1.15 * f}
     mem = lambda r: r["peak_activation_bytes"]  # noqa: E731
-    r1e, r16, lean = get("R1E"), get("R16"), get("R1E", "lean")
+    # the default path is lean; fused is the faster option that keeps more
+    r1e, r16, fused = get("R1E"), get("R16"), get("R1E", "fused")
     out["R1E_mem_vs_E2E"] = {"ratio": mem(r1e) / mem(e2e), "target": 0.25, "met": mem(r1e) <= 0.25 * mem(e2e)}
     out["R16_mem_vs_E2E"] = {"ratio": mem(r16) / mem(e2e), "target": 0.5, "met": mem(r16) <= 0.5 * mem(e2e)}
-    out["lean_R1E_mem_vs_R0"] = {"ratio": mem(lean) / mem(r0), "target": 1.3, "met": mem(lean) <= 1.3 * mem(r0)}
-    tl = lean["step_seconds"] / r1e["step_seconds"]
-    out["lean_R1E_time_vs_default"] = {"ratio": tl, "target": 1.3, "met": tl <= 1.3}
+    out["lean_R1E_mem_vs_R0"] = {"ratio": mem(r1e) / mem(r0), "target": 1.3, "met": mem(r1e) <= 1.3 * mem(r0)}
+    tl = r1e["step_seconds"] / fused["step_seconds"]
+    out["lean_R1E_time_vs_fused"] = {"ratio": tl, "target": 1.3, "met": tl <= 1.3}
+    for m in ("R1E", "R16"):
+        out[f"fused_{m}_mem_vs_E2E"] = {"ratio": mem(get(m, "fused")) / mem(e2e)}
     return out
 
 

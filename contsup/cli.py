@@ -57,12 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    t.add_argument("--lean-context", action="store_true",
-                   help="recompute the widest context-encoder conv in backward: less memory, same function")
+    t.add_argument("--context-impl", choices=["lean", "fused", "plain"], default="lean",
+                   help="how the context encoders run, the same function each way: lean (recompute, least "
+                        "memory), fused (faster, more memory), plain (autograd reference)")
     t.add_argument("--no-channels-last", action="store_true", help="keep NCHW activations (default: NHWC)")
     t.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
     t.add_argument("--no-cudnn-benchmark", action="store_true", help="CUDA: don't let cuDNN pick algorithms")
     t.add_argument("--compile", action="store_true", help="torch.compile the modules (slow first epoch)")
+    t.add_argument("--no-reuse-cpu-memory", action="store_true",
+                   help="CPU: leave glibc's malloc as it is (default: freed activations are reused, not unmapped)")
 
     d = sub.add_parser("describe", help="cut points, parameters per part, peak activation memory")
     _model_args(d)
@@ -94,8 +97,9 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(**_model_kwargs(args), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       warmup_epochs=args.warmup_epochs, data_root=args.data_root, download=args.download,
                       train_subset=args.train_subset, out_dir=out, device=args.device, seed=args.seed,
-                      lean_context=args.lean_context, channels_last=not args.no_channels_last, bf16=args.bf16,
-                      cudnn_benchmark=not args.no_cudnn_benchmark, torch_compile=args.compile)
+                      context_impl=args.context_impl, channels_last=not args.no_channels_last, bf16=args.bf16,
+                      cudnn_benchmark=not args.no_cudnn_benchmark, torch_compile=args.compile,
+                      reuse_cpu_memory=not args.no_reuse_cpu_memory)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"{out}: test error {result['final_error']:.2f}% (best {result['best_error']:.2f}% "
           f"at epoch {result['best_epoch']}), peak activation memory "

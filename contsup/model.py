@@ -166,10 +166,11 @@ def parse_mode(mode: str, k: int) -> ContextMode:
 # activations. `_EncoderChainFn` computes the same forward (same ops, same BN running-stat
 # update, exactly once) and saves only the pre-BN conv outputs z_l and the BN batch
 # statistics; the backward rebuilds each ReLU output from its z_l (it is the next conv's
-# input, and it gives the ReLU's mask). With `lean`, where the pool shrinks the map, it does
-# not keep the last (widest) z either: it saves two pooled maps instead (the pool of the
+# input, and it gives the ReLU's mask). With `lean` it does not keep the last (widest) z
+# either: where the pool shrinks the map it saves two pooled maps instead (the pool of the
 # ReLU mask and of mask * x_hat, which give the BN reductions exactly) and recomputes the
-# last conv in batch chunks during the backward, one extra conv forward in all; a 1x1 last
+# last conv in batch chunks during the backward, one extra conv forward in all (two where
+# the pool keeps the resolution: one more pass then gives the BN reductions); a 1x1 last
 # conv is also recomputed chunk by chunk in the forward, so its full z never exists at all.
 # At the image resolution these encoders are memory-bound on a CPU, so the code counts
 # passes over memory: BN+ReLU is one addcmul and one in-place relu, the BN backward writes
@@ -275,7 +276,7 @@ class _EncoderChainFn(torch.autograd.Function):
             saved.append(z)
         if not lean:
             pooled = pool_to(h, side)
-        else:  # pooled output / ReLU mask / mask * x_hat, chunk by chunk
+        else:  # output (and, where pooled, pooled ReLU mask and mask * x_hat) chunk by chunk
             conv, bn = layers[-1]
             w, B = params[-3], h.shape[0]
             step = _chunk_size(B, chunks)
@@ -287,18 +288,22 @@ class _EncoderChainFn(torch.autograd.Function):
             mean, invstd = _bn_train_stats(z_of, B, step, bn)
             stats += [mean, invstd]
             gamma, beta = params[-2].view(SHAPE), params[-1].view(SHAPE)
+            ctx.pooled_stats = side < h.shape[-1]
             parts = ([], [], [])
             for s in range(0, B, step):
                 xc = z_of(s).sub_(mean.view(SHAPE)).mul_(invstd.view(SHAPE))   # x_hat
                 t = torch.addcmul(beta, xc, gamma).relu_()
                 parts[0].append(pool_to(t, side))
-                mask = t.gt_(0)
-                parts[1].append(pool_to(mask, side))
-                parts[2].append(pool_to(mask.mul_(xc), side))
-                del t, mask, xc
-            pooled, p_mask, p_mx = (torch.cat(p) for p in parts)
-            saved += [p_mask, p_mx]
-            z = z_of = None
+                if ctx.pooled_stats:
+                    mask = t.gt_(0)
+                    parts[1].append(pool_to(mask, side))
+                    parts[2].append(pool_to(mask.mul_(xc), side))
+                    del mask
+                del t, xc
+            pooled = torch.cat(parts[0])
+            if ctx.pooled_stats:
+                saved += [torch.cat(parts[1]), torch.cat(parts[2])]
+            z = z_of = parts = None
         del h
         ctx.save_for_backward(x, *saved, *stats, *params)
         return pooled
@@ -311,8 +316,8 @@ class _EncoderChainFn(torch.autograd.Function):
         n_z = n - 1 if lean else n
         zs = list(tensors[1:1 + n_z])
         pos = 1 + n_z
-        pooled_stats = tensors[pos:pos + 2] if lean else None   # (p_mask, p_mx)
-        pos += 2 if lean else 0
+        pooled_stats = tensors[pos:pos + 2] if lean and ctx.pooled_stats else None   # (p_mask, p_mx)
+        pos += 2 if pooled_stats else 0
         stats = tensors[pos:pos + 2 * n]
         params = tensors[pos + 2 * n:]
         grads = [None] * (3 * n)
@@ -347,9 +352,17 @@ class _EncoderChainFn(torch.autograd.Function):
                 r = _bn_relu(z, *bn_args(n - 1), params[-1])
                 return z, _relu_backward_(pool_to_backward(g_out[s:s + step], r), r)
 
-            p_mask, p_mx = pooled_stats
-            g_beta = (g_out * p_mask).sum((0, 2, 3))
-            g_gamma = (g_out * p_mx).sum((0, 2, 3))
+            if pooled_stats:  # the BN reductions from the pooled mask and mask * x_hat
+                p_mask, p_mx = pooled_stats
+                g_beta = (g_out * p_mask).sum((0, 2, 3))
+                g_gamma = (g_out * p_mx).sum((0, 2, 3))
+            else:             # one more recompute of the last conv for them
+                g_gamma, g_beta = 0, 0
+                for s in range(0, B, step):
+                    z, g_t = chunk_grad(s)
+                    gg, gb = _bn_reductions(g_t, z, *bn_args(n - 1))
+                    g_gamma, g_beta = g_gamma + gg, g_beta + gb
+                    del z, g_t
             g_w = torch.zeros_like(w_l)
             g_h = torch.empty_like(h_in) if need_in else None
             count = None
@@ -378,9 +391,7 @@ class _EncoderChainFn(torch.autograd.Function):
 def encoder_chain(x, layers, side: int, lean: bool = False, chunks: int = 8):
     """adaptive_avg_pool(relu(bn(conv(... x ...))), side) over `layers` = [(conv, bn), ...],
     training mode, with fewer saved activations (see above); `lean` recomputes the last conv
-    in the backward in `chunks` slices of the batch, where the pool shrinks the map (else
-    its z is no bigger than the output, and is kept)."""
-    lean = lean and side < x.shape[-1]   # encoder convs keep the input's resolution
+    in the backward in `chunks` slices of the batch."""
     params = [p for conv, bn in layers for p in (conv.weight, bn.weight, bn.bias)]
     return _EncoderChainFn.apply(x, layers, side, lean, chunks, *params)
 
@@ -426,7 +437,7 @@ class ImageEncoder(nn.Module):
         super().__init__()
         hidden = int(12 * widen)
         self.net = nn.Sequential(conv_bn_relu(3, hidden), conv_bn_relu(hidden, channels), PoolTo(side))
-        self.side, self.impl = side, "fused"
+        self.side, self.impl = side, "lean"
 
     def forward(self, x):
         return _encoder_forward(self, x)
@@ -438,17 +449,17 @@ class ResidualEncoder(nn.Module):
     def __init__(self, c_in: int, channels: int, side: int):
         super().__init__()
         self.net = nn.Sequential(conv_bn_relu(c_in, channels, kernel=1), PoolTo(side))
-        self.side, self.impl = side, "fused"
+        self.side, self.impl = side, "lean"
 
     def forward(self, h):
         return _encoder_forward(self, h)
 
 
-CONTEXT_IMPLS = ("plain", "fused", "lean")
+CONTEXT_IMPLS = ("lean", "fused", "plain")
 
 
 def _encoder_forward(enc, x):
-    """plain: the nn.Sequential through autograd (the reference). fused (default) / lean: the
+    """plain: the nn.Sequential through autograd (the reference). lean (default) / fused: the
     same function through `encoder_chain`, used while training with gradients on."""
     if enc.impl == "plain" or not (enc.training and torch.is_grad_enabled()) \
             or torch.is_autocast_enabled(x.device.type):  # autograd handles autocast's casts
@@ -460,7 +471,9 @@ def _encoder_forward(enc, x):
 
 
 def set_context_impl(net: nn.Module, impl: str) -> nn.Module:
-    """Choose how the context encoders of `net` run: plain | fused | lean (same function)."""
+    """Choose how the context encoders of `net` run (the same function each way):
+    lean (default) saves the least and recomputes the widest conv in the backward, fused keeps
+    the pre-BN conv outputs (faster, more memory), plain is autograd on the nn.Sequential."""
     if impl not in CONTEXT_IMPLS:
         raise UsageError(f"unknown context implementation '{impl}'; choose one of: {', '.join(CONTEXT_IMPLS)}")
     for m in net.modules():
@@ -505,7 +518,7 @@ class ModelConfig:
     balanced: bool = False          # memory-balanced cut points (E*)
     dataset: str = "cifar10"
     widen: float = 1.0
-    lean_context: bool = False      # recompute the widest encoder conv in backward (same function)
+    context_impl: str = "lean"      # how the encoders run: lean | fused | plain (same function; see set_context_impl)
 
 
 class ContSupNet(nn.Module):
@@ -553,7 +566,7 @@ class ContSupNet(nn.Module):
         # How far back the residual context reaches: module inputs older than that are dropped.
         self.keep_inputs = max([max(0, c - min(s.sources)) for c, s in enumerate(self.context) if s.sources] or [0])
         self.reset_parameters()
-        set_context_impl(self, "lean" if cfg.lean_context else "fused")
+        set_context_impl(self, cfg.context_impl)
 
     def reset_parameters(self):
         for m in self.modules():

@@ -22,7 +22,7 @@ from . import tables
 from .data import DeviceLoader, denormalize, load_dataset
 from .errors import UsageError
 from .losses import head_loss, reconstruction_loss
-from .memory import cuda_peak_bytes, peak_activation_bytes
+from .memory import cuda_peak_bytes, peak_activation_bytes, reuse_freed_cpu_memory
 from .model import ContSupNet, ModelConfig, set_context_impl
 
 
@@ -39,12 +39,13 @@ class TrainConfig:
     loss_scales: tuple | None = None
     balanced: bool = False
     widen: float = 1.0
-    lean_context: bool = False
+    context_impl: str = "lean"      # lean | fused | plain: the same function (ModelConfig)
     # speed: none of these changes the function computed, except bf16's rounding
     channels_last: bool = True      # NHWC activations: faster convolutions on CPU and GPU alike
     bf16: bool = False              # bfloat16 autocast for the forward passes (weights stay fp32)
     cudnn_benchmark: bool = True    # let cuDNN time and pick its fastest algorithms (CUDA only)
     torch_compile: bool = False     # torch.compile every module, head, encoder and decoder
+    reuse_cpu_memory: bool = True   # CPU: keep glibc from unmapping freed activations (memory.reuse_freed_cpu_memory)
     # optimisation; None = the paper's value for the dataset (tables.DATA_RECIPES)
     epochs: int = 160
     batch_size: int | None = None
@@ -79,6 +80,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        if "lean_context" in d:  # the key before context_impl (run folders written before it)
+            d = {"context_impl": "lean" if d["lean_context"] else "fused"} | d
+            del d["lean_context"]
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -227,9 +231,10 @@ def load_checkpoint(path: Path) -> dict:
 
 
 # Where a run lives and how fast it runs may change between its start and its resume;
-# nothing else may (bf16 changes the rounding, so it stays).
+# nothing else may (bf16 changes the rounding, so it stays). lean_context: context_impl's
+# earlier name.
 MAY_CHANGE_ON_RESUME = {"out_dir", "device", "data_root", "download", "channels_last", "cudnn_benchmark",
-                        "torch_compile"}
+                        "torch_compile", "reuse_cpu_memory", "context_impl", "lean_context"}
 
 
 def _config_json(cfg: TrainConfig) -> dict:
@@ -257,6 +262,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                              f"use another --out or the same settings")
 
     device = pick_device(cfg.device)
+    if device.type == "cpu" and cfg.reuse_cpu_memory:
+        reuse_freed_cpu_memory()   # process-wide, for the rest of the process
     torch.manual_seed(cfg.seed)
     net = prepare_model(ContSupNet(cfg.model_config()), cfg, device)  # validates the model choices first
     recipe = tables.DATA_RECIPES[cfg.dataset]

@@ -96,9 +96,9 @@ def test_describe_json(capsys):
 def test_speed_flags_reach_the_run_config(tmp_path):
     out = tmp_path / "run"
     assert main(["train", "--dataset", "digits8", "-k", "2", "--mode", "R1E", "--epochs", "1", "--train-subset", "32",
-                 "--batch-size", "16", "--bf16", "--no-channels-last", "--lean-context", "--no-cudnn-benchmark",
-                 "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
+                 "--batch-size", "16", "--bf16", "--no-channels-last", "--context-impl", "fused", "--no-cudnn-benchmark",
+                 "--no-reuse-cpu-memory", "--no-progress", "--device", "cpu", "--out", str(out)]) == 0
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["bf16"], cfg["channels_last"], cfg["lean_context"], cfg["cudnn_benchmark"], cfg["torch_compile"]) \
-        == (True, False, True, False, False)
+    assert (cfg["bf16"], cfg["channels_last"], cfg["context_impl"], cfg["cudnn_benchmark"], cfg["torch_compile"],
+            cfg["reuse_cpu_memory"]) == (True, False, "fused", False, False, False)
     assert json.loads((out / "result.json").read_text())["final_error"] <= 100

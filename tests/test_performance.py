@@ -1,4 +1,4 @@
-"""The optimized context paths (fused default, lean recompute, channels_last) compute the same
+"""The optimized context paths (lean default, fused, channels_last) compute the same
 function as the plain autograd reference: outputs, every parameter gradient and the BN
 running statistics (float64, small batch, CPU)."""
 import copy
@@ -74,7 +74,7 @@ def test_encoder_float32_and_input_gradient(make, impl):
 
 def test_eval_and_no_grad_use_the_plain_path():
     torch.manual_seed(0)
-    net = ContSupNet(ModelConfig(arch="resnet32", k=4, mode="R1E", dataset="cifar10", lean_context=True))
+    net = ContSupNet(ModelConfig(arch="resnet32", k=4, mode="R1E", dataset="cifar10", context_impl="lean"))
     ref = set_context_impl(copy.deepcopy(net), "plain")
     x, _ = _batch(4, torch.float32)
     net.eval(), ref.eval()
@@ -83,8 +83,16 @@ def test_eval_and_no_grad_use_the_plain_path():
 
 def test_unknown_impl_is_a_usage_error():
     from contsup.errors import UsageError
-    with pytest.raises(UsageError, match="plain, fused, lean"):
+    with pytest.raises(UsageError, match="lean, fused, plain"):
         set_context_impl(ContSupNet(ModelConfig(k=2, mode="R0", dataset="cifar10")), "fast")
+
+
+def test_lean_is_the_default_and_run_configs_with_the_old_key_still_load():
+    from contsup.train import TrainConfig
+    net = ContSupNet(ModelConfig(k=4, mode="R1E", dataset="cifar10"))
+    assert {m.impl for m in net.modules() if isinstance(m, (ImageEncoder, ResidualEncoder))} == {"lean"}
+    assert TrainConfig.from_dict({"lean_context": False}).context_impl == "fused"   # the old default
+    assert TrainConfig.from_dict({"lean_context": True, "k": 2}).context_impl == "lean"
 
 
 def test_flop_count_sanity():
@@ -189,3 +197,39 @@ def test_pool_to_is_adaptive_avg_pool(size, side, channels_last):
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-12)
     torch.testing.assert_close(pool_to_backward(g, h), b.grad, rtol=0, atol=1e-12)
+
+
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+from contsup.memory import reuse_freed_cpu_memory
+
+def faults():  # minor page faults of allocating, filling and freeing 64 MB five times
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        torch.empty(2 ** 24).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults()
+default = faults()
+reused = reuse_freed_cpu_memory()
+faults()
+print(default, reused, faults())
+"""
+
+
+def test_reuse_freed_cpu_memory_stops_refaulting_large_blocks():
+    """glibc unmaps a freed 64 MB block, so the next one faults its pages in again; after
+    reuse_freed_cpu_memory the block is kept and reused. (A subprocess: the setting is process-wide.)"""
+    import platform
+    import subprocess
+    import sys
+    from pathlib import Path
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's; elsewhere reuse_freed_cpu_memory returns False and does nothing")
+    script = _FAULTS_SCRIPT.format(root=str(Path(__file__).resolve().parents[1]))
+    default, reused, after = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                            check=True).stdout.split()
+    assert reused == "True"
+    assert int(default) > 1000             # 5 x 64 MB of fresh pages (fewer with transparent huge pages)
+    assert int(after) * 10 < int(default)  # the freed block is reused, no new pages
