@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from contsup import tables  # noqa: E402
 from contsup.data import DeviceLoader, UInt8ImageDataset, reference_transform  # noqa: E402
+from contsup.memory import reuse_freed_cpu_memory  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORKERS = (0, 2)
@@ -161,8 +162,11 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="JSON path (default: results/data_<device>.json)")
+    p.add_argument("--no-reuse-memory", action="store_true",
+                   help="leave glibc's malloc as it is (the trainer's CPU default is reuse_freed_cpu_memory)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
+    reused = False if a.no_reuse_memory or device.type != "cpu" else reuse_freed_cpu_memory()
     if a.threads:
         torch.set_num_threads(a.threads)
     out = Path(a.out) if a.out else RESULTS / f"data_{device.type}.json"
@@ -170,6 +174,7 @@ def main(argv=None):
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
             "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
             "batch": a.batch, "reps": a.reps, "pin_memory": False, "persistent_workers": False,
+            "reuse_freed_cpu_memory": reused,
             "note": "synthetic uint8 data; median of interleaved full epochs after one warm-up epoch",
             "loadavg_before": os.getloadavg()}  # the machine's load, to judge how noisy the run was
     rows = measure([("cifar10", a.n), ("stl10", a.n_stl)], a.batch, a.reps, device)
