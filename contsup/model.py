@@ -170,8 +170,9 @@ def parse_mode(mode: str, k: int) -> ContextMode:
 # either: where the pool shrinks the map it saves two pooled maps instead (the pool of the
 # ReLU mask and of mask * x_hat, which give the BN reductions exactly) and recomputes the
 # last conv in batch chunks during the backward, one extra conv forward in all (two where
-# the pool keeps the resolution: one more pass then gives the BN reductions); a 1x1 last
-# conv is also recomputed chunk by chunk in the forward, so its full z never exists at all.
+# the pool keeps the resolution: one more pass then gives the BN reductions). A 1x1 last conv
+# takes its BN statistics from the mean and covariance of its (narrower) input and is run
+# chunk by chunk in the forward too, so its full z never exists at all.
 # At the image resolution these encoders are memory-bound on a CPU, so the code counts
 # passes over memory: BN+ReLU is one addcmul and one in-place relu, the BN backward writes
 # dL/dz into the incoming gradient, and the ReLU mask is applied by threshold_backward
@@ -211,7 +212,29 @@ def _bn_train_stats(z_of, n: int, step: int, bn: nn.BatchNorm2d):
         m2 = m2 + q + delta.square() * (count * c / (count + c))
         count += c
         del z
-    var = m2 / count
+    return _bn_batch_stats(bn, mean, m2 / count, count)
+
+
+def _bn_train_stats_1x1(h, weight, step: int, bn: nn.BatchNorm2d):
+    """The same for z = conv1x1(h) without computing z: its channel means are W mu and its
+    variances the diagonal of W Sigma W^T, from the mean mu and covariance Sigma of h's
+    channels (centred, chunk by chunk). h has fewer channels than z and no conv is run."""
+    c_in, n = h.shape[1], h.shape[0]
+    count = h.numel() // c_in
+    mu = h.sum((0, 2, 3)) / count
+    cov = h.new_zeros(c_in, c_in)
+    for s in range(0, n, step):
+        hc = (h[s:s + step] - mu.view(SHAPE)).transpose(0, 1).reshape(c_in, -1)
+        cov.addmm_(hc, hc.t())
+        del hc
+    w = weight.view(weight.shape[0], c_in)
+    var = ((w @ cov) * w).sum(1).clamp_(min=0) / count
+    return _bn_batch_stats(bn, w @ mu, var, count)
+
+
+def _bn_batch_stats(bn: nn.BatchNorm2d, mean, var, count: int):
+    """BatchNorm's running-stat update (unbiased variance) with this batch's mean and biased
+    variance over `count` values per channel; returns (mean, 1/std) for normalising."""
     factor = _bn_momentum(bn)
     if factor is not None:
         bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
@@ -280,12 +303,14 @@ class _EncoderChainFn(torch.autograd.Function):
             conv, bn = layers[-1]
             w, B = params[-3], h.shape[0]
             step = _chunk_size(B, chunks)
-            if conv.kernel_size == (1, 1):  # costs about one pass over memory: recompute it
+            pointwise = conv.kernel_size == conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
+            if pointwise:  # z is only ever made in chunks
                 z_of = lambda s: _conv(conv, h[s:s + step], w)  # noqa: E731
-            else:                           # computed once, sliced
+                mean, invstd = _bn_train_stats_1x1(h, w, step, bn)
+            else:          # computed once, sliced
                 z = _conv(conv, h, w)
                 z_of = lambda s: z[s:s + step]  # noqa: E731
-            mean, invstd = _bn_train_stats(z_of, B, step, bn)
+                mean, invstd = _bn_train_stats(z_of, B, step, bn)
             stats += [mean, invstd]
             gamma, beta = params[-2].view(SHAPE), params[-1].view(SHAPE)
             ctx.pooled_stats = side < h.shape[-1]

@@ -72,6 +72,19 @@ def test_encoder_float32_and_input_gradient(make, impl):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_pointwise_encoder_statistics_survive_a_large_input_mean():
+    """lean takes a 1x1 encoder's BN statistics from its input's covariance, computed
+    centred: an input far from zero (mean 50, std 0.1) still gives BatchNorm's numbers."""
+    torch.manual_seed(0)
+    enc = ResidualEncoder(16, 32, 8)
+    ref = copy.deepcopy(enc)
+    ref.impl, enc.impl = "plain", "lean"
+    h = torch.randn(12, 16, 16, 16) * 0.1 + 50
+    torch.testing.assert_close(enc(h), ref(h), rtol=1e-4, atol=1e-4)
+    for a, b in zip(enc.buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_eval_and_no_grad_use_the_plain_path():
     torch.manual_seed(0)
     net = ContSupNet(ModelConfig(arch="resnet32", k=4, mode="R1E", dataset="cifar10", context_impl="lean"))
