@@ -3,6 +3,7 @@
     python benchmarks/bench_step.py                       # targets (ResNet-32 K=16 @256) + grid @32
     python benchmarks/bench_step.py --no-targets --grid-batch 256 --archs resnet32   # one grid, added
     python benchmarks/bench_step.py --device cuda         # + max_memory_allocated and images/s
+    python benchmarks/bench_step.py --markdown            # the README's tables from the JSON
 
 Every configuration is timed in the same process, and the repetitions are interleaved
 (rep 1 of every config, then rep 2, ...), so ratios between rows are robust to a machine
@@ -168,6 +169,39 @@ def figure(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def markdown(result) -> str:
+    """The README's tables from a results JSON: the targets, then each grid per loss."""
+    mb = lambda r: r["peak_activation_bytes"] / 2**20  # noqa: E731
+    rows = result["targets"]["rows"]
+    e2e = next(r for r in rows if r["k"] == 1)
+    r0 = next(r for r in rows if r["k"] == 16 and r["mode"] == "R0" and r["impl"] == "lean")
+    out = ["| mode | impl | peak act. MB | × E2E | GFLOPs | s/step | time / R0 | FLOPs / R0 | time÷FLOPs vs R0 |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        t, f = r["step_seconds"] / r0["step_seconds"], r["flops"] / r0["flops"]
+        name, impl = ("E2E (K=1)", "—") if r["k"] == 1 else (r["mode"], "—" if r["mode"] == "R0" else r["impl"])
+        out.append(f"| {name} | {impl} | {mb(r):.0f} | {mb(r) / mb(e2e):.2f} | {r['flops'] / 1e9:.1f} | "
+                   f"{r['step_seconds']:.2f} | {t:.2f} | {f:.2f} | {t / f:.2f} |")
+    for name, grid in result.get("grids", {}).items():
+        for arch in dict.fromkeys(r["arch"] for r in grid["rows"]):
+            for loss in dict.fromkeys(r["loss"] for r in grid["rows"]):
+                sel = [r for r in grid["rows"] if r["arch"] == arch and r["loss"] == loss]
+                e2e = next(r for r in sel if r["k"] == 1)
+                out += ["", f"*{arch}, {loss}* (E2E: {mb(e2e):.0f} MB, {e2e['step_seconds']:.2f} s/step, "
+                        f"batch {grid['batch']})", "",
+                        "| K | " + " | ".join(MODES) + " | R1E/fused |", "|---" * (len(MODES) + 2) + "|"]
+                for k in sorted({r["k"] for r in sel} - {1}):
+                    base = next(r for r in sel if r["k"] == k and r["mode"] == "R0")
+                    cells = []
+                    for mode, impl in [(m, "lean") for m in MODES] + [("R1E", "fused")]:
+                        r = next((r for r in sel if r["k"] == k and r["mode"] == mode and r["impl"] == impl), None)
+                        cells.append("" if r is None else
+                                     f"{mb(r) / mb(e2e):.2f} / {r['step_seconds'] / base['step_seconds']:.1f} "
+                                     f"({r['flops'] / base['flops']:.2f})")
+                    out.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -183,7 +217,11 @@ def main(argv=None):
     p.add_argument("--nchw", action="store_true", help="NCHW activations instead of the default channels_last")
     p.add_argument("--no-reuse-memory", action="store_true",
                    help="leave glibc's malloc as it is (the trainer's default is reuse_freed_cpu_memory)")
+    p.add_argument("--markdown", action="store_true", help="measure nothing; print the README tables of --out")
     a = p.parse_args(argv)
+    if a.markdown:
+        print(markdown(json.loads(Path(a.out or RESULTS / f"step_{a.device.split(':')[0]}.json").read_text())))
+        return
     reused = False if a.no_reuse_memory else reuse_freed_cpu_memory()
     global CHANNELS_LAST
     CHANNELS_LAST = not a.nchw

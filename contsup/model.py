@@ -269,8 +269,14 @@ def _bn_input_grad_(g, z, mean, invstd, weight, g_weight, g_bias, count: int):
     return g.mul_(k1.view(SHAPE)).addcmul_(z, k2.view(SHAPE)).add_(k3.view(SHAPE))
 
 
-def _chunk_size(n: int, chunks: int) -> int:
-    return max(1, -(-n // chunks))
+MIN_CHUNK_BYTES = 4 << 20  # smaller slices cost more in per-op overhead than they save
+
+
+def _chunk_size(n: int, chunks: int, conv: nn.Conv2d, h) -> int:
+    """Batch rows per slice when the last conv's output (as wide as its input h) is made in
+    `chunks` slices: fewer slices when that output is small."""
+    row_bytes = conv.out_channels * h.shape[2] * h.shape[3] * h.element_size()
+    return min(n, max(-(-n // chunks), -(-MIN_CHUNK_BYTES // row_bytes)))
 
 
 def _conv(conv: nn.Conv2d, x, weight):
@@ -302,7 +308,7 @@ class _EncoderChainFn(torch.autograd.Function):
         else:  # output (and, where pooled, pooled ReLU mask and mask * x_hat) chunk by chunk
             conv, bn = layers[-1]
             w, B = params[-3], h.shape[0]
-            step = _chunk_size(B, chunks)
+            step = _chunk_size(B, chunks, conv, h)
             pointwise = conv.kernel_size == conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
             if pointwise:  # z is only ever made in chunks
                 z_of = lambda s: _conv(conv, h[s:s + step], w)  # noqa: E731
@@ -370,29 +376,32 @@ class _EncoderChainFn(torch.autograd.Function):
             del g_z, g_t
         else:  # recompute the last conv in batch chunks
             B = h_in.shape[0]
-            step = _chunk_size(B, ctx.chunks)
+            step = _chunk_size(B, ctx.chunks, conv_l, h_in)
 
             def chunk_grad(s):  # (z, dL/d(BN output)) of one chunk
                 z = _conv(conv_l, h_in[s:s + step], w_l)
                 r = _bn_relu(z, *bn_args(n - 1), params[-1])
                 return z, _relu_backward_(pool_to_backward(g_out[s:s + step], r), r)
 
+            kept = None
             if pooled_stats:  # the BN reductions from the pooled mask and mask * x_hat
                 p_mask, p_mx = pooled_stats
                 g_beta = (g_out * p_mask).sum((0, 2, 3))
                 g_gamma = (g_out * p_mx).sum((0, 2, 3))
-            else:             # one more recompute of the last conv for them
+            else:             # one more recompute of the last conv for them (kept if one slice)
                 g_gamma, g_beta = 0, 0
                 for s in range(0, B, step):
                     z, g_t = chunk_grad(s)
                     gg, gb = _bn_reductions(g_t, z, *bn_args(n - 1))
                     g_gamma, g_beta = g_gamma + gg, g_beta + gb
+                    kept = (z, g_t) if step == B else None
                     del z, g_t
             g_w = torch.zeros_like(w_l)
             g_h = torch.empty_like(h_in) if need_in else None
             count = None
             for s in range(0, B, step):
-                z, g_t = chunk_grad(s)
+                z, g_t = kept or chunk_grad(s)
+                kept = None
                 count = count or B * z.shape[2] * z.shape[3]
                 g_z = _bn_input_grad_(g_t, z, *bn_args(n - 1), g_gamma, g_beta, count)
                 gi, gw = _conv_backward(conv_l, g_z, h_in[s:s + step], w_l, need_in)

@@ -29,7 +29,9 @@ def _assert_same(net, ref, out, out_ref, tol=1e-10):
 @pytest.mark.parametrize("mode", ["R0", "E", "R1E", "R2"])
 @pytest.mark.parametrize("impl,channels_last", [("fused", False), ("lean", False), ("fused", True),
                                                 ("lean", True)])
-def test_optimized_step_matches_plain_reference(mode, impl, channels_last):
+def test_optimized_step_matches_plain_reference(mode, impl, channels_last, monkeypatch):
+    import contsup.model
+    monkeypatch.setattr(contsup.model, "MIN_CHUNK_BYTES", 1)  # lean in several slices even at n=8
     torch.manual_seed(0)
     base = ContSupNet(ModelConfig(arch="resnet32", k=4, mode=mode, dataset="cifar10")).double()
     x, y = _batch()
@@ -50,8 +52,11 @@ def test_optimized_step_matches_plain_reference(mode, impl, channels_last):
 
 @pytest.mark.parametrize("make", [lambda: ImageEncoder(64, 8), lambda: ImageEncoder(16, 32),
                                   lambda: ResidualEncoder(16, 32, 16), lambda: ResidualEncoder(32, 64, 8)])
-@pytest.mark.parametrize("impl", ["fused", "lean"])
-def test_encoder_float32_and_input_gradient(make, impl):
+@pytest.mark.parametrize("impl,min_chunk_bytes", [("fused", None), ("lean", 1), ("lean", 1 << 40)])
+def test_encoder_float32_and_input_gradient(make, impl, min_chunk_bytes, monkeypatch):
+    import contsup.model
+    if min_chunk_bytes:  # lean's last conv in 8 slices of the batch, or in one
+        monkeypatch.setattr(contsup.model, "MIN_CHUNK_BYTES", min_chunk_bytes)
     torch.manual_seed(0)
     enc = make()
     c_in = enc.net[0][0].in_channels
@@ -217,9 +222,9 @@ import resource, sys, torch
 sys.path.insert(0, {root!r})
 from contsup.memory import reuse_freed_cpu_memory
 
-def faults():  # minor page faults of allocating, filling and freeing 64 MB five times
+def faults():  # minor page faults of allocating, filling and freeing 64 MB twenty times
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
+    for _ in range(20):
         torch.empty(2 ** 24).fill_(1.0)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
@@ -244,5 +249,5 @@ def test_reuse_freed_cpu_memory_stops_refaulting_large_blocks():
     default, reused, after = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                                             check=True).stdout.split()
     assert reused == "True"
-    assert int(default) > 1000             # 5 x 64 MB of fresh pages (fewer with transparent huge pages)
-    assert int(after) * 10 < int(default)  # the freed block is reused, no new pages
+    assert int(default) > 1000            # 20 x 64 MB of fresh pages (fewer with transparent huge pages)
+    assert int(after) * 4 < int(default)  # the freed block is reused: no new pages (once in a while one block)
