@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from contsup.memory import cuda_peak_bytes, peak_activation_bytes, reuse_freed_cpu_memory  # noqa: E402
 from contsup.model import ContSupNet, ModelConfig, set_context_impl  # noqa: E402
-from contsup.train import local_learning_step  # noqa: E402
+from contsup.train import compile_model, local_learning_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ["R0", "E", "R1", "R1E", "R2", "R4", "R8", "R16"]
@@ -43,8 +43,11 @@ CHANNELS_LAST = True  # the trainer's default (TrainConfig.channels_last); --nch
 
 
 def make_net(arch, k, mode, loss, impl, device):
+    """impl: lean | fused | plain, or compiled (plain, torch.compile'd by `measure` after the
+    eager measurements)."""
     torch.manual_seed(0)
-    net = set_context_impl(ContSupNet(ModelConfig(arch=arch, k=k, mode=mode, loss=loss, dataset="cifar10")), impl)
+    net = ContSupNet(ModelConfig(arch=arch, k=k, mode=mode, loss=loss, dataset="cifar10"))
+    net = set_context_impl(net, "plain" if impl == "compiled" else impl)
     net = net.to(device).train()
     return net.to(memory_format=torch.channels_last) if CHANNELS_LAST else net
 
@@ -79,11 +82,17 @@ def measure(rows, batch_size, reps, device):
         r["flops"] = fc.get_total_flops()
         r["cuda_peak_bytes"] = cuda_peak_bytes(lambda: step(probe, x, y), device)
         del probe
+        print(f"  {r['arch']} K={r['k']} {r['mode']} {r['loss']} {r['impl']}: "
+              f"{r['peak_activation_bytes'] / 2**20:.1f} MB, {r['flops'] / 1e9:.1f} GFLOP", flush=True)
+        if r["impl"] == "compiled":  # the FLOPs are the eager network's; its memory is not measured
+            r["peak_activation_bytes"] = r["cuda_peak_bytes"] = None
+            compile_model(net)
+            t = time.perf_counter()
+            step(net, x, y)
+            r["compile_seconds"] = time.perf_counter() - t
         step(net, x, y)  # warm-up
         r["times"] = []
         nets.append(net)
-        print(f"  {r['arch']} K={r['k']} {r['mode']} {r['loss']} {r['impl']}: "
-              f"{r['peak_activation_bytes'] / 2**20:.1f} MB, {r['flops'] / 1e9:.1f} GFLOP", flush=True)
     for rep in range(reps):
         for r, net in zip(rows, nets):
             sync(device)
@@ -103,11 +112,13 @@ def row(arch, k, mode, loss="softmax", impl="lean"):
     return {"arch": arch, "k": k, "mode": mode, "loss": loss, "impl": impl}
 
 
-def target_rows():
+def target_rows(compiled=False):
     rows = [row("resnet32", 1, "R0")]
     rows += [row("resnet32", 16, m) for m in TARGET_MODES]
     rows += [row("resnet32", 16, m, impl="fused") for m in ("E", "R1E", "R16")]
     rows += [row("resnet32", 16, m, impl="plain") for m in ("E", "R1E", "R16")]
+    if compiled:  # --compile: the same function through inductor (minutes of compilation)
+        rows += [row("resnet32", 16, m, impl="compiled") for m in TARGET_MODES]
     return rows
 
 
@@ -132,6 +143,9 @@ def judge(rows):
     for r in rows:
         if r["arch"] == "resnet32" and r["k"] == 16:
             t, f = r["step_seconds"] / r0["step_seconds"], r["flops"] / r0["flops"]
+            if r["impl"] == "compiled":  # against the compiled R0
+                r0c = get("R0", "compiled")
+                t = r["step_seconds"] / r0c["step_seconds"]
             out["time_vs_flops"][f"{r['mode']}/{r['impl']}"] = {
                 "time_ratio": t, "flop_ratio": f, "excess": t / f, "met": t <= 1.15 * f}
     mem = lambda r: r["peak_activation_bytes"]  # noqa: E731
@@ -151,7 +165,8 @@ def figure(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sel = [r for r in rows if r["arch"] == "resnet32" and r["k"] in (1, 16) and r["loss"] == "softmax"]
+    sel = [r for r in rows if r["arch"] == "resnet32" and r["k"] in (1, 16) and r["loss"] == "softmax"
+           and r["peak_activation_bytes"] is not None]
     e2e = next(r for r in sel if r["k"] == 1)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     labels = ["E2E" if r["k"] == 1 else f"{r['mode']}\n{r['impl']}" for r in sel]
@@ -178,9 +193,14 @@ def markdown(result) -> str:
     out = ["| mode | impl | peak act. MB | × E2E | GFLOPs | s/step | time / R0 | FLOPs / R0 | time÷FLOPs vs R0 |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        t, f = r["step_seconds"] / r0["step_seconds"], r["flops"] / r0["flops"]
-        name, impl = ("E2E (K=1)", "—") if r["k"] == 1 else (r["mode"], "—" if r["mode"] == "R0" else r["impl"])
-        out.append(f"| {name} | {impl} | {mb(r):.0f} | {mb(r) / mb(e2e):.2f} | {r['flops'] / 1e9:.1f} | "
+        compiled = r["impl"] == "compiled"  # its own R0 (compiled too); memory not measured
+        base = next(b for b in rows if b["k"] == 16 and b["mode"] == "R0" and b["impl"] == r["impl"]) \
+            if compiled else r0
+        t, f = r["step_seconds"] / base["step_seconds"], r["flops"] / base["flops"]
+        name, impl = ("E2E (K=1)", "—") if r["k"] == 1 else \
+            (r["mode"], "—" if r["mode"] == "R0" and not compiled else r["impl"])
+        memory = "— | —" if compiled else f"{mb(r):.0f} | {mb(r) / mb(e2e):.2f}"
+        out.append(f"| {name} | {impl} | {memory} | {r['flops'] / 1e9:.1f} | "
                    f"{r['step_seconds']:.2f} | {t:.2f} | {f:.2f} | {t / f:.2f} |")
     for name, grid in result.get("grids", {}).items():
         for arch in dict.fromkeys(r["arch"] for r in grid["rows"]):
@@ -217,6 +237,7 @@ def main(argv=None):
     p.add_argument("--nchw", action="store_true", help="NCHW activations instead of the default channels_last")
     p.add_argument("--no-reuse-memory", action="store_true",
                    help="leave glibc's malloc as it is (the trainer's default is reuse_freed_cpu_memory)")
+    p.add_argument("--compile", action="store_true", help="add torch.compile'd target rows (slow to compile)")
     p.add_argument("--markdown", action="store_true", help="measure nothing; print the README tables of --out")
     a = p.parse_args(argv)
     if a.markdown:
@@ -237,7 +258,7 @@ def main(argv=None):
     result = json.loads(out.read_text()) if out.exists() else {}  # a new run replaces only what it measures
     if not a.no_targets:
         print(f"targets: batch {a.target_batch}", flush=True)
-        targets = measure(target_rows(), a.target_batch, a.reps, device)
+        targets = measure(target_rows(a.compile), a.target_batch, a.reps, device)
         meta["load_after"] = os.getloadavg()
         result |= {"meta": meta, "targets": {"rows": targets, "judged": judge(targets)}}
         out.write_text(json.dumps(result, indent=1))
