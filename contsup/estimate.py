@@ -11,7 +11,11 @@ Method, top to bottom:
    what tensor cores do: convolutions and matrix products, forward and backward, 2 FLOPs
    per multiply-add. BatchNorm, ReLU, pooling, interpolation, the elementwise parts of the
    losses and the SGD update are memory-bound and not counted; the utilisation (step 5)
-   pays for them. The input values do not matter, only the shapes.
+   pays for them. The input values do not matter, only the shapes. The network runs the
+   run's context path (`lean` by default), so its recomputation is counted: one more
+   forward of each encoder's last conv. (Where the pool keeps the resolution and a large
+   batch is cut into slices, lean runs that conv once more, which step 2's tiny batch does
+   not see: 2.4 % of a ResNet-32 K=16 R1E step at batch 256 is left out.)
 2. From a tiny batch to the run's batch (`StepCost`). Convolutions and linear layers cost
    the same per image, so their FLOPs are linear in the batch. The one exception is the
    supervised contrastive loss: its B x B similarity matrix z @ z.T costs O(B^2 D). So the
