@@ -17,12 +17,13 @@ Method, top to bottom:
    batch is cut into slices, lean runs that conv once more, which step 2's tiny batch does
    not see: 2.4 % of a ResNet-32 K=16 R1E step at batch 256 is left out.)
 2. From a tiny batch to the run's batch (`StepCost`). Convolutions and linear layers cost
-   the same per image, so their FLOPs are linear in the batch. The one exception is the
-   supervised contrastive loss: its B x B similarity matrix z @ z.T costs O(B^2 D). So the
-   step is counted at B = 2, and where contrast heads exist also at B = 4, and
-   f(B) = a*B + c*B^2 is solved through both points (c = 0 without contrast heads, where
-   f(B) = B f(2) / 2). tests/test_estimate.py checks both halves of that:
-   f(4) = 2 f(2) exactly for softmax heads, and f(8) as predicted for contrast heads.
+   the same per image, so their FLOPs are linear in the batch. Two exceptions: the
+   supervised contrastive loss, whose B x B similarity matrix z @ z.T costs O(B^2 D), and
+   lean's 1x1 encoders, whose BN statistics cost a few small matrix products per step
+   whatever the batch (W mu, W Sigma W^T). So the step is counted at B = 2 and 4, and where
+   contrast heads exist also at B = 8, and f(B) = d + a*B + c*B^2 is solved through those
+   points (c = 0 without contrast heads). tests/test_estimate.py checks both: f(8) as
+   predicted for softmax heads, f(16) as predicted for contrast heads.
    At batch 1024 the quadratic term adds 1.3 % to a ResNet-32 K=16 contrast step (15
    heads), less elsewhere.
 3. Evaluation (`eval_flops`). `train` runs the test set through the network after every
@@ -82,7 +83,7 @@ from .train import TrainConfig, local_learning_step
 DEVICE = "NVIDIA H100 SXM"
 PEAK_TFLOPS = {"tf32": 494.7, "bf16": 989.4}   # dense tensor-core peak per precision
 UTILISATION = 0.25                             # fraction of the peak a run sustains
-COUNT_BATCHES = (2, 4)                         # the two tiny batches f(B) = a*B + c*B^2 is fitted to
+COUNT_BATCHES = (2, 4, 8)                      # the tiny batches f(B) = d + a*B + c*B^2 is fitted to
 
 
 # --------------------------------------------------------------------------------------
@@ -135,29 +136,32 @@ def has_quadratic_term(mc: ModelConfig) -> bool:
 
 @dataclass(frozen=True)
 class StepCost:
-    """FLOPs of one model: training step f(B) = per_image*B + per_pair*B^2, inference per image."""
+    """FLOPs of one model: training step f(B) = per_step + per_image*B + per_pair*B^2,
+    inference per image."""
     per_image: Fraction
     per_pair: Fraction        # non-zero only with contrast heads (their B x B similarity matrix)
     eval_per_image: int
+    per_step: Fraction = Fraction(0)  # batch-independent: lean's BN statistics of 1x1 encoders
 
     def step(self, batch: int) -> int:
-        return round(self.per_image * batch + self.per_pair * batch * batch)
+        return round(self.per_step + self.per_image * batch + self.per_pair * batch * batch)
 
 
 @lru_cache(maxsize=None)
 def _cost(model_key: tuple) -> StepCost:
     """Counted once per distinct model: runs that differ only in training settings share it."""
     mc = ModelConfig(*model_key)
-    (b1, b2) = COUNT_BATCHES
-    f1 = count_step_flops(mc, b1)
-    if has_quadratic_term(mc):
-        f2 = count_step_flops(mc, b2)
-        # The line through (b1, f1/b1) and (b2, f2/b2): f(B)/B = a + c*B.
-        c = Fraction(f2 * b1 - f1 * b2, b1 * b2 * (b2 - b1))
-    else:  # linear: the second count would only confirm what the tests check
+    (b1, b2, b3) = COUNT_BATCHES
+    f1, f2 = count_step_flops(mc, b1), count_step_flops(mc, b2)
+    slope12 = Fraction(f2 - f1, b2 - b1)
+    if has_quadratic_term(mc):  # divided differences through the three points
+        f3 = count_step_flops(mc, b3)
+        c = (Fraction(f3 - f2, b3 - b2) - slope12) / (b3 - b1)
+    else:                       # a third count would only confirm what the tests check
         c = Fraction(0)
-    a = Fraction(f1, b1) - c * b1
-    return StepCost(a, c, count_eval_flops(mc, b1) // b1)
+    a = slope12 - c * (b1 + b2)
+    d = f1 - a * b1 - c * b1 * b1
+    return StepCost(a, c, count_eval_flops(mc, b1) // b1, d)
 
 
 def step_cost(cfg: TrainConfig) -> StepCost:

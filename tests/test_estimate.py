@@ -9,7 +9,7 @@ from contsup import estimate as est
 from contsup import tables
 from contsup.cli import main
 from contsup.data import load_dataset
-from contsup.model import ModelConfig
+from contsup.model import ModelConfig, parse_mode
 from contsup.train import TrainConfig
 
 
@@ -25,17 +25,22 @@ def digits8(**kw) -> ModelConfig:
                          ids=["e2e", "K4-R1E-recon", "r110-K8-R2"])
 def test_flops_are_linear_in_the_batch_without_contrast_heads(mc):
     assert not est.has_quadratic_term(mc)
-    assert est.count_step_flops(mc, 4) == 2 * est.count_step_flops(mc, 2)
+    cost = est.step_cost(TrainConfig(**vars(mc)))   # fitted at B=2 and B=4; B=8 is a prediction
+    assert est.count_step_flops(mc, 8) == cost.step(8)
     assert est.count_eval_flops(mc, 4) == 2 * est.count_eval_flops(mc, 2)
+    # the constant part: the BN statistics of lean's 1x1 (residual) encoders, nothing else
+    assert (cost.per_step > 0) == (parse_mode(mc.mode, mc.k).n > 0)
+    fused = est.step_cost(TrainConfig(**{**vars(mc), "context_impl": "fused"}))
+    assert fused.per_step == 0
 
 
 def test_contrast_heads_add_exactly_the_supcon_quadratic_term():
     mc = digits8(arch="resnet32", k=4, mode="R1E", loss="contrast")
     assert est.has_quadratic_term(mc)
     cost = est.step_cost(TrainConfig(**vars(mc)))
-    # Fitted at B=2 and B=4; B=8 is a prediction. Per head: z@z.T forward 2*B^2*D, backward
+    # Fitted at B=2, 4 and 8; B=16 is a prediction. Per head: z@z.T forward 2*B^2*D, backward
     # twice that, D = 128 -> 768 B^2; K-1 = 3 heads.
-    assert est.count_step_flops(mc, 8) == cost.step(8)
+    assert est.count_step_flops(mc, 16) == cost.step(16)
     assert cost.per_pair == 3 * 768
     # Linear again once the heads are softmax.
     soft = est.step_cost(TrainConfig(**{**vars(mc), "loss": "softmax"}))
