@@ -7,10 +7,11 @@ convolutions alone (the floor any implementation of the same function pays on th
 Every encoder (image encoder and residual encoders of every module) gets the input it sees
 in a training step; one unit is its forward + backward (gradient of its parameters; the input
 of an encoder never needs one: the image, or an earlier module's detached input), timed for
-each implementation (lean, fused, plain). "convs" is the same encoder's convolutions only:
-F.conv2d forward and aten.convolution_backward (weight gradient, and input gradient where a
-conv follows another), as many times as `lean` runs them; BatchNorm, ReLU, pooling and the
-recomputation bookkeeping make up the rest. Medians of interleaved repetitions. Writes
+each implementation (lean, fused, plain). "convs" is the same encoder's convolutions only,
+once each: F.conv2d forward and aten.convolution_backward (weight gradient, and input
+gradient where a conv follows another), what any implementation of the function must run;
+BatchNorm, ReLU, pooling and lean's recomputation make up the rest. GFLOP is the function's
+(counted on `fused`, no recomputation). Medians of interleaved repetitions. Writes
 benchmarks/results/encoders_<device>.json.
 """
 from __future__ import annotations
@@ -55,15 +56,12 @@ def run_encoder(enc, x, g):
     enc.zero_grad(set_to_none=True)
 
 
-def run_convs(enc, x, lean_extra):
-    """The encoder's convolutions only: forward, weight (and input) gradient, plus the
-    recomputations `lean` adds (`lean_extra` more forwards of the last conv)."""
+def run_convs(enc, x):
+    """The encoder's convolutions only: forward, weight (and input) gradient."""
     convs = [block[0] for block in enc.net if isinstance(block, torch.nn.Sequential)]
     h = x
     for i, conv in enumerate(convs):
         z = F.conv2d(h, conv.weight, None, conv.stride, conv.padding)
-        for _ in range(lean_extra if i == len(convs) - 1 else 0):
-            F.conv2d(h, conv.weight, None, conv.stride, conv.padding)
         torch.ops.aten.convolution_backward(torch.ones_like(z), h, conv.weight, None, list(conv.stride),
                                             list(conv.padding), list(conv.dilation), False, [0, 0], 1,
                                             [i > 0, True, False])
@@ -99,16 +97,13 @@ def main(argv=None):
 
     units = []
     for enc, inp in encoders:
-        enc.impl = "lean"
+        enc.impl = "fused"
         g = torch.randn_like(enc(inp).detach())
         with FlopCounterMode(display=False) as fc:
             run_encoder(enc, inp, g)
-        # lean's extra forwards of the last conv: one in the backward where the pool shrinks
-        # the map, two where it does not; a pointwise last conv is not run for its statistics
-        pooled = enc.side < inp.shape[-1]
         name = f"{type(enc).__name__}({tuple(inp.shape[1:])}->{enc.net[-2][0].out_channels}x{enc.side}²)"
         units.append({"name": name, "enc": enc, "x": inp, "g": g, "flops": fc.get_total_flops(),
-                      "lean_extra": 1 if pooled else 2, "times": {k: [] for k in (*IMPLS, "convs")}})
+                      "times": {k: [] for k in (*IMPLS, "convs")}})
     for _ in range(a.reps):
         for u in units:
             for impl in IMPLS:
@@ -117,7 +112,7 @@ def main(argv=None):
                 run_encoder(u["enc"], u["x"], u["g"])
                 u["times"][impl].append(time.perf_counter() - t)
             t = time.perf_counter()
-            run_convs(u["enc"], u["x"], u["lean_extra"])
+            run_convs(u["enc"], u["x"])
             u["times"]["convs"].append(time.perf_counter() - t)
     rows = [{"name": u["name"], "flops": u["flops"],
              **{k: statistics.median(v) for k, v in u["times"].items()}} for u in units]
@@ -131,14 +126,13 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"{a.arch} K={a.k} {a.mode} batch {a.batch}: {len(rows)} encoders, {flops / 1e9:.1f} GFLOP "
-          f"(lean, with recomputation); the R0 step: {backbone['flops'] / 1e9:.1f} GFLOP in "
+          f"(without recomputation); the R0 step: {backbone['flops'] / 1e9:.1f} GFLOP in "
           f"{backbone['seconds']:.2f} s = {backbone['flops'] / backbone['seconds'] / 1e9:.0f} GFLOP/s")
     print(f"{'encoder':44} {'GFLOP':>6} " + " ".join(f"{k:>7}" for k in (*IMPLS, "convs")))
     for r in rows + [{"name": "all", "flops": flops, **total}]:
         print(f"{r['name']:44} {r['flops'] / 1e9:6.1f} " + " ".join(f"{r[k]:7.3f}" for k in (*IMPLS, "convs")))
-    print(f"encoders: lean {flops / total['lean'] / 1e9:.0f} GFLOP/s; their convolutions alone take "
-          f"{total['convs']:.2f} s = {total['convs'] / total['lean']:.0%} of lean's time "
-          f"({flops / total['convs'] / 1e9:.0f} GFLOP/s)")
+    print(f"the encoders' convolutions alone: {total['convs']:.2f} s ({flops / total['convs'] / 1e9:.0f} GFLOP/s); "
+          + ", ".join(f"{k} {total[k]:.2f} s = {total[k] / total['convs']:.2f}x" for k in IMPLS))
     print(f"wrote {out}")
 
 
