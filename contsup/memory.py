@@ -279,8 +279,9 @@ def reuse_freed_cpu_memory() -> bool:
     the kernel, on first touch: in the context encoders that can cost as much as the op that
     fills the tensor (ResNet-32 K=16 R1E step at batch 256 on 2 cores: 70-200 k page faults
     and 2.6-2.8 s without, 6-8 k and 2.4 s with). Here no block comes from mmap and the
-    heap is trimmed only past 2 GB free, so the memory of one step is reused by the next. PyTorch's CPU tuning guide gets the same effect by preloading
-    jemalloc or tcmalloc. No effect (False) where the C library is not glibc.
+    heap is trimmed only past 2 GB free, so the memory of one step is reused by the next.
+    PyTorch's CPU tuning guide gets the same effect by preloading jemalloc or tcmalloc.
+    No effect (False) where the C library is not glibc.
     """
     try:
         libc = ctypes.CDLL(None)

@@ -217,6 +217,16 @@ def test_pool_to_is_adaptive_avg_pool(size, side, channels_last):
     torch.testing.assert_close(pool_to_backward(g, h), b.grad, rtol=0, atol=1e-12)
 
 
+def test_trainer_turns_on_memory_reuse_on_cpu_unless_told_not_to(tmp_path, monkeypatch):
+    import contsup.train
+    from contsup.train import train
+    calls = []
+    monkeypatch.setattr(contsup.train, "reuse_freed_cpu_memory", lambda: calls.append("on") or True)
+    train(_digits_cfg(tmp_path / "default", epochs=1, train_subset=64), progress=False)
+    train(_digits_cfg(tmp_path / "off", epochs=1, train_subset=64, reuse_cpu_memory=False), progress=False)
+    assert calls == ["on"]
+
+
 _FAULTS_SCRIPT = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
