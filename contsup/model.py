@@ -170,7 +170,8 @@ def parse_mode(mode: str, k: int) -> ContextMode:
 # either: where the pool shrinks the map it saves two pooled maps instead (the pool of the
 # ReLU mask and of mask * x_hat, which give the BN reductions exactly) and recomputes the
 # last conv in batch chunks during the backward, one extra conv forward in all (two where
-# the pool keeps the resolution: one more pass then gives the BN reductions). A 1x1 last conv
+# the pool keeps the resolution and the batch is cut into several chunks: one more pass
+# then gives the BN reductions). A 1x1 last conv
 # takes its BN statistics from the mean and covariance of its (narrower) input and is run
 # chunk by chunk in the forward too, so its full z never exists at all.
 # At the image resolution these encoders are memory-bound on a CPU, so the code counts
@@ -322,18 +323,18 @@ class _EncoderChainFn(torch.autograd.Function):
             ctx.pooled_stats = side < h.shape[-1]
             parts = ([], [], [])
             for s in range(0, B, step):
+                if not ctx.pooled_stats:  # the output is the ReLU output itself
+                    parts[0].append(_bn_relu(z_of(s), mean, invstd, params[-2], params[-1]))
+                    continue
                 xc = z_of(s).sub_(mean.view(SHAPE)).mul_(invstd.view(SHAPE))   # x_hat
                 t = torch.addcmul(beta, xc, gamma).relu_()
                 parts[0].append(pool_to(t, side))
-                if ctx.pooled_stats:
-                    mask = t.gt_(0)
-                    parts[1].append(pool_to(mask, side))
-                    parts[2].append(pool_to(mask.mul_(xc), side))
-                    del mask
-                del t, xc
-            pooled = torch.cat(parts[0])
-            if ctx.pooled_stats:
-                saved += [torch.cat(parts[1]), torch.cat(parts[2])]
+                mask = t.gt_(0)
+                parts[1].append(pool_to(mask, side))
+                parts[2].append(pool_to(mask.mul_(xc), side))
+                del t, mask, xc
+            pooled, *pooled_stats = (p[0] if len(p) == 1 else torch.cat(p) for p in parts if p)
+            saved += pooled_stats
             z = z_of = parts = None
         del h
         ctx.save_for_backward(x, *saved, *stats, *params)
