@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from contsup import tables  # noqa: E402
 from contsup.data import DeviceLoader, UInt8ImageDataset, reference_transform  # noqa: E402
-from contsup.memory import reuse_freed_cpu_memory  # noqa: E402
+from contsup.speed.memory import reuse_freed_cpu_memory  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORKERS = (0, 2)

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from contsup.memory import reuse_freed_cpu_memory  # noqa: E402
+from contsup.speed.memory import reuse_freed_cpu_memory  # noqa: E402
 from contsup.model import ContSupNet, ImageEncoder, ModelConfig, ResidualEncoder  # noqa: E402
-from contsup.train import local_learning_step  # noqa: E402
+from contsup.speed.encoders import set_context_impl  # noqa: E402
+from contsup.step import local_learning_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLS = ("lean", "fused", "plain")
@@ -97,17 +98,17 @@ def main(argv=None):
 
     units = []
     for enc, inp in encoders:
-        enc.impl = "fused"
+        set_context_impl(enc, "fused")
         g = torch.randn_like(enc(inp).detach())
         with FlopCounterMode(display=False) as fc:
             run_encoder(enc, inp, g)
-        name = f"{type(enc).__name__}({tuple(inp.shape[1:])}->{enc.net[-2][0].out_channels}x{enc.side}²)"
+        name = f"{type(enc).__name__}({tuple(inp.shape[1:])}->{enc.net[-2][0].out_channels}x{enc.net[-1].output_size}²)"
         units.append({"name": name, "enc": enc, "x": inp, "g": g, "flops": fc.get_total_flops(),
                       "times": {k: [] for k in (*IMPLS, "convs")}})
     for _ in range(a.reps):
         for u in units:
             for impl in IMPLS:
-                u["enc"].impl = impl
+                set_context_impl(u["enc"], impl)
                 t = time.perf_counter()
                 run_encoder(u["enc"], u["x"], u["g"])
                 u["times"][impl].append(time.perf_counter() - t)

@@ -26,9 +26,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from contsup.memory import cuda_peak_bytes, peak_activation_bytes, reuse_freed_cpu_memory  # noqa: E402
-from contsup.model import ContSupNet, ModelConfig, set_context_impl  # noqa: E402
-from contsup.train import compile_model, local_learning_step  # noqa: E402
+from contsup.speed.memory import cuda_peak_bytes, peak_activation_bytes, reuse_freed_cpu_memory  # noqa: E402
+from contsup.model import ContSupNet, ModelConfig  # noqa: E402
+from contsup.speed.encoders import set_context_impl  # noqa: E402
+from contsup.step import local_learning_step  # noqa: E402
+from contsup.train import compile_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ["R0", "E", "R1", "R1E", "R2", "R4", "R8", "R16"]

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reproduce", help="train every run of the paper's experiments, then tables and figures")
     reproduce.add_arguments(r)
 
-    from .estimate import add_arguments as estimate_arguments
+    from .speed.estimate import add_arguments as estimate_arguments
     e = sub.add_parser("estimate", help="GPU-hours of a profile's runs on an H100, from FLOPs counted on the CPU")
     estimate_arguments(e)
     return parser
@@ -110,7 +110,8 @@ def cmd_train(args) -> int:
 def describe(args) -> dict:
     from .model import ContSupNet, ModelConfig
     from .data import random_batch
-    from .train import measure_step_memory
+    from .speed.encoders import set_context_impl
+    from .speed.memory import measure_step_memory
     if args.batch_size < 2:
         raise UsageError(f"--batch-size must be >= 2 for a training step, got {args.batch_size}")
     cfg = ModelConfig(**_model_kwargs(args))
@@ -119,7 +120,7 @@ def describe(args) -> dict:
               "modules": len(net.blocks), "params": net.parts(), "loss_weights": net.loss_weights}
     if not args.no_memory:
         x, y, image = random_batch(cfg.dataset, args.batch_size, cfg.reconstruct)
-        mem = measure_step_memory(net, x, y, image)
+        mem = measure_step_memory(set_context_impl(net, "lean"), x, y, image)  # as the trainer runs it
         report |= {"batch_size": args.batch_size, "peak_activation_MB": mem["peak_activation_bytes"] / 2**20}
     return report
 
@@ -150,7 +151,7 @@ def cmd_download(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from . import estimate
+    from .speed import estimate
     result = estimate.estimate(args.profile, args.only, args.utilisation, args.peak_tflops, args.precision,
                                progress=not args.no_progress)
     if args.json:

@@ -396,7 +396,8 @@ def memory_table(cfgs, results: dict):
 
     from . import tables
     from .model import ContSupNet, ModelConfig
-    from .train import measure_step_memory, pick_device
+    from .speed.memory import measure_step_memory
+    from .train import pick_device
     rows, e2e = [], {}
     for cfg in cfgs:
         name = Path(cfg.out_dir).name

@@ -6,7 +6,6 @@ finished, `result.json`.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -15,15 +14,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import tables
 from .data import DeviceLoader, denormalize, load_dataset
 from .errors import UsageError
-from .losses import head_loss, reconstruction_loss
-from .memory import cuda_peak_bytes, peak_activation_bytes, reuse_freed_cpu_memory
-from .model import ContSupNet, ModelConfig, set_context_impl
+from .model import ContSupNet, ModelConfig
+from .speed.encoders import set_context_impl
+from .speed.memory import measure_step_memory, reuse_freed_cpu_memory
+from .step import autocast, local_learning_step
 
 
 @dataclass
@@ -39,7 +38,7 @@ class TrainConfig:
     loss_scales: tuple | None = None
     balanced: bool = False
     widen: float = 1.0
-    context_impl: str = "lean"      # lean | fused | plain: the same function (ModelConfig)
+    context_impl: str = "lean"      # lean | fused | plain: the same function (speed/encoders.py)
     # speed: none of these changes the function computed, except bf16's rounding
     channels_last: bool = True      # NHWC activations: faster convolutions on CPU and GPU alike
     bf16: bool = False              # bfloat16 autocast for the forward passes (weights stay fp32)
@@ -123,14 +122,10 @@ def make_optimizer(net, cfg: TrainConfig):
                            weight_decay=s.weight_decay)
 
 
-def autocast(x, bf16: bool):
-    """bfloat16 autocast on x's device when `bf16`, else a no-op context."""
-    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
 def prepare_model(net: ContSupNet, cfg: TrainConfig, device) -> ContSupNet:
-    """Move `net` to the device in the memory format `cfg` asks for."""
-    net = net.to(device)
+    """Move `net` to the device in the memory format `cfg` asks for, with the context
+    encoders run the way `cfg.context_impl` says (the same function each way)."""
+    net = set_context_impl(net.to(device), cfg.context_impl)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if device.type == "cuda":
@@ -153,51 +148,6 @@ def to_format(x, channels_last: bool):
 
 
 # --------------------------------------------------------------------------------------
-def local_learning_step(net: ContSupNet, x, y, image=None, bf16: bool = False):
-    """Forward and backward through the K modules, one at a time (SPEC §1-§2).
-
-    For module k: forward, its own local loss, backward (gradient reaches module k and the
-    context encoders of cut k-1, nothing earlier), then the detached output plus context
-    becomes the next input. K=1 is end-to-end. `image` ([B,3,S,S] in [0,1]) is the
-    reconstruction target. Returns the final logits (detached) and the K losses.
-    Gradients accumulate into .grad; the caller zeroes and steps the optimizer.
-    `bf16` runs the forward passes under bfloat16 autocast.
-    """
-    module_inputs, h_in, losses = [], x, []
-    for k, block in enumerate(net.blocks):
-        module_inputs.append(h_in.detach())
-        with autocast(x, bf16):
-            h = block(h_in)                                           # [B, C_k, H_k, W_k]
-            if k == net.k - 1:
-                logits = net.classifier(h)                            # [B, classes]
-                loss = F.cross_entropy(logits, y)
-            else:
-                a, b = net.loss_weights[k]
-                loss = b * head_loss(net.heads[k](h), y, net.cfg.loss) if b else 0.0
-                if a:
-                    loss = loss + a * reconstruction_loss(net.decoders[k](h), image)
-        if torch.is_tensor(loss):
-            loss.backward()  # frees module k's graph before module k+1 starts
-            losses.append(loss.detach())
-        else:
-            losses.append(torch.zeros((), device=x.device))
-        if k < net.k - 1:
-            with autocast(x, bf16):
-                h_in = net.supply(k, h, x, module_inputs)             # h.detach() + context
-            h = None  # module k's output is not needed any more (frees it where h_in is a new tensor)
-    return logits.detach(), torch.stack(losses)
-
-
-def measure_step_memory(net: ContSupNet, x, y, image=None, bf16: bool = False) -> dict:
-    """Peak activation bytes of one training step (device-independent; see memory.py),
-    plus torch.cuda.max_memory_allocated on CUDA. Runs on a copy: the model is untouched."""
-    net = copy.deepcopy(net).train()
-    step = lambda: local_learning_step(net, x, y, image, bf16)  # noqa: E731
-    peak = peak_activation_bytes(step, exclude=[net], inputs=[x, y] + ([image] if image is not None else []))
-    net.zero_grad(set_to_none=True)
-    return {"peak_activation_bytes": peak, "cuda_peak_bytes": cuda_peak_bytes(step, x.device)}
-
-
 @torch.no_grad()
 def evaluate(net: ContSupNet, loader, channels_last: bool = False, bf16: bool = False) -> float:
     """Test error in %, BN in eval mode, context included."""

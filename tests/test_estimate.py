@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from contsup import estimate as est
+from contsup.speed import estimate as est
 from contsup import tables
 from contsup.cli import main
 from contsup.data import load_dataset

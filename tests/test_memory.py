@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from contsup.memory import ActivationMemoryTracker, cuda_peak_bytes, peak_activation_bytes
+from contsup.speed.memory import ActivationMemoryTracker, cuda_peak_bytes, peak_activation_bytes
 
 F32 = 4
 

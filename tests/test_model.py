@@ -4,7 +4,7 @@ import torch
 
 from contsup.errors import UsageError
 from contsup.model import ContSupNet, ModelConfig, parse_mode
-from contsup.train import local_learning_step
+from contsup.step import local_learning_step
 
 
 def batch(n=8, size=32, seed=0):

@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from contsup.model import ContSupNet, ImageEncoder, ModelConfig, ResidualEncoder, set_context_impl
-from contsup.train import local_learning_step
+from contsup.model import ContSupNet, ImageEncoder, ModelConfig, ResidualEncoder
+from contsup.speed.encoders import set_context_impl
+from contsup.step import local_learning_step
 
 
 def _batch(n=8, dtype=torch.float64):
@@ -30,8 +31,8 @@ def _assert_same(net, ref, out, out_ref, tol=1e-10):
 @pytest.mark.parametrize("impl,channels_last", [("fused", False), ("lean", False), ("fused", True),
                                                 ("lean", True)])
 def test_optimized_step_matches_plain_reference(mode, impl, channels_last, monkeypatch):
-    import contsup.model
-    monkeypatch.setattr(contsup.model, "MIN_CHUNK_BYTES", 1)  # lean in several slices even at n=8
+    import contsup.speed.encoders
+    monkeypatch.setattr(contsup.speed.encoders, "MIN_CHUNK_BYTES", 1)  # lean in several slices even at n=8
     torch.manual_seed(0)
     base = ContSupNet(ModelConfig(arch="resnet32", k=4, mode=mode, dataset="cifar10")).double()
     x, y = _batch()
@@ -54,16 +55,16 @@ def test_optimized_step_matches_plain_reference(mode, impl, channels_last, monke
                                   lambda: ResidualEncoder(16, 32, 16), lambda: ResidualEncoder(32, 64, 8)])
 @pytest.mark.parametrize("impl,min_chunk_bytes", [("fused", None), ("lean", 1), ("lean", 1 << 40)])
 def test_encoder_float32_and_input_gradient(make, impl, min_chunk_bytes, monkeypatch):
-    import contsup.model
+    import contsup.speed.encoders
     if min_chunk_bytes:  # lean's last conv in 8 slices of the batch, or in one
-        monkeypatch.setattr(contsup.model, "MIN_CHUNK_BYTES", min_chunk_bytes)
+        monkeypatch.setattr(contsup.speed.encoders, "MIN_CHUNK_BYTES", min_chunk_bytes)
     torch.manual_seed(0)
     enc = make()
     c_in = enc.net[0][0].in_channels
     side = 32 if c_in in (3, 16) else 16
     x = torch.randn(10, c_in, side, side, requires_grad=True)
     ref = copy.deepcopy(enc)
-    ref.impl, enc.impl = "plain", impl
+    set_context_impl(enc, impl)
     x_ref = x.detach().clone().requires_grad_()
     out, out_ref = enc(x), ref(x_ref)
     g = torch.randn_like(out)
@@ -83,7 +84,7 @@ def test_pointwise_encoder_statistics_survive_a_large_input_mean():
     torch.manual_seed(0)
     enc = ResidualEncoder(16, 32, 8)
     ref = copy.deepcopy(enc)
-    ref.impl, enc.impl = "plain", "lean"
+    set_context_impl(enc, "lean")
     h = torch.randn(12, 16, 16, 16) * 0.1 + 50
     torch.testing.assert_close(enc(h), ref(h), rtol=1e-4, atol=1e-4)
     for a, b in zip(enc.buffers(), ref.buffers()):
@@ -92,8 +93,9 @@ def test_pointwise_encoder_statistics_survive_a_large_input_mean():
 
 def test_eval_and_no_grad_use_the_plain_path():
     torch.manual_seed(0)
-    net = ContSupNet(ModelConfig(arch="resnet32", k=4, mode="R1E", dataset="cifar10", context_impl="lean"))
-    ref = set_context_impl(copy.deepcopy(net), "plain")
+    net = ContSupNet(ModelConfig(arch="resnet32", k=4, mode="R1E", dataset="cifar10"))
+    ref = copy.deepcopy(net)
+    set_context_impl(net, "lean")
     x, _ = _batch(4, torch.float32)
     net.eval(), ref.eval()
     torch.testing.assert_close(net(x), ref(x))
@@ -105,12 +107,18 @@ def test_unknown_impl_is_a_usage_error():
         set_context_impl(ContSupNet(ModelConfig(k=2, mode="R0", dataset="cifar10")), "fast")
 
 
-def test_lean_is_the_default_and_run_configs_with_the_old_key_still_load():
-    from contsup.train import TrainConfig
+def test_the_model_builds_plain_encoders_and_the_trainer_runs_lean_by_default():
+    from contsup.speed.encoders import EncoderChain
+    from contsup.train import TrainConfig, prepare_model
     net = ContSupNet(ModelConfig(k=4, mode="R1E", dataset="cifar10"))
-    assert {m.impl for m in net.modules() if isinstance(m, (ImageEncoder, ResidualEncoder))} == {"lean"}
-    assert TrainConfig.from_dict({"lean_context": False}).context_impl == "fused"   # the old default
-    assert TrainConfig.from_dict({"lean_context": True, "k": 2}).context_impl == "lean"
+    encoders = [m for m in net.modules() if isinstance(m, (ImageEncoder, ResidualEncoder))]
+    assert encoders and not any(isinstance(m.net, EncoderChain) for m in encoders)
+    keys = list(net.state_dict())
+    cfg = TrainConfig(k=4, mode="R1E", dataset="cifar10")
+    assert cfg.context_impl == "lean"
+    prepare_model(net, cfg, torch.device("cpu"))
+    assert all(isinstance(m.net, EncoderChain) and m.net.lean for m in encoders)
+    assert list(net.state_dict()) == keys   # the swap keeps every state_dict key
 
 
 def test_flop_count_sanity():
@@ -204,12 +212,12 @@ def test_compiled_context_supply_matches_eager():
 @pytest.mark.parametrize("size,side", [(32, 32), (32, 8), (16, 8), (9, 4)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_pool_to_is_adaptive_avg_pool(size, side, channels_last):
-    from contsup.model import PoolTo, pool_to_backward
+    from contsup.speed.encoders import pool_to, pool_to_backward
     h = torch.randn(3, 5, size, size, dtype=torch.float64)
     if channels_last:
         h = h.contiguous(memory_format=torch.channels_last)
     a, b = h.clone().requires_grad_(), h.clone().requires_grad_()
-    out, ref = PoolTo(side)(a), torch.nn.AdaptiveAvgPool2d(side)(b)
+    out, ref = pool_to(a, side), torch.nn.AdaptiveAvgPool2d(side)(b)
     g = torch.randn_like(ref)
     out.backward(g), ref.backward(g)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
@@ -230,7 +238,7 @@ def test_trainer_turns_on_memory_reuse_on_cpu_unless_told_not_to(tmp_path, monke
 _FAULTS_SCRIPT = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
-from contsup.memory import reuse_freed_cpu_memory
+from contsup.speed.memory import reuse_freed_cpu_memory
 
 def faults():  # minor page faults of allocating, filling and freeing 64 MB twenty times
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

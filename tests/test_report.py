@@ -171,7 +171,8 @@ def tiny_run(tmp_path_factory):
     import torch
     from contsup.data import DeviceLoader, load_dataset
     from contsup.model import ContSupNet
-    from contsup.train import _config_json, local_learning_step, make_optimizer
+    from contsup.step import local_learning_step
+    from contsup.train import _config_json, make_optimizer
 
     root = tmp_path_factory.mktemp("info")
     out = root / "runs" / "tiny-K4-R1E"

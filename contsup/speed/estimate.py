@@ -5,7 +5,7 @@
 Method, top to bottom:
 
 1. FLOPs of one training step (`count_step_flops`). Build the run's `ContSupNet` on the
-   CPU and run one `train.local_learning_step` -- forward and backward through all K
+   CPU and run one `step.local_learning_step` -- forward and backward through all K
    modules, every local head and context encoder, and the reconstruction decoders when the
    run has them -- under `torch.utils.flop_counter.FlopCounterMode`. The counter counts
    what tensor cores do: convolutions and matrix products, forward and backward, 2 FLOPs
@@ -72,11 +72,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from . import experiments, tables
-from .data import random_batch
-from .errors import UsageError
-from .model import ContSupNet, ModelConfig
-from .train import TrainConfig, local_learning_step
+from .. import experiments, tables
+from ..data import random_batch
+from ..errors import UsageError
+from ..model import ContSupNet, ModelConfig
+from ..step import local_learning_step
+from ..train import TrainConfig
+from .encoders import set_context_impl
 
 # --------------------------------------------------------------------------------------
 # Assumptions (see the module docstring)
@@ -105,15 +107,16 @@ def _counting():
         torch.set_num_threads(threads)
 
 
-def _model(mc: ModelConfig, train: bool) -> ContSupNet:
+def _model(mc: ModelConfig, train: bool, context_impl: str = "lean") -> ContSupNet:
     """The network, built without moving the caller's random state (its weights don't matter)."""
     with torch.random.fork_rng(devices=[]):
-        return ContSupNet(mc).train(train)
+        return set_context_impl(ContSupNet(mc), context_impl).train(train)
 
 
-def count_step_flops(mc: ModelConfig, batch: int) -> int:
-    """Counted FLOPs of one local-learning training step at `batch` (forward + backward)."""
-    net = _model(mc, train=True)
+def count_step_flops(mc: ModelConfig, batch: int, context_impl: str = "lean") -> int:
+    """Counted FLOPs of one local-learning training step at `batch` (forward + backward), with
+    the context encoders run as the trainer runs them (`context_impl`)."""
+    net = _model(mc, train=True, context_impl=context_impl)
     x, y, image = random_batch(mc.dataset, batch, mc.reconstruct)
     with _counting() as counter:
         local_learning_step(net, x, y, image)
@@ -148,14 +151,14 @@ class StepCost:
 
 
 @lru_cache(maxsize=None)
-def _cost(model_key: tuple) -> StepCost:
+def _cost(model_key: tuple, context_impl: str) -> StepCost:
     """Counted once per distinct model: runs that differ only in training settings share it."""
     mc = ModelConfig(*model_key)
     (b1, b2, b3) = COUNT_BATCHES
-    f1, f2 = count_step_flops(mc, b1), count_step_flops(mc, b2)
+    f1, f2 = count_step_flops(mc, b1, context_impl), count_step_flops(mc, b2, context_impl)
     slope12 = Fraction(f2 - f1, b2 - b1)
     if has_quadratic_term(mc):  # divided differences through the three points
-        f3 = count_step_flops(mc, b3)
+        f3 = count_step_flops(mc, b3, context_impl)
         c = (Fraction(f3 - f2, b3 - b2) - slope12) / (b3 - b1)
     else:                       # a third count would only confirm what the tests check
         c = Fraction(0)
@@ -165,8 +168,8 @@ def _cost(model_key: tuple) -> StepCost:
 
 
 def step_cost(cfg: TrainConfig) -> StepCost:
-    """The run's `StepCost`, keyed (and cached) by its model config (ModelConfig fields)."""
-    return _cost(astuple(cfg.model_config()))
+    """The run's `StepCost`, keyed (and cached) by its model config and encoder implementation."""
+    return _cost(astuple(cfg.model_config()), cfg.context_impl)
 
 
 def step_flops(cfg: TrainConfig) -> int:

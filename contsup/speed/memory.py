@@ -34,6 +34,7 @@ gradients.
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import weakref
 from array import array
@@ -43,6 +44,8 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from ..step import local_learning_step
 
 __all__ = ["ActivationMemoryTracker", "peak_activation_bytes", "cuda_peak_bytes"]
 
@@ -290,3 +293,13 @@ def reuse_freed_cpu_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def measure_step_memory(net, x, y, image=None, bf16: bool = False) -> dict:
+    """Peak activation bytes of one training step (device-independent: the tracker above),
+    plus torch.cuda.max_memory_allocated on CUDA. Runs on a copy: the model is untouched."""
+    net = copy.deepcopy(net).train()
+    step = lambda: local_learning_step(net, x, y, image, bf16)  # noqa: E731
+    peak = peak_activation_bytes(step, exclude=[net], inputs=[x, y] + ([image] if image is not None else []))
+    net.zero_grad(set_to_none=True)
+    return {"peak_activation_bytes": peak, "cuda_peak_bytes": cuda_peak_bytes(step, x.device)}

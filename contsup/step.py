@@ -1,0 +1,56 @@
+"""The local-learning step (SPEC §1-§2): the whole method in one loop.
+
+    for each module k:   h = module_k(h_in)                 forward
+                         loss_k = local loss of h          head (+ decoder); the last module: the classifier
+                         loss_k.backward()                 reaches module k and the encoders that built h_in
+                         h_in = h.detach() + context_k     the next module's input: no gradient crosses the cut
+
+The caller zeroes the gradients before and steps the optimizer after (train.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .losses import head_loss, reconstruction_loss
+from .model import ContSupNet
+
+
+def autocast(x, bf16: bool):
+    """bfloat16 autocast on x's device when `bf16`, else a no-op context."""
+    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def local_learning_step(net: ContSupNet, x, y, image=None, bf16: bool = False):
+    """Forward and backward through the K modules, one at a time (SPEC §1-§2).
+
+    For module k: forward, its own local loss, backward (gradient reaches module k and the
+    context encoders of cut k-1, nothing earlier), then the detached output plus context
+    becomes the next input. K=1 is end-to-end. `image` ([B,3,S,S] in [0,1]) is the
+    reconstruction target. Returns the final logits (detached) and the K losses.
+    Gradients accumulate into .grad; the caller zeroes and steps the optimizer.
+    `bf16` runs the forward passes under bfloat16 autocast.
+    """
+    module_inputs, h_in, losses = [], x, []
+    for k, block in enumerate(net.blocks):
+        module_inputs.append(h_in.detach())
+        with autocast(x, bf16):
+            h = block(h_in)                                           # [B, C_k, H_k, W_k]
+            if k == net.k - 1:
+                logits = net.classifier(h)                            # [B, classes]
+                loss = F.cross_entropy(logits, y)
+            else:
+                a, b = net.loss_weights[k]
+                loss = b * head_loss(net.heads[k](h), y, net.cfg.loss) if b else 0.0
+                if a:
+                    loss = loss + a * reconstruction_loss(net.decoders[k](h), image)
+        if torch.is_tensor(loss):
+            loss.backward()  # frees module k's graph before module k+1 starts
+            losses.append(loss.detach())
+        else:
+            losses.append(torch.zeros((), device=x.device))
+        if k < net.k - 1:
+            with autocast(x, bf16):
+                h_in = net.supply(k, h, x, module_inputs)             # h.detach() + context
+            h = None  # module k's output is not needed any more (frees it where h_in is a new tensor)
+    return logits.detach(), torch.stack(losses)
