@@ -12,7 +12,8 @@ class DivergedError(RuntimeError):
     """A training step produced a non-finite loss; training stopped before applying it.
 
     The message is one line naming the epoch, step and module and the likely fix; the
-    attributes say the same for code (`module` is 1-based, K = the final classifier;
+    attributes say the same for code (epoch and step count from 0, as in metrics.jsonl;
+    `module` from 1, K = the final classifier;
     `losses` holds the step's K losses, None where non-finite). The CLI prints the message
     and exits with status 1: the input was valid, the run was not.
     """

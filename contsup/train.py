@@ -213,6 +213,25 @@ def evaluate(net: ContSupNet, loader, channels_last: bool = False, bf16: bool = 
     return 100.0 * wrong / total
 
 
+def _module_name(module: int, k: int) -> str:
+    return f"the final classifier (module {module} of {k})" if module == k else f"local module {module} of {k}"
+
+
+def _stop_diverged(out: Path, losses, epoch: int, step: int, lr: float, k: int):
+    """Write `error.json` for a step whose loss is not finite and raise DivergedError.
+    Called before optimizer.step(): the weights, the checkpoint and metrics.jsonl stay as
+    the last good epoch left them."""
+    values = [float(v) for v in losses.float().cpu()]
+    module = next(i for i, v in enumerate(values) if not math.isfinite(v)) + 1  # the first: later ones follow it
+    message = (f"the loss of {_module_name(module, k)} is {values[module - 1]} at epoch {epoch}, step {step} "
+               f"(lr {lr:.3g}); stopped before applying it. Lower --lr or warm up (--warmup-epochs)"
+               + (" in a new --out" if (out / "ckpt.pt").exists() else ""))  # a checkpoint holds the config
+    error = DivergedError(message, epoch, step, module, jsonio.finite_or_none(values))
+    _atomic_save(error.as_dict() | {"lr": lr, "module_name": _module_name(module, k)}, out / "error.json",
+                 as_json=True)
+    raise error
+
+
 # --------------------------------------------------------------------------------------
 def _atomic_save(obj, path: Path, as_json: bool = False):
     tmp = path.with_name(path.name + ".tmp")
@@ -240,25 +259,6 @@ MAY_CHANGE_ON_RESUME = {"out_dir", "device", "data_root", "download", "channels_
 
 def _config_json(cfg: TrainConfig) -> dict:
     return json.loads(jsonio.dumps(asdict(cfg)))  # tuples -> lists, as they come back from disk
-
-
-def _module_name(module: int, k: int) -> str:
-    return f"the final classifier (module {module} of {k})" if module == k else f"local module {module} of {k}"
-
-
-def _stop_diverged(out: Path, losses, epoch: int, step: int, lr: float, k: int):
-    """Write `error.json` for a step whose loss is not finite and raise DivergedError.
-    Called before optimizer.step(): the weights, the checkpoint and metrics.jsonl stay as
-    the last good epoch left them."""
-    values = [float(v) for v in losses.float().cpu()]
-    module = next(i for i, v in enumerate(values) if not math.isfinite(v)) + 1  # the first: later ones follow it
-    message = (f"the loss of {_module_name(module, k)} is {values[module - 1]} at epoch {epoch}, step {step} "
-               f"(lr {lr:.3g}); stopped before applying it. Lower --lr or warm up (--warmup-epochs) "
-               f"in a new --out")
-    error = DivergedError(message, epoch, step, module, jsonio.finite_or_none(values))
-    _atomic_save(error.as_dict() | {"lr": lr, "module_name": _module_name(module, k)}, out / "error.json",
-                 as_json=True)
-    raise error
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
