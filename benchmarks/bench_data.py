@@ -19,7 +19,6 @@ Writes benchmarks/results/data_<device>.json and data_<device>.png.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -31,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from contsup import tables  # noqa: E402
+from contsup import jsonio, tables  # noqa: E402
 from contsup.data import DeviceLoader, UInt8ImageDataset, reference_transform  # noqa: E402
 from contsup.speed.memory import reuse_freed_cpu_memory  # noqa: E402
 
@@ -180,7 +179,7 @@ def main(argv=None):
     rows = measure([("cifar10", a.n), ("stl10", a.n_stl)], a.batch, a.reps, device)
     speedup = speedups(rows)
     meta["loadavg_after"] = os.getloadavg()
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "speedup": speedup}, indent=1))
+    out.write_text(jsonio.dumps({"meta": meta, "rows": rows, "speedup": speedup}, indent=1))
     figure(rows, speedup, meta, out.with_suffix(".png"))
     print(f"{'dataset':8} {'pipeline':12} {'workers':>7} {'images/s':>10} {'ours/this':>9}")
     for r in rows:

@@ -17,7 +17,6 @@ benchmarks/results/encoders_<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from contsup import jsonio  # noqa: E402
 from contsup.speed.memory import reuse_freed_cpu_memory  # noqa: E402
 from contsup.model import ContSupNet, ImageEncoder, ModelConfig, ResidualEncoder  # noqa: E402
 from contsup.speed.encoders import set_context_impl  # noqa: E402
@@ -125,7 +125,7 @@ def main(argv=None):
               "R0_step": backbone, "encoder_flops": flops, "total_seconds": total, "rows": rows}
     out = Path(a.out) if a.out else RESULTS / "encoders_cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out.write_text(jsonio.dumps(result, indent=1))
     print(f"{a.arch} K={a.k} {a.mode} batch {a.batch}: {len(rows)} encoders, {flops / 1e9:.1f} GFLOP "
           f"(without recomputation); the R0 step: {backbone['flops'] / 1e9:.1f} GFLOP in "
           f"{backbone['seconds']:.2f} s = {backbone['flops'] / backbone['seconds'] / 1e9:.0f} GFLOP/s")

@@ -26,6 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from contsup import jsonio  # noqa: E402
 from contsup.speed.memory import cuda_peak_bytes, peak_activation_bytes, reuse_freed_cpu_memory  # noqa: E402
 from contsup.model import ContSupNet, ModelConfig  # noqa: E402
 from contsup.speed.encoders import set_context_impl  # noqa: E402
@@ -263,9 +264,9 @@ def main(argv=None):
         targets = measure(target_rows(a.compile), a.target_batch, a.reps, device)
         meta["load_after"] = os.getloadavg()
         result |= {"meta": meta, "targets": {"rows": targets, "judged": judge(targets)}}
-        out.write_text(json.dumps(result, indent=1))
+        out.write_text(jsonio.dumps(result, indent=1))
         figure(targets, out.with_suffix(".png"))
-        print(json.dumps(result["targets"]["judged"], indent=1))
+        print(jsonio.dumps(result["targets"]["judged"], indent=1))
     if not a.no_grid:
         print(f"grid: batch {a.grid_batch}", flush=True)
         grid = measure(grid_rows(a.archs.split(","), [int(k) for k in a.ks.split(",")], a.losses.split(",")),
@@ -273,7 +274,7 @@ def main(argv=None):
         meta["load_after"] = os.getloadavg()
         result.setdefault("grids", {})[f"{a.archs}@{a.grid_batch}"] = {"meta": meta, "batch": a.grid_batch,
                                                                       "rows": grid}
-        out.write_text(json.dumps(result, indent=1))
+        out.write_text(jsonio.dumps(result, indent=1))
     print(f"wrote {out}")
 
 

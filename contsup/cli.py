@@ -1,15 +1,16 @@
 """Command line: `python -m contsup train|describe|download ...`.
 
-Every bad input ends in one line on stderr naming the valid choices, and exit status 2.
+Every bad input ends in one line on stderr naming the valid choices, and exit status 2;
+a training run that diverges (non-finite loss) ends in one line naming where, and status 1.
+JSON output is strict (jsonio): no NaN/Infinity literals.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from . import reproduce, tables
-from .errors import UsageError
+from . import jsonio, reproduce, tables
+from .errors import DivergedError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,7 +129,7 @@ def describe(args) -> dict:
 def cmd_describe(args) -> int:
     report = describe(args)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(jsonio.dumps(report, indent=2))
         return 0
     print(f"{report['config']['arch']} K={report['modules']} mode={report['config']['mode']}")
     print(f"  cut points (stage, block): {report['cut_points']}")
@@ -155,7 +156,7 @@ def cmd_estimate(args) -> int:
     result = estimate.estimate(args.profile, args.only, args.utilisation, args.peak_tflops, args.precision,
                                progress=not args.no_progress)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(jsonio.dumps(result, indent=2))
     else:
         print(estimate.markdown(result) if args.markdown else estimate.format_table(result))
     return 0
@@ -172,6 +173,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"contsup: error: {e}", file=sys.stderr)
         return 2
+    except DivergedError as e:  # valid input, a run gone wrong: not a usage error
+        print(f"contsup: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("contsup: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
         return 130

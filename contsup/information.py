@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import tables
+from . import jsonio, tables
 from .data import ImageData, denormalize, load_dataset, normalize
 from .errors import UsageError
 from .model import ContSupNet, Decoder, feature_shape
@@ -399,7 +399,7 @@ def _cache_valid(csv: Path, run_dirs: dict, budget: Budget) -> bool:
 
 
 def _budget_key(budget: Budget) -> str:
-    return json.dumps(asdict(budget), sort_keys=True)
+    return jsonio.dumps(asdict(budget), sort_keys=True)
 
 
 def study(results_dir, runs=None, budget: Budget | None = None, data: ImageData | None = None,

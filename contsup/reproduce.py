@@ -37,8 +37,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import experiments
-from .errors import UsageError
+from . import experiments, jsonio
+from .errors import DivergedError, UsageError
 from .train import MAY_CHANGE_ON_RESUME, TrainConfig, _config_json, train
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the repository root in a checkout
@@ -306,7 +306,7 @@ def reproduce(profile: str, out=None, only=None, runs=None, notebook_per: str | 
         "registry": {g: [{"name": r.name, "paper_dataset": r.paper_dataset, "paper_arch": r.paper_arch,
                           "config": _config_json(r.config)} for r in rs] for g, rs in registry.items()},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.json").write_text(jsonio.dumps(summary, indent=2))
     _print_summary(summary, out)
     return summary
 
@@ -361,8 +361,12 @@ def train_jobs(cfgs, progress: bool = True) -> dict[str, dict]:
         except Exception as e:
             error = f"{type(e).__name__}: {e}".splitlines()[0]
             Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+            record = {"error": error}
+            if isinstance(e, DivergedError):  # keep the trainer's error.json (epoch, step, module, losses)
+                path = Path(cfg.out_dir) / "error.json"
+                record |= jsonio.loads_strict(path.read_text()) if path.exists() else e.as_dict()
             (Path(cfg.out_dir) / "error.json").write_text(
-                json.dumps({"error": error, "traceback": traceback.format_exc()}, indent=2))
+                jsonio.dumps(record | {"traceback": traceback.format_exc()}, indent=2))
             results[name] = {"error": error}
             print(f"{name}: FAILED: {error}")
     return results

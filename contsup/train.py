@@ -2,7 +2,8 @@
 
 One run = one `TrainConfig`. Its folder holds `config.json`, `metrics.jsonl` (one line per
 epoch), `ckpt.pt` (everything resume needs, written atomically every epoch) and, once
-finished, `result.json`.
+finished, `result.json`; a run stopped by a non-finite loss leaves `error.json` instead.
+All JSON is strict (jsonio): no NaN/Infinity literals.
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import tables
+from . import jsonio, tables
 from .data import DeviceLoader, denormalize, load_dataset
-from .errors import UsageError
+from .errors import DivergedError, UsageError
 from .model import ContSupNet, ModelConfig
 from .speed.encoders import set_context_impl
 from .speed.memory import measure_step_memory, reuse_freed_cpu_memory
@@ -162,11 +163,30 @@ def evaluate(net: ContSupNet, loader, channels_last: bool = False, bf16: bool = 
     return 100.0 * wrong / total
 
 
+def _module_name(module: int, k: int) -> str:
+    return f"the final classifier (module {module} of {k})" if module == k else f"local module {module} of {k}"
+
+
+def _stop_diverged(out: Path, losses, epoch: int, step: int, lr: float, k: int):
+    """Write `error.json` for a step whose loss is not finite and raise DivergedError.
+    Called before optimizer.step(): the weights, the checkpoint and metrics.jsonl stay as
+    the last good epoch left them."""
+    values = [float(v) for v in losses.float().cpu()]
+    module = next(i for i, v in enumerate(values) if not math.isfinite(v)) + 1  # the first: later ones follow it
+    message = (f"the loss of {_module_name(module, k)} is {values[module - 1]} at epoch {epoch}, step {step} "
+               f"(lr {lr:.3g}); stopped before applying it. Lower --lr or warm up (--warmup-epochs)"
+               + (" in a new --out" if (out / "ckpt.pt").exists() else ""))  # a checkpoint holds the config
+    error = DivergedError(message, epoch, step, module, jsonio.finite_or_none(values))
+    _atomic_save(error.as_dict() | {"lr": lr, "module_name": _module_name(module, k)}, out / "error.json",
+                 as_json=True)
+    raise error
+
+
 # --------------------------------------------------------------------------------------
 def _atomic_save(obj, path: Path, as_json: bool = False):
     tmp = path.with_name(path.name + ".tmp")
     if as_json:
-        tmp.write_text(json.dumps(obj, indent=2))
+        tmp.write_text(jsonio.dumps(obj, indent=2))
     else:
         torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -188,7 +208,7 @@ MAY_CHANGE_ON_RESUME = {"out_dir", "device", "data_root", "download", "channels_
 
 
 def _config_json(cfg: TrainConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg)))  # tuples -> lists, as they come back from disk
+    return json.loads(jsonio.dumps(asdict(cfg)))  # tuples -> lists, as they come back from disk
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
@@ -244,6 +264,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if cfg.torch_compile:  # after the memory measurement, which runs eagerly on a copy
         compile_model(net)
 
+    (out / "error.json").unlink(missing_ok=True)  # this attempt replaces an earlier failed one
     epochs = tqdm(range(start_epoch, cfg.epochs), desc=Path(cfg.out_dir).name, disable=not progress,
                   initial=start_epoch, total=cfg.epochs)
     for epoch in epochs:
@@ -252,14 +273,23 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             group["lr"] = lr
         net.train()
         t0, seen, wrong, loss_sum = time.perf_counter(), 0, 0, 0.0
-        for x, y in train_loader:
-            image = denormalize(x, recipe) if cfg.reconstruct else None
-            logits, losses = local_learning_step(net, to_format(x, cfg.channels_last), y, image, cfg.bf16)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            seen += len(y)
-            wrong += (logits.argmax(1) != y).sum()
-            loss_sum = loss_sum + losses * len(y)
+        shown = t0  # when the step bar's running losses were last shown
+        with tqdm(train_loader, desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress) as steps:
+            for step, (x, y) in enumerate(steps):
+                image = denormalize(x, recipe) if cfg.reconstruct else None
+                logits, losses = local_learning_step(net, to_format(x, cfg.channels_last), y, image, cfg.bf16)
+                # A non-finite loss has non-finite gradients: stop before they reach the weights.
+                # The one device sync per step; which module it was is found only on failure.
+                if not torch.isfinite(losses).all():
+                    _stop_diverged(out, losses, epoch, step, lr, net.k)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                seen += len(y)
+                wrong += (logits.argmax(1) != y).sum()
+                loss_sum = loss_sum + losses * len(y)
+                if progress and time.perf_counter() - shown > 0.5:  # reading the losses syncs: not every step
+                    steps.set_postfix(loss=" ".join(f"{v:.3f}" for v in (loss_sum / seen).tolist()), refresh=False)
+                    shown = time.perf_counter()
         train_time = time.perf_counter() - t0
         test_error = evaluate(net, test_loader, cfg.channels_last, cfg.bf16)
         if test_error < best[0]:
@@ -268,7 +298,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                "test_error": test_error, "local_losses": (loss_sum / seen).tolist(),
                "epoch_seconds": train_time, "images_per_s": seen / train_time}
         with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(jsonio.dumps(row) + "\n")
         _atomic_save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                       "config": _config_json(cfg), "data_rng": gen.get_state(),
                       "torch_rng": torch.get_rng_state(), "best": list(best), "memory": memory}, ckpt_path)

@@ -102,3 +102,16 @@ def test_speed_flags_reach_the_run_config(tmp_path):
     assert (cfg["bf16"], cfg["channels_last"], cfg["context_impl"], cfg["cudnn_benchmark"], cfg["torch_compile"],
             cfg["reuse_cpu_memory"]) == (True, False, "fused", False, False, False)
     assert json.loads((out / "result.json").read_text())["final_error"] <= 100
+
+
+def test_diverging_run_one_line_exit_1(capsys, tmp_path):
+    out = tmp_path / "nan"
+    code = main(["train", "--dataset", "digits8", "-k", "4", "--epochs", "3", "--batch-size", "64", "--lr", "1e6",
+                 "--warmup-epochs", "0", "--train-subset", "256", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.count("\n") == 1 and err.startswith("contsup: error: the loss of ") and "--lr" in err
+    assert "Traceback" not in err and "epoch 0, step " in err
+    error = json.loads((out / "error.json").read_text())
+    assert f"epoch {error['epoch']}, step {error['step']}" in err
+    assert (out / "metrics.jsonl").read_text() == "" and not (out / "ckpt.pt").exists()

@@ -92,3 +92,16 @@ def test_two_jobs_split_a_group_into_two_notebooks_run_side_by_side(tmp_path):
     assert notebooks == {str(tmp_path / "notebooks" / f"02_train-table1-{i}.ipynb") for i in (1, 2)}
     for run in runs:
         assert (run.out_dir / "result.json").exists()
+
+
+def test_train_jobs_keeps_the_trainers_error_record(tmp_path, capsys):
+    from contsup.jsonio import loads_strict
+    from contsup.train import TrainConfig
+    cfg = TrainConfig(dataset="digits8", arch="resnet32", k=4, mode="R1E", epochs=1, warmup_epochs=0, lr=1e6,
+                      batch_size=64, train_subset=256, out_dir=str(tmp_path / "nan"), device="cpu")
+    results = reproduce.train_jobs([cfg], progress=False)
+    assert results["nan"]["error"].startswith("DivergedError: the loss of ")
+    record = loads_strict((tmp_path / "nan" / "error.json").read_text())
+    assert {"epoch", "step", "module", "losses", "traceback"} <= set(record)
+    assert f"epoch {record['epoch']}, step {record['step']}" in record["error"]
+    assert None in record["losses"] and "FAILED" in capsys.readouterr().out
