@@ -23,7 +23,7 @@ from .data import DeviceLoader, denormalize, load_dataset
 from .errors import UsageError
 from .losses import head_loss, reconstruction_loss
 from .memory import cuda_peak_bytes, peak_activation_bytes, reuse_freed_cpu_memory
-from .model import ContSupNet, ModelConfig, set_context_impl
+from .model import ContSupNet, ImageEncoder, ModelConfig, ResidualEncoder, set_context_impl
 
 
 @dataclass
@@ -209,7 +209,8 @@ def measure_step_memory(net: ContSupNet, x, y, image=None, bf16: bool = False) -
     - `paper_memory_bytes`: training memory as the paper counts it on a GPU, the sum of
       `paper_memory_parts`: parameters + their gradients + the optimizer state (SGD's one
       momentum buffer per parameter) + the peak activations of the authors' plain encoders
-      (context_impl "plain", one more measured step where the net runs another path).
+      (context_impl "plain": one more measured step, where the net has context encoders
+      and runs another path).
       Our default lean encoders allocate far less than theirs: only this sum stands beside
       the paper's memory numbers.
     """
@@ -221,7 +222,8 @@ def measure_step_memory(net: ContSupNet, x, y, image=None, bf16: bool = False) -
 
     probe, step, peak = measure(None)
     cuda_peak = cuda_peak_bytes(step, x.device)
-    plain_peak = peak if net.cfg.context_impl == "plain" else measure("plain")[2]
+    has_encoders = any(isinstance(m, (ImageEncoder, ResidualEncoder)) for m in net.modules())
+    plain_peak = measure("plain")[2] if has_encoders and net.cfg.context_impl != "plain" else peak
     trained = [p for p in net.parameters() if p.requires_grad]
     param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
     grad_bytes = sum(p.numel() * p.element_size() for p in trained)
