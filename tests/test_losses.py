@@ -55,6 +55,9 @@ def test_supcon_singletons_count_in_the_mean_over_the_whole_batch():
     assert supcon_loss(z, only_singletons).item() == 0.0
     loss.backward()
     assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    one = torch.randn(1, 6, dtype=torch.float64, requires_grad=True)  # a last batch of one image
+    supcon_loss(one, labels[:1]).backward()
+    assert torch.equal(one.grad, torch.zeros_like(one))  # 0, not NaN (theirs: 0 * log 0)
 
 
 def test_supcon_temperature_factor():
