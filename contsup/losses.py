@@ -7,12 +7,18 @@ import torch.nn.functional as F
 TEMPERATURE = 0.07
 
 
-def supcon_loss(embedding, labels, temperature: float = TEMPERATURE):
-    """Supervised contrastive loss (Khosla et al. 2020) with one view per sample.
+def supcon_loss(embedding, labels, temperature: float = TEMPERATURE, base_temperature: float = TEMPERATURE):
+    """Supervised contrastive loss (Khosla et al. 2020) with one view per sample, as the
+    authors' `SupConLoss` computes it.
 
-    embedding: [B, D] (L2-normalised here); labels: [B]. For each anchor i with at least one
-    positive, -mean_{p: y_p = y_i, p != i} log( exp(z_i.z_p/T) / Σ_{a != i} exp(z_i.z_a/T) ).
-    Anchors without a positive in the batch are left out of the mean.
+    embedding: [B, D] (L2-normalised here, as the authors' head does before the loss);
+    labels: [B]. Anchor i's loss is
+        -(T / T_base) * mean_{p: y_p = y_i, p != i} log( exp(z_i.z_p/T) / Σ_{a != i} exp(z_i.z_a/T) )
+    and an anchor without a positive in the batch scores 0; the result is the mean over all
+    B anchors, singletons included. So a batch with many singletons (a short last batch)
+    gets a proportionally smaller contrastive loss and gradient, exactly as theirs does.
+    T = T_base = 0.07 in the authors' runs, so the factor is 1. Their subtraction of the row
+    maximum before exp is a numerical guard only; logsumexp does the same here.
     """
     z = F.normalize(embedding.float(), dim=1)
     logits = z @ z.T / temperature                                      # [B, B]
@@ -21,9 +27,8 @@ def supcon_loss(embedding, labels, temperature: float = TEMPERATURE):
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     positives = (labels[:, None] == labels[None, :]) & ~self_mask
     n_pos = positives.sum(1)
-    mean_log_prob_pos = log_prob.masked_fill(~positives, 0.0).sum(1) / n_pos.clamp(min=1)
-    has_pos = n_pos > 0
-    return -(mean_log_prob_pos[has_pos]).sum() / has_pos.sum().clamp(min=1)
+    mean_log_prob_pos = log_prob.masked_fill(~positives, 0.0).sum(1) / n_pos.clamp(min=1)  # 0 without a positive
+    return -(temperature / base_temperature) * mean_log_prob_pos.mean()
 
 
 def head_loss(output, labels, loss: str):

@@ -37,7 +37,7 @@ MB = 2 ** 20
 CONFIG_COLUMNS = ["dataset", "arch", "k", "mode", "loss", "head", "reconstruct", "loss_scales", "balanced",
                   "widen", "epochs", "batch_size", "lr", "warmup_epochs", "train_subset", "seed"]
 RESULT_COLUMNS = ["final_error", "best_error", "best_epoch", "peak_activation_bytes", "cuda_peak_bytes",
-                  "peak_activation_MB", "cuda_peak_MB", "params_backbone", "params_local_heads",
+                  "paper_memory_bytes", "peak_activation_MB", "cuda_peak_MB", "paper_memory_MB", "params_backbone", "params_local_heads",
                   "params_context_encoders", "params_decoders", "n_cuts", "train_seconds", "images_per_s",
                   "device"]
 COLUMNS = ["run", "run_dir", "paper_dataset", "paper_arch", "groups", "method", *CONFIG_COLUMNS, *RESULT_COLUMNS]
@@ -114,6 +114,12 @@ def collect(results_dir, profile: str | None = None) -> pd.DataFrame:
     """One row per finished run (a folder with result.json): every config field, every
     result field, peak memory in MB, parameter counts per part, mean images/s.
 
+    Two memories per run: `peak_activation_MB`, the activations of the path that ran (our
+    lean encoders by default), and `paper_memory_MB`, training memory as the paper counts it
+    on a GPU (parameters + gradients + SGD momentum + the authors' plain encoders'
+    activations; train.measure_step_memory). Only the second stands beside the paper's
+    numbers; it is NaN (shown "—") for runs written before it was recorded.
+
     With `profile`, the experiment registry names each run's groups and the paper entry it
     stands for; without, those are inferred from the config (`infer_paper_dataset`).
     """
@@ -133,7 +139,7 @@ def collect(results_dir, profile: str | None = None) -> pd.DataFrame:
         row.update(cfg)
         row["loss_scales"] = _scales_key(cfg.get("loss_scales"))
         for key in ("final_error", "best_error", "best_epoch", "peak_activation_bytes", "cuda_peak_bytes",
-                    "train_seconds", "device"):
+                    "paper_memory_bytes", "train_seconds", "device"):  # a result.json older than a key: NaN
             row[key] = result.get(key)
         for part, n in (result.get("params") or {}).items():
             row[f"params_{part}"] = n
@@ -144,10 +150,11 @@ def collect(results_dir, profile: str | None = None) -> pd.DataFrame:
     for col in COLUMNS:
         if col not in df:
             df[col] = pd.Series(dtype=object if col in ("run", "run_dir", "dataset", "mode", "loss") else float)
-    for col in ("peak_activation_bytes", "cuda_peak_bytes", "final_error", "best_error"):
+    for col in ("peak_activation_bytes", "cuda_peak_bytes", "paper_memory_bytes", "final_error", "best_error"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
     df["peak_activation_MB"] = df["peak_activation_bytes"] / MB
     df["cuda_peak_MB"] = df["cuda_peak_bytes"] / MB
+    df["paper_memory_MB"] = df["paper_memory_bytes"] / MB
     extra = [c for c in df.columns if c not in COLUMNS]
     return df[COLUMNS + extra].reset_index(drop=True)
 
@@ -177,7 +184,7 @@ def has_runs(results_dir) -> bool:
 def inventory(df: pd.DataFrame) -> pd.DataFrame:
     """The finished runs at a glance."""
     cols = ["run", "method", "paper_dataset", "dataset", "arch", "k", "loss", "epochs", "final_error", "best_error",
-            "peak_activation_MB", "train_seconds"]
+            "peak_activation_MB", "paper_memory_MB", "train_seconds"]
     return df[cols].sort_values(["paper_dataset", "arch", "k", "method"]).set_index("run")
 
 
@@ -344,16 +351,19 @@ TABLE4_MODES = ("E2E", "R0", "E", "R1", "R2", "R4", "R8", "R16")
 
 
 def table4(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_error") -> pd.DataFrame:
-    """Table 4: ResNet-32, softmax, K=8 and 16, rows mode: test error and peak activation
-    memory (the E2E row repeats the end-to-end run under both K). Reference: InfoPro's
-    greedy SL (= R0) and E2E errors."""
+    """Table 4: ResNet-32, softmax, K=8 and 16, rows mode: test error, peak activation
+    memory of our (lean) step, and training memory as the paper counts it (parameters,
+    gradients, momentum and the authors' plain encoders' activations: the one to set beside
+    the paper's memory column; "—" for runs recorded before it). The E2E row repeats the
+    end-to-end run under both K. Reference: InfoPro's greedy SL (= R0) and E2E errors."""
     dataset = pick_dataset(df, "cifar10", dataset)
     arch, ref, ours = "resnet32", reference_label(dataset, "cifar10", "resnet32"), ours_label(dataset)
     base = _sel(df, dataset=dataset, arch=arch, reconstruct=False, balanced=False)
     gpu = base["cuda_peak_MB"].notna().any()
     columns = []
     for k in (8, 16):
-        columns += [(ours, f"K={k} error (%)"), (ours, f"K={k} peak activation (MB)")]
+        columns += [(ours, f"K={k} error (%)"), (ours, f"K={k} peak activation (MB)"),
+                    (ours, f"K={k} paper-counted memory (MB)")]
         if gpu:
             columns.append((ours, f"K={k} GPU peak (MB)"))
     columns += [(ref, f"K={k} error (%)") for k in (8, 16)]
@@ -365,7 +375,7 @@ def table4(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_er
             sel = _sel(base, k=1) if mode == "E2E" else _sel(base, k=k, mode=mode, loss="softmax")
             if mode not in ("E2E", "R0", "E") and int(mode[1:]) > k:  # R16 needs K=16
                 sel = sel.iloc[0:0]
-            vals += [_mean(sel, metric), _mean(sel, "peak_activation_MB")]
+            vals += [_mean(sel, metric), _mean(sel, "peak_activation_MB"), _mean(sel, "paper_memory_MB")]
             vals += [_mean(sel, "cuda_peak_MB")] if gpu else []
             ref_method = {"E2E": "E2E", "R0": "Greedy SL"}.get(mode)
             refs.append(infopro_value("cifar10", arch, ref_method, k) if ref_method else np.nan)
@@ -449,49 +459,70 @@ MODE_ORDER = ["R0", "E", "R1", "R1E", "R2", "R4", "R8", "R16"]
 
 
 def figure4(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: str = "final_error",
-            show: bool = False) -> list[Path]:
-    """Figure 4: test error vs peak activation memory of one training step, one panel per
-    arch: memory-balanced cuts (E*) against equal-layer cuts of the same mode/loss, and E2E.
-    Points are labelled with K."""
+            show: bool = False, authors: bool = False) -> list[Path]:
+    """Figure 4: test error vs memory of one training step, one panel per arch:
+    memory-balanced cuts (E*) against equal-layer cuts of the same mode/loss, and E2E.
+    Points are labelled with K. Each series is drawn twice: filled at the peak activation
+    memory of our (lean) step, hollow and dashed at the training memory as the paper counts
+    it (parameters + gradients + momentum + the authors' plain encoders' activations), the
+    one comparable with the paper's axis.
+
+    E* follows the paper's text: memory-balanced cuts for both archs (group `figure4`).
+    `authors=True` draws it as the authors' command.sh trains it (group `figure4-authors`):
+    their ResNet-32 E* runs have no --balanced_memory, so its E* points are the equal-layer runs.
+    """
     plt, sns = _plt()
     dataset = pick_dataset(df, "cifar10", dataset)
     base = _sel(df, dataset=dataset, reconstruct=False) if dataset else df.iloc[0:0]
     archs = [a for a in ("resnet32", "resnet110") if (base["arch"] == a).any()] or ["resnet32"]
     fig, axes = plt.subplots(1, len(archs), figsize=(5.2 * len(archs), 4.2), squeeze=False)
-    palette = {"E* (memory-balanced)": "C3", "equal-layer cuts": "C0", "E2E": "k"}
+    palette = {"E* (memory-balanced)": "C3", "E* (equal cuts, authors' ResNet-32)": "C3",
+               "equal-layer cuts": "C0", "E2E": "k"}
     for ax, arch in zip(axes[0], archs):
         runs = _sel(base, arch=arch)
         balanced = _sel(runs, balanced=True)
         modes = balanced[["mode", "loss"]].drop_duplicates().values.tolist() or [["E", "contrast"]]
-        series = {"E* (memory-balanced)": balanced,
-                  "equal-layer cuts": pd.concat([_sel(runs, balanced=False, mode=m, loss=l) for m, l in modes])
-                  .query("k > 1"),
-                  "E2E": _sel(runs, k=1)}
+        equal = pd.concat([_sel(runs, balanced=False, mode=m, loss=l) for m, l in modes]).query("k > 1")
+        if authors and arch == "resnet32":
+            series = {"E* (equal cuts, authors' ResNet-32)": equal, "E2E": _sel(runs, k=1)}
+        else:
+            series = {"E* (memory-balanced)": balanced, "equal-layer cuts": equal, "E2E": _sel(runs, k=1)}
         drawn = False
         for label, sel in series.items():
             if sel.empty:
                 continue
-            pts = sel.groupby("k")[[metric, "peak_activation_MB"]].mean().reset_index()
+            pts = sel.groupby("k")[[metric, "peak_activation_MB", "paper_memory_MB"]].mean().reset_index()
             pts = pts.sort_values("peak_activation_MB")
-            ax.plot(pts["peak_activation_MB"], pts[metric], "o-" if label != "E2E" else "*",
-                    color=palette[label], label=label, markersize=7 if label != "E2E" else 14)
+            e2e = label == "E2E"
+            ax.plot(pts["peak_activation_MB"], pts[metric], "*" if e2e else "o-",
+                    color=palette[label], label=f"{label}, our peak activations", markersize=14 if e2e else 7)
+            paper = pts.dropna(subset=["paper_memory_MB"]).sort_values("paper_memory_MB")
+            if not paper.empty:
+                ax.plot(paper["paper_memory_MB"], paper[metric], "*" if e2e else "o--", color=palette[label],
+                        markerfacecolor="none", markersize=14 if e2e else 7,
+                        label=f"{label}, paper-counted memory")
             for _, p in pts.iterrows():
                 ax.annotate(f"K={int(p['k'])}" if p["k"] > 1 else "E2E", (p["peak_activation_MB"], p[metric]),
                             textcoords="offset points", xytext=(4, 4), fontsize=8, color=palette[label])
             drawn = True
         mode_text = ", ".join(f"{m}/{l}" for m, l in modes)
         ax.set_title(f"{ARCH_NAMES.get(arch, arch)} on {dataset or '—'} ({mode_text})", fontsize=10)
-        ax.set_xlabel("peak activation memory of one step (MB)")
+        ax.set_xlabel("memory of one training step (MB)")
         ax.set_ylabel("test error (%)")
         if drawn:
-            ax.legend(fontsize=8)
-            if balanced.empty:
+            ax.legend(fontsize=7)
+            if balanced.empty and not (authors and arch == "resnet32"):
                 ax.text(0.5, 0.02, "no memory-balanced (E*) runs yet", ha="center", va="bottom",
                         transform=ax.transAxes, fontsize=9, color="0.4")
         else:
             _note(ax, "no finished runs for this panel yet")
-    fig.suptitle("Figure 4: memory-balanced cuts (E*) — error vs memory", fontsize=11)
-    return _save(fig, figures_dir, "figure4_memory_vs_error", show)
+    cuts = ("E*: ResNet-32 on equal cuts, ResNet-110 memory-balanced, as the authors' command.sh"
+            if authors else "E*: memory-balanced cuts, as the paper's text (the authors' command.sh "
+            "trains ResNet-32 E* on equal cuts: group figure4-authors)")
+    fig.suptitle(f"Figure 4: error vs memory. {cuts}.\nFilled: our peak activations; hollow: training "
+                 f"memory as the paper counts it", fontsize=10)
+    return _save(fig, figures_dir, "figure4_authors_memory_vs_error" if authors else "figure4_memory_vs_error",
+                 show)
 
 
 def _variant(row) -> str:
@@ -541,21 +572,24 @@ def figure5(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: s
 
 def table4_chart(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: str = "final_error",
                  show: bool = False) -> list[Path]:
-    """Table 4 as bars: test error and peak activation memory per context mode at K=8 and
-    K=16 (ResNet-32, softmax); E2E as a dashed line."""
+    """Table 4 as bars: test error, peak activation memory of our (lean) step and training
+    memory as the paper counts it, per context mode at K=8 and K=16 (ResNet-32, softmax);
+    E2E as a dashed line. Runs recorded before the paper-counted memory leave that panel empty."""
     plt, sns = _plt()
     dataset = pick_dataset(df, "cifar10", dataset)
     base = _sel(df, dataset=dataset, arch="resnet32", reconstruct=False, balanced=False, loss="softmax") \
         if dataset else df.iloc[0:0]
     runs = _sel(base, k=[8, 16], mode=list(TABLE4_MODES[1:]))
-    agg = runs.groupby(["mode", "k"])[[metric, "peak_activation_MB"]].mean().reset_index()
+    agg = runs.groupby(["mode", "k"])[[metric, "peak_activation_MB", "paper_memory_MB"]].mean().reset_index()
     agg["K"] = "K=" + agg["k"].astype(int).astype(str) if not agg.empty else pd.Series(dtype=str)
     modes = [m for m in TABLE4_MODES[1:] if (agg["mode"] == m).any()] if not agg.empty else []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     e2e = _sel(base, k=1)
-    for ax, (col, label) in zip(axes, [(metric, "test error (%)"), ("peak_activation_MB", "peak activation (MB)")]):
-        if agg.empty:
-            _note(ax, "no finished runs for Table 4 yet")
+    panels = [(metric, "test error (%)"), ("peak_activation_MB", "our peak activations (MB)"),
+              ("paper_memory_MB", "training memory, paper's count (MB)")]
+    for ax, (col, label) in zip(axes, panels):
+        if agg.empty or agg[col].isna().all():
+            _note(ax, "no finished runs for Table 4 yet" if agg.empty else "not recorded by these runs")
         else:
             sns.barplot(data=agg, x="mode", y=col, hue="K", order=modes, hue_order=["K=8", "K=16"], ax=ax,
                         palette="deep")

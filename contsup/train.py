@@ -109,12 +109,24 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def learning_rate(epoch: int, base_lr: float, epochs: int, warmup_epochs: int = 10,
                   warmup_from: float = tables.PAPER_SCHEDULE.warmup_from) -> float:
-    """lr_e = lr*(1+cos(pi*e/E))/2, reached by a linear warm-up from `warmup_from` over the
-    first `warmup_epochs` epochs (SPEC §5). Set once per epoch."""
+    """The lr of 0-based epoch `epoch`, set once per epoch, as the authors' train.py sets it.
+
+    SPEC §5's lr_e = lr*(1+cos(pi*e/E))/2 counts epochs from 1: the authors call their
+    schedule with e = epoch + 1, so the first epoch (0-based 0) trains at cos(1), the last
+    (E-1) at cos(E) = lr 0. The warm-up epochs e = 1..W blend from `warmup_from` towards
+    that same epoch's cosine value:
+        lr_e = cos(e) * (e-1)/W + warmup_from * (W+1-e)/W        (e <= W)
+    which starts at exactly `warmup_from` (e = 1); epoch e = W+1 is the first plain cosine.
+    Deliberate difference: a one-epoch run without warm-up (smoke tests) would train at
+    lr 0 only; it trains at `base_lr` instead.
+    """
+    if epochs == 1 and warmup_epochs == 0:
+        return base_lr
     cosine = lambda e: 0.5 * base_lr * (1 + math.cos(math.pi * e / epochs))  # noqa: E731
-    if epoch < warmup_epochs:
-        return warmup_from + (cosine(warmup_epochs) - warmup_from) * epoch / warmup_epochs
-    return cosine(epoch)
+    e = epoch + 1
+    if e <= warmup_epochs:
+        return cosine(e) * (e - 1) / warmup_epochs + warmup_from * (warmup_epochs + 1 - e) / warmup_epochs
+    return cosine(e)
 
 
 def make_optimizer(net, cfg: TrainConfig):

@@ -7,7 +7,7 @@ from contsup import experiments, tables
 from contsup.errors import UsageError
 from contsup.model import ContSupNet, parse_mode
 
-COUNTS = {"e2e": 4, "table1": 4, "table2": 16, "table3": 24, "figure4": 16, "figure5": 44,
+COUNTS = {"e2e": 4, "table1": 4, "table2": 16, "table3": 24, "figure4": 16, "figure4-authors": 12, "figure5": 44,
           "table4": 13, "motivation": 4}
 
 
@@ -98,6 +98,21 @@ def test_figure4_is_memory_balanced_E(tmp_path):
     r = next(r for r in runs if r.config.balanced and r.config.arch == "resnet110" and r.config.k == 3)
     assert r.name == "cifar10-resnet110-K3-E-contrast-balanced-seed0"
     assert ContSupNet(r.config.model_config()).cuts == tables.BALANCED_CUTS[("resnet110", "cifar10")][3]
+
+
+@pytest.mark.parametrize("profile", ["paper", "quick"])
+def test_figure4_authors_variant_reuses_runs(profile, tmp_path):
+    """The authors' command.sh: ResNet-32 E* without --balanced_memory (equal cuts, the
+    runs Table 2 and figure4 already train), ResNet-110 E* with it. No new run."""
+    runs = experiments.expand("figure4-authors", profile, tmp_path)
+    assert [(r.config.arch, r.config.k) for r in runs if r.config.balanced] == [("resnet110", k) for k in (2, 3, 4)]
+    r32 = {r.name for r in runs if r.config.arch == "resnet32" and r.config.k > 1}
+    assert r32 == {r.name for r in experiments.expand("table2", profile, tmp_path)
+                   if r.config.mode == "E" and r.config.loss == "contrast"}
+    others = [g for g in experiments.GROUPS if g != "figure4-authors"]
+    without = {r.name for r in experiments.expand_all(profile, tmp_path, others)}
+    assert {r.name for r in experiments.expand_all(profile, tmp_path)} == without
+    assert {r.name for r in runs} <= {r.name for r in experiments.expand("figure4", profile, tmp_path)}
 
 
 def test_table4_modes_valid_for_K(tmp_path):

@@ -15,8 +15,9 @@ from contsup.errors import UsageError
 from contsup.train import TrainConfig
 
 
-def write_run(root, name=None, finished=True, final_error=20.0, peak_mb=100.0, **cfg_kw):
-    """A run folder as `train` leaves it: config.json, metrics.jsonl, result.json."""
+def write_run(root, name=None, finished=True, final_error=20.0, peak_mb=100.0, paper_mb=None, **cfg_kw):
+    """A run folder as `train` leaves it: config.json, metrics.jsonl, result.json (with the
+    paper-counted memory only when `paper_mb` is given, as a run recorded before it)."""
     cfg = TrainConfig(epochs=3, **cfg_kw)
     name = name or f"{cfg.dataset}-{cfg.arch}-K{cfg.k}-{cfg.mode}-{cfg.loss}" + \
         ("-recon" if cfg.reconstruct else "") + ("-balanced" if cfg.balanced else "") + f"-seed{cfg.seed}"
@@ -34,6 +35,8 @@ def write_run(root, name=None, finished=True, final_error=20.0, peak_mb=100.0, *
                              "context_encoders": 0 if cfg.mode == "R0" or cfg.k == 1 else 13364, "decoders": 0},
                   "cuts": tables.cut_points(cfg.arch, cfg.k, cfg.balanced, cfg.dataset), "train_seconds": 6.0,
                   "device": "cpu", "config": config}
+        if paper_mb is not None:
+            result["paper_memory_bytes"] = int(paper_mb * 2 ** 20)
         (d / "result.json").write_text(json.dumps(result))
     return d
 
@@ -47,7 +50,7 @@ def results(tmp_path):
         write_run(tmp_path, k=16, mode=mode, final_error=30.0 - 5 * i, peak_mb=20.0 + i)
     write_run(tmp_path, k=4, mode="E", loss="contrast", final_error=14.0, peak_mb=60.0)
     write_run(tmp_path, k=4, mode="E", loss="contrast", final_error=16.0, peak_mb=60.0, seed=1)
-    write_run(tmp_path, k=4, mode="E", loss="contrast", balanced=True, final_error=15.0, peak_mb=40.0)
+    write_run(tmp_path, k=4, mode="E", loss="contrast", balanced=True, final_error=15.0, peak_mb=40.0, paper_mb=90.0)
     write_run(tmp_path, arch="resnet110", k=4, mode="R1E", reconstruct=True,
               loss_scales=tables.LOSS_SCALES[("resnet110", "stl10")][4], final_error=12.5)
     write_run(tmp_path, k=8, mode="R1", finished=False)
@@ -122,10 +125,24 @@ def test_table4_layout(results):
     t = report.table4(report.collect(results))
     assert list(t.index) == list(report.TABLE4_MODES)
     ours = t["ours (digits)"]
-    assert list(ours.columns) == ["K=8 error (%)", "K=8 peak activation (MB)", "K=16 error (%)",
-                                  "K=16 peak activation (MB)"]
+    assert list(ours.columns) == ["K=8 error (%)", "K=8 peak activation (MB)", "K=8 paper-counted memory (MB)",
+                                  "K=16 error (%)", "K=16 peak activation (MB)", "K=16 paper-counted memory (MB)"]
     assert ours.loc["E", "K=16 error (%)"] == 25.0 and math.isnan(ours.loc["E", "K=8 error (%)"])
     assert ours.loc["E2E", "K=8 error (%)"] == ours.loc["E2E", "K=16 error (%)"] == 10.0
+
+
+def test_paper_counted_memory_beside_ours_and_missing_in_old_results(results):
+    """Runs recorded before the paper-counted memory load and show it as '—'; newer ones
+    show it beside our peak activations."""
+    write_run(results, k=16, mode="R1", final_error=18.0, peak_mb=21.0, paper_mb=55.0)
+    df = report.collect(results)
+    assert df.set_index("run").loc["digits-resnet32-K16-R1-softmax-seed0", "paper_memory_MB"] == pytest.approx(55.0)
+    t = report.table4(df)["ours (digits)"]
+    assert t.loc["R1", "K=16 paper-counted memory (MB)"] == pytest.approx(55.0)
+    assert t.loc["R1", "K=16 peak activation (MB)"] == pytest.approx(21.0)
+    shown = report.format_table(report.table4(df))["ours (digits)"]
+    assert shown.loc["E", "K=16 paper-counted memory (MB)"] == report.MISSING  # an old result.json
+    assert shown.loc["R1", "K=16 paper-counted memory (MB)"] == "55.00"
 
 
 def test_real_cifar_runs_are_labelled_comparable(tmp_path):
@@ -151,6 +168,7 @@ def test_figures_are_written_with_partial_and_no_results(results, tmp_path):
     df = report.collect(results)
     for data, out in ((df, tmp_path / "fig"), (report.collect(tmp_path / "empty"), tmp_path / "fig-empty")):
         _check_written(report.figure4(data, out), ["figure4_memory_vs_error"])
+        _check_written(report.figure4(data, out, authors=True), ["figure4_authors_memory_vs_error"])
         _check_written(report.figure5(data, out), ["figure5_ablation"])
         _check_written(report.table4_chart(data, out), ["table4_modes"])
     info = pd.DataFrame({"method": ["E2E"] * 3 + ["GLL (R0)"] * 3, "depth_fraction": [0, .5, 1] * 2,

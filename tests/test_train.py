@@ -1,17 +1,49 @@
-"""End-to-end training on the embedded digits: it learns, and resume is bit-exact."""
+"""The learning-rate schedule against the authors' formula; end-to-end training on the
+embedded digits: it learns, and resume is bit-exact."""
 import json
+import math
 
 import pytest
 import torch
 
 import contsup.train as train_module
-from contsup.train import TrainConfig, train
+from contsup.train import TrainConfig, learning_rate, train
 
 TIMING_KEYS = {"epoch_seconds", "images_per_s"}
 
 
+def authors_lr(epoch_1based, lr, epochs):
+    """The authors' adjust_learning_rate (cos_lr, 10 warm-up epochs from 0.01), called with
+    the 1-based epoch number."""
+    e = epoch_1based
+    cos = 0.5 * lr * (1 + math.cos(math.pi * e / epochs))
+    if e <= 10:
+        return cos * (e - 1) / 10 + 0.01 * (11 - e) / 10
+    return cos
+
+
+@pytest.mark.parametrize("lr, epochs", [(0.8, 160), (0.1, 160), (0.05, 30)])
+def test_learning_rate_is_the_authors_schedule(lr, epochs):
+    """Their loop calls adjust_learning_rate(epoch + 1) for 0-based epoch: ours takes the
+    0-based epoch and must agree on the first 12 (warm-up and its end) and the last 2."""
+    for epoch in [*range(12), epochs - 2, epochs - 1]:
+        assert learning_rate(epoch, lr, epochs, 10) == pytest.approx(authors_lr(epoch + 1, lr, epochs), abs=1e-12)
+    assert learning_rate(0, lr, epochs, 10) == pytest.approx(0.01)   # the warm-up starts at 0.01
+    assert learning_rate(epochs - 1, lr, epochs, 10) == pytest.approx(0.0, abs=1e-12)  # the last epoch at 0
+    assert all(learning_rate(e, lr, epochs, 10) > learning_rate(e + 1, lr, epochs, 10) for e in range(10, epochs - 1))
+
+
+def test_learning_rate_without_warm_up_and_for_one_epoch():
+    # no warm-up: 0-based epoch i trains at cos(i + 1), one step below the top
+    assert learning_rate(0, 0.1, 4, 0) == pytest.approx(0.05 * (1 + math.cos(math.pi / 4)))
+    assert learning_rate(3, 0.1, 4, 0) == pytest.approx(0.0, abs=1e-12)
+    # a one-epoch run without warm-up would train at lr 0: it uses the base lr instead
+    assert learning_rate(0, 0.1, 1, 0) == 0.1
+    assert learning_rate(0, 0.1, 1, 10) == pytest.approx(0.01)  # with warm-up the authors' formula holds
+
+
 def test_resnet32_k4_r1e_learns_digits(tmp_path):
-    """Measured: 2.8% test error after 6 epochs, 5.6% after 5 (chance is 90%)."""
+    """Chance is 90% test error; a few epochs bring it far below."""
     cfg = TrainConfig(dataset="digits8", arch="resnet32", k=4, mode="R1E", epochs=5, warmup_epochs=0,
                       batch_size=64, lr=0.05, out_dir=str(tmp_path / "run"), device="cpu")
     result = train(cfg, progress=False)
@@ -21,6 +53,13 @@ def test_resnet32_k4_r1e_learns_digits(tmp_path):
     assert rows[-1]["train_error"] < rows[0]["train_error"]
     assert result["params"]["backbone"] == 466_906 and result["peak_activation_bytes"] > 0
     assert len(result["cuts"]) == 3
+    assert [r["lr"] for r in rows] == [learning_rate(e, 0.05, 5, 0) for e in range(5)]  # the last at lr 0
+    # training memory as the paper counts it: parameters + gradients + momentum + the plain
+    # encoders' activations (more than the lean encoders' that ran)
+    parts = result["paper_memory_parts"]
+    assert result["paper_memory_bytes"] == sum(parts.values())
+    assert parts["parameters"] == parts["optimizer_state"] == 4 * sum(result["params"].values())
+    assert parts["plain_peak_activation_bytes"] > result["peak_activation_bytes"]
 
 
 def _cfg(out):

@@ -46,6 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..step import local_learning_step
+from .encoders import EncoderChain, set_context_impl
 
 __all__ = ["ActivationMemoryTracker", "peak_activation_bytes", "cuda_peak_bytes"]
 
@@ -296,10 +297,34 @@ def reuse_freed_cpu_memory() -> bool:
 
 
 def measure_step_memory(net, x, y, image=None, bf16: bool = False) -> dict:
-    """Peak activation bytes of one training step (device-independent: the tracker above),
-    plus torch.cuda.max_memory_allocated on CUDA. Runs on a copy: the model is untouched."""
-    net = copy.deepcopy(net).train()
-    step = lambda: local_learning_step(net, x, y, image, bf16)  # noqa: E731
-    peak = peak_activation_bytes(step, exclude=[net], inputs=[x, y] + ([image] if image is not None else []))
-    net.zero_grad(set_to_none=True)
-    return {"peak_activation_bytes": peak, "cuda_peak_bytes": cuda_peak_bytes(step, x.device)}
+    """Memory of one training step, measured on copies (the model is untouched):
+
+    - `peak_activation_bytes`: peak activation bytes of the path that runs (the net's own
+      encoders' implementation; device-independent: the tracker above), and `cuda_peak_bytes`:
+      torch.cuda.max_memory_allocated on CUDA (else None);
+    - `paper_memory_bytes`: training memory as the paper counts it on a GPU, the sum of
+      `paper_memory_parts`: parameters + their gradients + the optimizer state (SGD's one
+      momentum buffer per parameter) + the peak activations of the authors' plain encoders
+      (context_impl "plain": one more measured step, where the net has context encoders
+      and runs another path).
+      Our default lean encoders allocate far less than theirs: only this sum stands beside
+      the paper's memory numbers.
+    """
+    def measure(impl):
+        probe = set_context_impl(copy.deepcopy(net).train(), impl) if impl else copy.deepcopy(net).train()
+        step = lambda: local_learning_step(probe, x, y, image, bf16)  # noqa: E731
+        inputs = [x, y] + ([image] if image is not None else [])
+        return probe, step, peak_activation_bytes(step, exclude=[probe], inputs=inputs)
+
+    probe, step, peak = measure(None)
+    cuda_peak = cuda_peak_bytes(step, x.device)
+    swapped = any(isinstance(m, EncoderChain) for m in net.modules())   # lean or fused encoders
+    plain_peak = measure("plain")[2] if swapped else peak
+    trained = [p for p in net.parameters() if p.requires_grad]
+    param_bytes = sum(p.numel() * p.element_size() for p in net.parameters())
+    grad_bytes = sum(p.numel() * p.element_size() for p in trained)
+    parts = {"parameters": param_bytes, "gradients": grad_bytes,
+             "optimizer_state": grad_bytes,   # SGD momentum: one fp32 buffer per trained parameter
+             "plain_peak_activation_bytes": plain_peak}
+    return {"peak_activation_bytes": peak, "cuda_peak_bytes": cuda_peak,
+            "paper_memory_bytes": sum(parts.values()), "paper_memory_parts": parts}
