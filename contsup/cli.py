@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import jsonio, reproduce, tables
+from . import jsonio, tables
 from .errors import DivergedError, UsageError
+from .study import reproduce
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reproduce", help="train every run of the paper's experiments, then tables and figures")
     reproduce.add_arguments(r)
 
-    from .speed.estimate import add_arguments as estimate_arguments
+    from .study.estimate import add_arguments as estimate_arguments
     e = sub.add_parser("estimate", help="GPU-hours of a profile's runs on an H100, from FLOPs counted on the CPU")
     estimate_arguments(e)
     return parser
@@ -161,7 +162,7 @@ def cmd_download(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from .speed import estimate
+    from .study import estimate
     result = estimate.estimate(args.profile, args.only, args.utilisation, args.peak_tflops, args.precision,
                                progress=not args.no_progress)
     if args.json:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from contsup.speed import estimate as est
+from contsup.study import estimate as est
 from contsup import tables
 from contsup.cli import main
 from contsup.data import load_dataset

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from contsup import experiments, tables
+from contsup import tables
+from contsup.study import experiments
 from contsup.errors import UsageError
 from contsup.model import ContSupNet, parse_mode
 

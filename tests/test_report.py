@@ -3,14 +3,15 @@ really trained run."""
 import json
 import math
 import os
-import time
 from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from contsup import information, report, tables
+from contsup import tables
+from contsup.study import experiments, information, report, runs
 from contsup.errors import UsageError
 from contsup.train import TrainConfig
 
@@ -59,9 +60,9 @@ def results(tmp_path):
 
 # --------------------------------------------------------------------------------------
 def test_collect_has_one_row_per_finished_run(results):
-    df = report.collect(results)
+    df = runs.collect(results)
     assert len(df) == 8  # the unfinished K=8 R1 run is left out
-    assert set(report.COLUMNS) <= set(df.columns)
+    assert set(runs.COLUMNS) <= set(df.columns)
     e2e = df[df["k"] == 1].iloc[0]
     assert e2e["method"] == "E2E" and e2e["final_error"] == 10.0
     assert e2e["peak_activation_MB"] == pytest.approx(150.0)
@@ -75,15 +76,15 @@ def test_collect_has_one_row_per_finished_run(results):
 
 
 def test_collect_empty_folder_gives_empty_tables(tmp_path):
-    df = report.collect(tmp_path / "nothing-here")
-    assert df.empty and set(report.COLUMNS) <= set(df.columns)
+    df = runs.collect(tmp_path / "nothing-here")
+    assert df.empty and set(runs.COLUMNS) <= set(df.columns)
     for name, t in report.all_tables(df).items():
         ours = t[[c for c in t.columns if c[0].startswith("ours")]]
         assert ours.isna().all().all(), name
 
 
 def test_table1_layout_and_references(results):
-    t = report.table1(report.collect(results))
+    t = report.table1(runs.collect(results))
     assert list(t.index) == ["E2E", "R0", "E", "R1", "R1E"]
     sources = list(dict.fromkeys(t.columns.get_level_values(0)))
     assert sources == ["ours (digits)", "paper setting (CIFAR-10 ResNet-32), not comparable", report.CONTSUP_SLOT]
@@ -99,7 +100,7 @@ def test_table1_layout_and_references(results):
 
 
 def test_table2_layout_mean_over_seeds(results):
-    t = report.table2(report.collect(results))
+    t = report.table2(runs.collect(results))
     assert list(t.index) == [("E", "contrast"), ("E", "softmax"), ("R1E", "contrast"), ("R1E", "softmax")]
     assert list(dict.fromkeys(t.columns.get_level_values(1))) == ["E2E", "K=2", "K=4", "K=8", "K=16"]
     assert t.shape == (4, 15)
@@ -112,7 +113,7 @@ def test_table2_layout_mean_over_seeds(results):
 
 
 def test_table3_rows_per_paper_dataset(results):
-    t = report.table3(report.collect(results))
+    t = report.table3(runs.collect(results))
     assert list(t.index) == [(d, l) for d in ("CIFAR-10", "STL-10", "SVHN") for l in ("contrast", "softmax")]
     ours = [c for c in dict.fromkeys(t.columns.get_level_values(0)) if c.startswith("ours")][0]
     assert t.loc[("STL-10", "softmax"), (ours, "K=4")] == 12.5
@@ -122,7 +123,7 @@ def test_table3_rows_per_paper_dataset(results):
 
 
 def test_table4_layout(results):
-    t = report.table4(report.collect(results))
+    t = report.table4(runs.collect(results))
     assert list(t.index) == list(report.TABLE4_MODES)
     ours = t["ours (digits)"]
     assert list(ours.columns) == ["K=8 error (%)", "K=8 peak activation (MB)", "K=8 paper-counted memory (MB)",
@@ -135,7 +136,7 @@ def test_paper_counted_memory_beside_ours_and_missing_in_old_results(results):
     """Runs recorded before the paper-counted memory load and show it as '—'; newer ones
     show it beside our peak activations."""
     write_run(results, k=16, mode="R1", final_error=18.0, peak_mb=21.0, paper_mb=55.0)
-    df = report.collect(results)
+    df = runs.collect(results)
     assert df.set_index("run").loc["digits-resnet32-K16-R1-softmax-seed0", "paper_memory_MB"] == pytest.approx(55.0)
     t = report.table4(df)["ours (digits)"]
     assert t.loc["R1", "K=16 paper-counted memory (MB)"] == pytest.approx(55.0)
@@ -147,7 +148,7 @@ def test_paper_counted_memory_beside_ours_and_missing_in_old_results(results):
 
 def test_real_cifar_runs_are_labelled_comparable(tmp_path):
     write_run(tmp_path, dataset="cifar10", k=16, mode="R0", final_error=25.0)
-    t = report.table1(report.collect(tmp_path))
+    t = report.table1(runs.collect(tmp_path))
     assert "InfoPro paper (CIFAR-10 ResNet-32)" in t.columns.get_level_values(0)
 
 
@@ -165,8 +166,8 @@ def _check_written(paths, names):
 
 
 def test_figures_are_written_with_partial_and_no_results(results, tmp_path):
-    df = report.collect(results)
-    for data, out in ((df, tmp_path / "fig"), (report.collect(tmp_path / "empty"), tmp_path / "fig-empty")):
+    df = runs.collect(results)
+    for data, out in ((df, tmp_path / "fig"), (runs.collect(tmp_path / "empty"), tmp_path / "fig-empty")):
         _check_written(report.figure4(data, out), ["figure4_memory_vs_error"])
         _check_written(report.figure4(data, out, authors=True), ["figure4_authors_memory_vs_error"])
         _check_written(report.figure5(data, out), ["figure5_ablation"])
@@ -194,7 +195,7 @@ def tiny_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("info")
     out = root / "runs" / "tiny-K4-R1E"
-    cfg = TrainConfig(dataset=information.stand_in_dataset(), arch="resnet32", k=4, mode="R1E", epochs=1,
+    cfg = TrainConfig(dataset=experiments.stand_in_dataset(), arch="resnet32", k=4, mode="R1E", epochs=1,
                       batch_size=32, lr=0.05, train_subset=128, device="cpu", out_dir=str(out))
     torch.manual_seed(0)
     net = ContSupNet(cfg.model_config())
@@ -218,47 +219,16 @@ def tiny_run(tmp_path_factory):
     return root, cfg
 
 
-TINY = information.Budget(n_train=128, n_test=100, decoder_steps=5, probe_steps=40)
-
-
-def test_layerwise_information_on_a_trained_net(tiny_run):
-    root, cfg = tiny_run
-    rows = information.layerwise_information(cfg.out_dir, budget=TINY)
-    n_layers = 1 + 3 * tables.BLOCKS_PER_STAGE["resnet32"]  # stem + residual blocks
-    assert [r["layer_index"] for r in rows] == list(range(n_layers + 1))  # + the input image
-    assert rows[0]["name"] == "input" and rows[1]["name"] == "stem" and rows[-1]["depth_fraction"] == 1.0
-    assert sum(r["is_cut"] for r in rows) == cfg.k - 1
-    assert [r["module"] for r in rows if r["is_cut"]] == [0, 1, 2]
-    for r in rows:
-        assert math.isfinite(r["psnr_db"]) and r["psnr_db"] > 0
-        assert 0 <= r["probe_accuracy"] <= 100
-    # real behaviour: early features are linearly informative about the digit (chance = 10%)
-    assert max(r["probe_accuracy"] for r in rows[1:4]) > 25
-
-
-def test_layer_stride_keeps_input_and_last(tiny_run):
+def test_load_run_gives_the_trained_net_and_its_layers(tiny_run):
     _, cfg = tiny_run
-    from dataclasses import replace
-    rows = information.layerwise_information(cfg.out_dir, budget=replace(TINY, layer_stride=4, decoder_steps=1,
-                                                                          probe_steps=2))
-    assert [r["layer_index"] for r in rows] == [0, 4, 8, 12, 16]
-
-
-def test_study_writes_and_reuses_its_cache(tiny_run):
-    root, cfg = tiny_run
-    budget = information.Budget(n_train=64, n_test=50, decoder_steps=1, probe_steps=2, layer_stride=8)
-    df = information.study(root, ["tiny-K4-R1E"], budget)
-    csv = root / "motivation" / "information.csv"
-    assert csv.exists() and len(df) == 3 and set(df["method"]) == {"ContSup R1E"}
-    stamp = csv.stat().st_mtime_ns
-    time.sleep(0.01)
-    again = information.study(root, {"ContSup R1E": cfg.out_dir}, budget)
-    assert csv.stat().st_mtime_ns == stamp  # read back, not recomputed
-    pd.testing.assert_frame_equal(df.reset_index(drop=True), again.reset_index(drop=True), check_dtype=False)
-    os.utime(os.path.join(cfg.out_dir, "ckpt.pt"))  # a newer checkpoint invalidates the cache
-    information.study(root, ["tiny-K4-R1E"], budget)
-    assert csv.stat().st_mtime_ns != stamp
-    assert not information.summary(again).empty
+    net, stored = information.load_run(cfg.out_dir)
+    assert not net.training and stored["k"] == cfg.k
+    saved = torch.load(os.path.join(cfg.out_dir, "ckpt.pt"), weights_only=True)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
+    layers = information.layer_table(net)
+    assert len(layers) == 1 + 3 * tables.BLOCKS_PER_STAGE["resnet32"]  # stem + residual blocks
+    assert layers[0]["name"] == "stem" and layers[-1]["name"] == "s3b4"
+    assert [r["module"] for r in layers if r["is_cut"]] == list(range(cfg.k - 1))
 
 
 def test_load_run_names_a_missing_run(tmp_path):
@@ -268,6 +238,6 @@ def test_load_run_names_a_missing_run(tmp_path):
 
 def test_demo_runs_are_never_trained_beside_real_runs(tmp_path, capsys):
     write_run(tmp_path, k=8, mode="R1", finished=False)  # a failed or running registry run
-    df = report.collect_or_demo(tmp_path)
+    df = runs.collect_or_demo(tmp_path)
     assert df.empty and "no finished runs" in capsys.readouterr().out
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["digits-resnet32-K8-R1-softmax-seed0"]

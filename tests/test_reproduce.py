@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from contsup import experiments, reproduce
+from contsup.study import experiments, reproduce, runs
 from contsup.cli import main
 
 
@@ -99,7 +99,7 @@ def test_train_jobs_keeps_the_trainers_error_record(tmp_path, capsys):
     from contsup.train import TrainConfig
     cfg = TrainConfig(dataset="digits8", arch="resnet32", k=4, mode="R1E", epochs=1, warmup_epochs=0, lr=1e6,
                       batch_size=64, train_subset=256, out_dir=str(tmp_path / "nan"), device="cpu")
-    results = reproduce.train_jobs([cfg], progress=False)
+    results = runs.train_jobs([cfg], progress=False)
     assert results["nan"]["error"].startswith("DivergedError: the loss of ")
     record = loads_strict((tmp_path / "nan" / "error.json").read_text())
     assert {"epoch", "step", "module", "losses", "traceback"} <= set(record)

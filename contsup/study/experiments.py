@@ -32,10 +32,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import tables
-from .errors import UsageError
-from .model import parse_mode
-from .train import TrainConfig
+from .. import tables
+from ..errors import UsageError
+from ..model import parse_mode
+from ..train import TrainConfig
 
 # --------------------------------------------------------------------------------------
 # Groups (SPEC §6)
@@ -54,7 +54,7 @@ GROUPS = {
 PROFILES = ("paper", "quick", "smoke")
 MOTIVATION_K = 8   # the K at which the information study compares E2E, GLL and ContSup
 
-KS = (2, 4, 8, 16)
+KS = tables.KS
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class Profile:
 QUICK_EPOCHS, QUICK_BATCH, QUICK_LR = 2, 64, 0.05
 
 
-def _stand_in() -> str:
+def stand_in_dataset() -> str:
     """The embedded data set the quick and smoke profiles train on."""
     return "digits8" if "digits8" in tables.DATA_RECIPES else "digits"
 
@@ -141,9 +141,9 @@ def profile_settings(profile: str) -> Profile:
     if profile == "paper":
         return Profile(None, tables.PAPER_SCHEDULE.epochs, tables.PAPER_SCHEDULE.warmup_epochs, download=True)
     if profile == "quick":
-        return Profile(_stand_in(), QUICK_EPOCHS, 0, QUICK_BATCH, QUICK_LR)
+        return Profile(stand_in_dataset(), QUICK_EPOCHS, 0, QUICK_BATCH, QUICK_LR)
     if profile == "smoke":
-        return Profile(_stand_in(), 1, 0, batch_size=32, lr=0.05, train_subset=64)
+        return Profile(stand_in_dataset(), 1, 0, batch_size=32, lr=0.05, train_subset=64)
     raise UsageError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
 
 

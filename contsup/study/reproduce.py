@@ -26,10 +26,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import fields
@@ -37,11 +35,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import experiments, jsonio
-from .errors import DivergedError, UsageError
-from .train import MAY_CHANGE_ON_RESUME, TrainConfig, _config_json, train
+from .. import jsonio
+from ..errors import UsageError
+from ..train import MAY_CHANGE_ON_RESUME, TrainConfig, _config_json
+from . import experiments
 
-PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the repository root in a checkout
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the repository root in a checkout
 NOTEBOOKS = PACKAGE_PARENT / "notebooks"
 TRAIN_NOTEBOOK = "02_train.ipynb"
 KERNEL = "python3"
@@ -337,121 +336,4 @@ def main(args) -> int:
         return 130
     return summary["exit_code"]
 
-
-# --------------------------------------------------------------------------------------
-# Helpers of notebooks/02_train.ipynb
-def notebook_jobs(config: dict, out_dir: str | None, runs: list | None = None) -> list[TrainConfig]:
-    """The configs a 02_train execution trains: the `runs` handed in by `reproduce`, else
-    the single `config` in `out_dir` (None: a fresh temporary folder)."""
-    if runs:
-        return [TrainConfig.from_dict(c) for c in runs]
-    out_dir = out_dir or tempfile.mkdtemp(prefix="contsup-02_train-")
-    return [TrainConfig.from_dict({**config, "out_dir": out_dir})]
-
-
-def train_jobs(cfgs, progress: bool = True) -> dict[str, dict]:
-    """Train (or resume, or load) each config; a failure is recorded in `<run>/error.json`
-    and in the returned dict ({'error': ...}) instead of stopping the others."""
-    results = {}
-    for cfg in cfgs:
-        name = Path(cfg.out_dir).name
-        try:
-            results[name] = train(cfg, resume=True, progress=progress)
-            (Path(cfg.out_dir) / "error.json").unlink(missing_ok=True)
-        except Exception as e:
-            error = f"{type(e).__name__}: {e}".splitlines()[0]
-            Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-            record = {"error": error}
-            if isinstance(e, DivergedError):  # keep the trainer's error.json (epoch, step, module, losses)
-                path = Path(cfg.out_dir) / "error.json"
-                record |= jsonio.loads_strict(path.read_text()) if path.exists() else e.as_dict()
-            (Path(cfg.out_dir) / "error.json").write_text(
-                jsonio.dumps(record | {"traceback": traceback.format_exc()}, indent=2))
-            results[name] = {"error": error}
-            print(f"{name}: FAILED: {error}")
-    return results
-
-
-def failures(results: dict) -> dict[str, str]:
-    return {name: r["error"] for name, r in results.items() if "error" in r}
-
-
-def learning_curves(cfgs):
-    """Train and test error per epoch of every run, long format (run, epoch, split, error)."""
-    import pandas as pd
-    rows = []
-    for cfg in cfgs:
-        path = Path(cfg.out_dir) / "metrics.jsonl"
-        if not path.exists():
-            continue
-        for line in path.read_text().splitlines():
-            m = json.loads(line)
-            for split in ("train", "test"):
-                rows.append({"run": Path(cfg.out_dir).name, "epoch": m["epoch"] + 1, "split": split,
-                             "error (%)": m[f"{split}_error"]})
-    return pd.DataFrame(rows, columns=["run", "epoch", "split", "error (%)"])
-
-
-def memory_table(cfgs, results: dict):
-    """Peak activation memory of one training step of each finished run and of the same
-    network trained end-to-end (K=1) at the same batch size."""
-    import pandas as pd
-    import torch
-
-    from . import tables
-    from .model import ContSupNet, ModelConfig
-    from .speed.memory import measure_step_memory
-    from .train import pick_device
-    rows, e2e = [], {}
-    for cfg in cfgs:
-        name = Path(cfg.out_dir).name
-        if "error" in results.get(name, {"error": "missing"}):
-            continue
-        key = (cfg.arch, cfg.dataset, cfg.batch_size)
-        if key not in e2e:
-            if cfg.k == 1:
-                e2e[key] = results[name]["peak_activation_bytes"]
-            else:
-                recipe = tables.DATA_RECIPES[cfg.dataset]
-                device = pick_device(cfg.device)
-                gen = torch.Generator().manual_seed(0)
-                x = torch.randn(cfg.batch_size, 3, recipe.image_size, recipe.image_size, generator=gen)
-                y = torch.randint(0, recipe.num_classes, (cfg.batch_size,), generator=gen)
-                net = ContSupNet(ModelConfig(arch=cfg.arch, k=1, mode="R0", dataset=cfg.dataset)).to(device)
-                e2e[key] = measure_step_memory(net, x.to(device), y.to(device))["peak_activation_bytes"]
-        rows.append({"run": name, "training": "this run",
-                     "peak activation (MB)": results[name]["peak_activation_bytes"] / 2**20})
-        if cfg.k > 1:
-            rows.append({"run": name, "training": "end-to-end", "peak activation (MB)": e2e[key] / 2**20})
-    return pd.DataFrame(rows, columns=["run", "training", "peak activation (MB)"])
-
-
-def results_table(cfgs, results: dict):
-    """One row per run: errors, memory, parameters, time (or the error)."""
-    import pandas as pd
-    rows = []
-    for cfg in cfgs:
-        name = Path(cfg.out_dir).name
-        r = results.get(name, {"error": "not run"})
-        if "error" in r:
-            rows.append({"run": name, "error": r["error"]})
-            continue
-        rows.append({"run": name, "final test error (%)": r["final_error"], "best test error (%)": r["best_error"],
-                     "best epoch": r["best_epoch"] + 1,
-                     "peak activation (MB)": round(r["peak_activation_bytes"] / 2**20, 1),
-                     "parameters": sum(r["params"].values()), "train seconds": round(r["train_seconds"], 1)})
-    return pd.DataFrame(rows).set_index("run")
-
-
-def describe_config(cfg: TrainConfig) -> str:
-    """Cut points and parameter counts of a config's network (deterministic)."""
-    from .model import ContSupNet
-    try:
-        net = ContSupNet(cfg.model_config())
-    except UsageError as e:  # shown, not raised: training reports it per run
-        return f"{Path(cfg.out_dir).name}: cannot build the network: {e}"
-    lines = [f"{cfg.arch} K={cfg.k} mode={cfg.mode} loss={cfg.loss} on {cfg.dataset}",
-             f"cut points (stage, block): {net.cuts}"]
-    lines += [f"{part:>17}: {n:,} parameters" for part, n in net.parts().items()]
-    return "\n".join(lines)
 

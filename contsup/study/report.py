@@ -23,163 +23,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import tables
+import torch
 
-KS = (2, 4, 8, 16)
-PAPER_DATASETS = ("cifar10", "stl10", "svhn")
+from .. import tables
+from ..errors import UsageError
+from ..model import ContSupNet, ModelConfig
+from ..speed.memory import measure_step_memory
+from ..train import TrainConfig, pick_device
+from .runs import PAPER_DATASETS, pick_dataset
+
+KS = tables.KS
 DATASET_NAMES = {"cifar10": "CIFAR-10", "svhn": "SVHN", "stl10": "STL-10"}
 ARCH_NAMES = {"resnet32": "ResNet-32", "resnet110": "ResNet-110"}
 CONTSUP_SLOT = "ContSup paper"
 MISSING = "—"
-MB = 2 ** 20
-
-# Columns every collect() frame has, even an empty one (what the tables select on).
-CONFIG_COLUMNS = ["dataset", "arch", "k", "mode", "loss", "head", "reconstruct", "loss_scales", "balanced",
-                  "widen", "epochs", "batch_size", "lr", "warmup_epochs", "train_subset", "seed"]
-RESULT_COLUMNS = ["final_error", "best_error", "best_epoch", "peak_activation_bytes", "cuda_peak_bytes",
-                  "paper_memory_bytes", "peak_activation_MB", "cuda_peak_MB", "paper_memory_MB", "params_backbone", "params_local_heads",
-                  "params_context_encoders", "params_decoders", "n_cuts", "train_seconds", "images_per_s",
-                  "device"]
-COLUMNS = ["run", "run_dir", "paper_dataset", "paper_arch", "groups", "method", *CONFIG_COLUMNS, *RESULT_COLUMNS]
-
-
-# --------------------------------------------------------------------------------------
-# Collecting runs
-def run_dirs(results_dir) -> list[Path]:
-    """Run folders under `<results_dir>/runs/` (or directly under results_dir), finished or not."""
-    root = Path(results_dir)
-    base = root / "runs" if (root / "runs").is_dir() else root
-    if not base.is_dir():
-        return []
-    return sorted(p for p in base.iterdir()
-                  if p.is_dir() and ((p / "config.json").exists() or (p / "result.json").exists()))
-
-
-def _scales_key(scales):
-    return None if scales is None else tuple(round(float(v), 6) for v in scales)
-
-
-def infer_paper_dataset(cfg: dict) -> str:
-    """Which dataset of the paper a run stands for, from its config alone.
-
-    Real data sets stand for themselves. A stand-in (digits) stands for CIFAR-10, except a
-    reconstruction run whose loss scales are those of another data set's table (Table 3
-    trains STL-10's and SVHN's scales on digits under the quick profile).
-    """
-    dataset = cfg.get("dataset")
-    if dataset in PAPER_DATASETS:
-        return dataset
-    scales = _scales_key(cfg.get("loss_scales"))
-    if cfg.get("reconstruct") and scales is not None:
-        tables_ = tables.BALANCED_LOSS_SCALES if cfg.get("balanced") else tables.LOSS_SCALES
-        for data in PAPER_DATASETS:
-            if _scales_key(tables_.get((cfg.get("arch"), data), {}).get(cfg.get("k"))) == scales:
-                return data
-    return "cifar10"
-
-
-def method_label(cfg: dict) -> str:
-    """E2E, R0, E, R1E ..., with '+recon' and '*' (memory-balanced cuts) where they apply."""
-    if cfg.get("k") == 1:
-        return "E2E"
-    return cfg["mode"] + ("*" if cfg.get("balanced") else "") + (" +recon" if cfg.get("reconstruct") else "")
-
-
-def _registry(results_dir, profile):
-    """{run name: (groups, paper_dataset, paper_arch)} from the experiment registry, or {}.
-    Imported lazily: the report works on folders alone when the registry is unavailable."""
-    if profile is None:
-        return {}
-    try:
-        from . import experiments
-        by_group = experiments.runs_by_group(profile, results_dir)
-    except Exception:  # an unknown profile or a registry that does not import: infer instead
-        return {}
-    out: dict[str, tuple] = {}
-    for group, runs in by_group.items():
-        for r in runs:
-            groups = out.get(r.name, ((), r.paper_dataset, r.paper_arch))[0]
-            out[r.name] = (groups + (group,), r.paper_dataset, r.paper_arch)
-    return out
-
-
-def _mean_images_per_s(path: Path):
-    if not path.exists():
-        return np.nan
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return float(np.mean([r["images_per_s"] for r in rows])) if rows else np.nan
-
-
-def collect(results_dir, profile: str | None = None) -> pd.DataFrame:
-    """One row per finished run (a folder with result.json): every config field, every
-    result field, peak memory in MB, parameter counts per part, mean images/s.
-
-    Two memories per run: `peak_activation_MB`, the activations of the path that ran (our
-    lean encoders by default), and `paper_memory_MB`, training memory as the paper counts it
-    on a GPU (parameters + gradients + SGD momentum + the authors' plain encoders'
-    activations; train.measure_step_memory). Only the second stands beside the paper's
-    numbers; it is NaN (shown "—") for runs written before it was recorded.
-
-    With `profile`, the experiment registry names each run's groups and the paper entry it
-    stands for; without, those are inferred from the config (`infer_paper_dataset`).
-    """
-    registry = _registry(results_dir, profile)
-    rows = []
-    for d in run_dirs(results_dir):
-        if not (d / "result.json").exists():
-            continue
-        try:
-            result = json.loads((d / "result.json").read_text())
-        except json.JSONDecodeError:  # being written right now: not finished for us
-            continue
-        cfg = result.get("config") or json.loads((d / "config.json").read_text())
-        groups, paper_dataset, paper_arch = registry.get(d.name, ((), infer_paper_dataset(cfg), cfg.get("arch")))
-        row = {"run": d.name, "run_dir": str(d), "paper_dataset": paper_dataset, "paper_arch": paper_arch,
-               "groups": ",".join(groups), "method": method_label(cfg)}
-        row.update(cfg)
-        row["loss_scales"] = _scales_key(cfg.get("loss_scales"))
-        for key in ("final_error", "best_error", "best_epoch", "peak_activation_bytes", "cuda_peak_bytes",
-                    "paper_memory_bytes", "train_seconds", "device"):  # a result.json older than a key: NaN
-            row[key] = result.get(key)
-        for part, n in (result.get("params") or {}).items():
-            row[f"params_{part}"] = n
-        row["n_cuts"] = len(result.get("cuts") or [])
-        row["images_per_s"] = _mean_images_per_s(d / "metrics.jsonl")
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    for col in COLUMNS:
-        if col not in df:
-            df[col] = pd.Series(dtype=object if col in ("run", "run_dir", "dataset", "mode", "loss") else float)
-    for col in ("peak_activation_bytes", "cuda_peak_bytes", "paper_memory_bytes", "final_error", "best_error"):
-        df[col] = pd.to_numeric(df[col], errors="coerce")
-    df["peak_activation_MB"] = df["peak_activation_bytes"] / MB
-    df["cuda_peak_MB"] = df["cuda_peak_bytes"] / MB
-    df["paper_memory_MB"] = df["paper_memory_bytes"] / MB
-    extra = [c for c in df.columns if c not in COLUMNS]
-    return df[COLUMNS + extra].reset_index(drop=True)
-
-
-def collect_or_demo(results_dir, profile: str | None = None, progress: bool = False) -> pd.DataFrame:
-    """`collect`; when `<results_dir>/runs` holds no run at all, first train a small demo set
-    there (E2E and K=4 R0/E/R1E on the embedded digits, seconds each, named `demo-...` so
-    that they never pass for a registry run): what lets the notebooks run on their own."""
-    df = collect(results_dir, profile)
-    if df.empty and not has_runs(results_dir):
-        from .information import train_demo_runs
-        print(f"note: no runs in {results_dir}; training a small demo set there "
-              f"(E2E and K=4 R0/E/R1E on digits) so that there is something to show.")
-        train_demo_runs(Path(results_dir) / "runs", progress=progress)
-        df = collect(results_dir, profile)
-    elif df.empty:
-        print(f"note: no finished runs in {results_dir} yet; the tables and figures below are empty.")
-    return df
-
-
-def has_runs(results_dir) -> bool:
-    """Whether `<results_dir>/runs` holds any run folder, finished or not."""
-    runs = Path(results_dir) / "runs"
-    return runs.is_dir() and any(p.is_dir() for p in runs.iterdir())
-
 
 def inventory(df: pd.DataFrame) -> pd.DataFrame:
     """The finished runs at a glance."""
@@ -203,19 +60,6 @@ def _sel(df: pd.DataFrame, **where) -> pd.DataFrame:
 def _mean(df: pd.DataFrame, metric: str) -> float:
     values = pd.to_numeric(df[metric], errors="coerce").dropna()
     return float(values.mean()) if len(values) else np.nan
-
-
-def pick_dataset(df: pd.DataFrame, paper_dataset: str = "cifar10", dataset: str | None = None) -> str | None:
-    """The trained dataset standing for `paper_dataset`: the real one if present, else the
-    stand-in with the most runs; `dataset` forces a choice."""
-    if dataset is not None:
-        return dataset
-    rows = df[df["paper_dataset"] == paper_dataset]
-    if rows.empty:
-        return None
-    if (rows["dataset"] == paper_dataset).any():
-        return paper_dataset
-    return rows["dataset"].value_counts().index[0]
 
 
 def _pick_arch(df: pd.DataFrame, want: str, arch: str | None) -> str:
@@ -398,6 +242,80 @@ def save_tables(tables_: dict[str, pd.DataFrame], out_dir) -> list[Path]:
         (out / f"{name}.txt").write_text(format_table(t).to_string() + "\n")
         paths += [out / f"{name}.csv", out / f"{name}.txt"]
     return paths
+
+
+# --------------------------------------------------------------------------------------
+# Tables of a list of runs (notebooks/02_train.ipynb)
+def learning_curves(cfgs):
+    """Train and test error per epoch of every run, long format (run, epoch, split, error)."""
+    import pandas as pd
+    rows = []
+    for cfg in cfgs:
+        path = Path(cfg.out_dir) / "metrics.jsonl"
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            m = json.loads(line)
+            for split in ("train", "test"):
+                rows.append({"run": Path(cfg.out_dir).name, "epoch": m["epoch"] + 1, "split": split,
+                             "error (%)": m[f"{split}_error"]})
+    return pd.DataFrame(rows, columns=["run", "epoch", "split", "error (%)"])
+
+
+def memory_table(cfgs, results: dict):
+    """Peak activation memory of one training step of each finished run and of the same
+    network trained end-to-end (K=1) at the same batch size."""
+    rows, e2e = [], {}
+    for cfg in cfgs:
+        name = Path(cfg.out_dir).name
+        if "error" in results.get(name, {"error": "missing"}):
+            continue
+        key = (cfg.arch, cfg.dataset, cfg.batch_size)
+        if key not in e2e:
+            if cfg.k == 1:
+                e2e[key] = results[name]["peak_activation_bytes"]
+            else:
+                recipe = tables.DATA_RECIPES[cfg.dataset]
+                device = pick_device(cfg.device)
+                gen = torch.Generator().manual_seed(0)
+                x = torch.randn(cfg.batch_size, 3, recipe.image_size, recipe.image_size, generator=gen)
+                y = torch.randint(0, recipe.num_classes, (cfg.batch_size,), generator=gen)
+                net = ContSupNet(ModelConfig(arch=cfg.arch, k=1, mode="R0", dataset=cfg.dataset)).to(device)
+                e2e[key] = measure_step_memory(net, x.to(device), y.to(device))["peak_activation_bytes"]
+        rows.append({"run": name, "training": "this run",
+                     "peak activation (MB)": results[name]["peak_activation_bytes"] / 2**20})
+        if cfg.k > 1:
+            rows.append({"run": name, "training": "end-to-end", "peak activation (MB)": e2e[key] / 2**20})
+    return pd.DataFrame(rows, columns=["run", "training", "peak activation (MB)"])
+
+
+def results_table(cfgs, results: dict):
+    """One row per run: errors, memory, parameters, time (or the error)."""
+    import pandas as pd
+    rows = []
+    for cfg in cfgs:
+        name = Path(cfg.out_dir).name
+        r = results.get(name, {"error": "not run"})
+        if "error" in r:
+            rows.append({"run": name, "error": r["error"]})
+            continue
+        rows.append({"run": name, "final test error (%)": r["final_error"], "best test error (%)": r["best_error"],
+                     "best epoch": r["best_epoch"] + 1,
+                     "peak activation (MB)": round(r["peak_activation_bytes"] / 2**20, 1),
+                     "parameters": sum(r["params"].values()), "train seconds": round(r["train_seconds"], 1)})
+    return pd.DataFrame(rows).set_index("run")
+
+
+def describe_config(cfg: TrainConfig) -> str:
+    """Cut points and parameter counts of a config's network (deterministic)."""
+    try:
+        net = ContSupNet(cfg.model_config())
+    except UsageError as e:  # shown, not raised: training reports it per run
+        return f"{Path(cfg.out_dir).name}: cannot build the network: {e}"
+    lines = [f"{cfg.arch} K={cfg.k} mode={cfg.mode} loss={cfg.loss} on {cfg.dataset}",
+             f"cut points (stage, block): {net.cuts}"]
+    lines += [f"{part:>17}: {n:,} parameters" for part, n in net.parts().items()]
+    return "\n".join(lines)
 
 
 def reference_table() -> pd.DataFrame:

@@ -72,13 +72,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from .. import experiments, tables
+from .. import tables
 from ..data import random_batch
 from ..errors import UsageError
 from ..model import ContSupNet, ModelConfig
 from ..step import local_learning_step
+from ..speed.encoders import set_context_impl
 from ..train import TrainConfig
-from .encoders import set_context_impl
+from . import experiments
 
 # --------------------------------------------------------------------------------------
 # Assumptions (see the module docstring)
