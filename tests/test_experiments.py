@@ -9,7 +9,7 @@ from contsup.errors import UsageError
 from contsup.model import ContSupNet, parse_mode
 
 COUNTS = {"e2e": 4, "table1": 4, "table2": 16, "table3": 24, "figure4": 16, "figure4-authors": 12, "figure5": 44,
-          "table4": 13, "motivation": 4}
+          "table4": 13, "motivation": 4, "headline": 15}
 
 
 def test_every_group_is_counted():
@@ -51,13 +51,14 @@ def test_expand_all_dedups_by_name(profile, tmp_path):
 
 def test_paper_profile_uses_the_paper_recipe(tmp_path):
     runs = experiments.expand_all("paper", tmp_path)
-    assert len(runs) == 89
+    assert len(runs) == 99  # 89 distinct runs of the paper, + seeds 1 and 2 of the 5 headline configs
     recipe = {"cifar10": (1024, 0.8), "svhn": (1024, 0.8), "stl10": (128, 0.1)}
     for r in runs:
         c = r.config
         assert (c.epochs, c.warmup_epochs, c.train_subset) == (160, 10, None)
         assert (c.batch_size, c.lr) == recipe[c.dataset]
-        assert c.head == "1c2f" and c.widen == 1.0 and c.seed == 0
+        assert c.head == "1c2f" and c.widen == 1.0
+        assert c.seed == 0 or r.group == "headline"   # only the headline repeats seeds
     datasets = {(r.config.dataset, r.config.arch) for r in runs}
     assert datasets == {("cifar10", "resnet32"), ("cifar10", "resnet110"), ("svhn", "resnet110"),
                         ("stl10", "resnet110")}
@@ -144,3 +145,19 @@ def test_quick_and_smoke_stand_in_honestly(tmp_path):
 def test_unknown_names_raise_usage_error(call, hint, tmp_path):
     with pytest.raises(UsageError, match=hint):
         call(tmp_path)
+
+
+@pytest.mark.parametrize("profile", ["quick", "paper"])
+def test_headline_adds_only_the_new_seeds(profile, tmp_path):
+    """Seed 0 of every headline config is Table 1's (or the E2E baseline's) run; seeds 1 and 2
+    are new runs, named apart by their seed."""
+    without = {r.name for r in experiments.expand_all(profile, tmp_path, [g for g in experiments.GROUPS
+                                                                        if g != "headline"])}
+    headline = experiments.expand("headline", profile, tmp_path)
+    assert {r.config.seed for r in headline} == set(experiments.HEADLINE_SEEDS)
+    new = {r.name for r in headline} - without
+    assert len(new) == 5 * (len(experiments.HEADLINE_SEEDS) - 1)
+    assert all(not name.endswith("seed0") for name in new)
+    seed0 = {r.name for r in headline if r.config.seed == 0}
+    assert seed0 <= without and len(seed0) == 5
+

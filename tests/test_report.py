@@ -241,3 +241,29 @@ def test_demo_runs_are_never_trained_beside_real_runs(tmp_path, capsys):
     df = runs.collect_or_demo(tmp_path)
     assert df.empty and "no finished runs" in capsys.readouterr().out
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["digits-resnet32-K8-R1-softmax-seed0"]
+
+
+def test_headline_mean_sd_and_what_is_beyond_seed_noise(tmp_path):
+    """Three seeds each: R1E is far better than R0 (beyond noise), E barely differs from R0
+    (within noise); the numbers are the plain mean and sample sd of the seeds."""
+    errors = {"R0": (60.0, 62.0, 64.0), "E": (59.0, 63.0, 61.5), "R1E": (40.0, 41.0, 42.0)}
+    for mode, values in errors.items():
+        for seed, err in enumerate(values):
+            write_run(tmp_path, k=16, mode=mode, final_error=err, seed=seed)
+    for seed, err in enumerate((30.0, 31.0, 29.0)):
+        write_run(tmp_path, k=1, mode="R0", final_error=err, seed=seed)
+    df = runs.collect(tmp_path)
+    h = report.headline(df)
+    assert list(h.index) == ["E2E", "R0", "E", "R1E"]          # R1 was not trained
+    assert h.loc["R1E", "mean (%)"] == pytest.approx(41.0) and h.loc["R1E", "sd (%)"] == pytest.approx(1.0)
+    assert (h["seeds"] == 3).all()
+    noise = report.seed_noise(df).set_index("comparison")
+    assert bool(noise.loc["R1E - R0", "beyond noise"]) and noise.loc["R1E - R0", "difference (points)"] < -15
+    assert not bool(noise.loc["E - R0", "beyond noise"])
+    assert bool(noise.loc["R0 - E2E", "beyond noise"])
+    paths = report.headline_figure(df, tmp_path / "fig")
+    assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+
+
+def test_seed_noise_needs_two_seeds_a_side(results):
+    assert report.seed_noise(runs.collect(results)).empty  # one seed per config: no verdict

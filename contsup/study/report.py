@@ -228,8 +228,76 @@ def table4(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_er
     return _frame(rows, columns, "mode")
 
 
+# --------------------------------------------------------------------------------------
+# The headline: Table 1 over seeds
+HEADLINE_METHODS = ["E2E", "R0", "E", "R1", "R1E"]
+
+
+def headline_runs(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_error") -> pd.DataFrame:
+    """Every seed of Table 1's configurations (ResNet-32: E2E, and K=16 softmax R0/E/R1/R1E),
+    long format: method, seed, test error (%)."""
+    dataset = pick_dataset(df, "cifar10", dataset)
+    base = _sel(df, dataset=dataset, arch="resnet32", reconstruct=False, balanced=False)
+    rows = []
+    for method in HEADLINE_METHODS:
+        sel = _sel(base, k=1) if method == "E2E" else _sel(base, k=16, mode=method, loss="softmax")
+        rows += [{"method": method, "seed": int(r["seed"]), "test error (%)": float(r[metric])}
+                 for _, r in sel.iterrows() if pd.notna(r[metric])]
+    return pd.DataFrame(rows, columns=["method", "seed", "test error (%)"])
+
+
+def headline(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_error") -> pd.DataFrame:
+    """Per method: mean and standard deviation of the test error over seeds, and how many."""
+    runs = headline_runs(df, dataset, metric)
+    g = runs.groupby("method", sort=False)["test error (%)"]
+    out = pd.DataFrame({"mean (%)": g.mean(), "sd (%)": g.std(ddof=1), "seeds": g.count()})
+    return out.reindex([m for m in HEADLINE_METHODS if m in out.index]).rename_axis("method")
+
+
+def seed_noise(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_error") -> pd.DataFrame:
+    """Which differences of the headline are beyond seed noise: for every context mode against
+    plain greedy learning (R0) and every local method against E2E, the difference of the
+    means and twice its standard error, sqrt(sd_a^2/n_a + sd_b^2/n_b) (about a 95 % interval
+    for normal noise); `beyond noise` when |difference| exceeds it. Needs 2+ seeds a side."""
+    h = headline(df, dataset, metric)
+    pairs = [(m, "R0") for m in ("E", "R1", "R1E")] + [(m, "E2E") for m in ("R0", "E", "R1", "R1E")]
+    rows = []
+    for a, b in pairs:
+        if a not in h.index or b not in h.index or min(h.loc[a, "seeds"], h.loc[b, "seeds"]) < 2:
+            continue
+        diff = h.loc[a, "mean (%)"] - h.loc[b, "mean (%)"]
+        two_se = 2 * math.sqrt(h.loc[a, "sd (%)"] ** 2 / h.loc[a, "seeds"] + h.loc[b, "sd (%)"] ** 2 / h.loc[b, "seeds"])
+        rows.append({"comparison": f"{a} - {b}", "difference (points)": diff, "2 SE (points)": two_se,
+                     "beyond noise": bool(abs(diff) > two_se)})
+    return pd.DataFrame(rows, columns=["comparison", "difference (points)", "2 SE (points)", "beyond noise"])
+
+
+def headline_figure(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: str = "final_error",
+                    show: bool = False) -> list[Path]:
+    """Table 1 as bars: mean test error over seeds with a one-standard-deviation error bar,
+    every seed a dot; the InfoPro reference (E2E, greedy SL) as a dashed line where comparable."""
+    plt, sns = _plt()
+    dataset = pick_dataset(df, "cifar10", dataset)
+    runs = headline_runs(df, dataset, metric)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    if runs.empty:
+        _note(ax, "no Table 1 runs yet")
+    else:
+        order = [m for m in HEADLINE_METHODS if (runs["method"] == m).any()]
+        sns.barplot(runs, x="method", y="test error (%)", order=order, errorbar="sd", color="C0", alpha=0.6,
+                    capsize=0.2, ax=ax)
+        sns.stripplot(runs, x="method", y="test error (%)", order=order, color="k", size=4, ax=ax)
+        seeds = runs.groupby("method")["seed"].nunique()
+        ax.set_xticks(range(len(order)), [f"{m}\n({seeds[m]} seed{'s' if seeds[m] > 1 else ''})" for m in order])
+        ax.set_xlabel("")
+        ax.set_title(f"Table 1 over seeds: ResNet-32, K=16, softmax local heads; trained on {dataset}",
+                     fontsize=10)
+    return _save(fig, figures_dir, "headline_table1_seeds", show)
+
+
 def all_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    return {"table1": table1(df), "table2": table2(df), "table3": table3(df), "table4": table4(df)}
+    return {"table1": table1(df), "table2": table2(df), "table3": table3(df), "table4": table4(df),
+            "headline": headline(df), "seed_noise": seed_noise(df)}
 
 
 def save_tables(tables_: dict[str, pd.DataFrame], out_dir) -> list[Path]:
