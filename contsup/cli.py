@@ -1,20 +1,23 @@
 """Command line: `python -m contsup train|describe|download ...`.
 
-Every bad input ends in one line on stderr naming the valid choices, and exit status 2.
+Every bad input ends in one line on stderr naming the valid choices (or the fix), and exit
+status 2; an error of the file system itself (disk full...) in one line and exit status 1.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from . import reproduce, tables
-from .errors import UsageError
+from .errors import UsageError, check_writable_folder
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: one line, exit 2, no usage dump
-        raise UsageError(f"{message} (see `python -m contsup {self.prog.split()[-1]} --help`)")
+        command = " ".join(self.prog.split()[1:])  # "" for the top level, else the subcommand
+        raise UsageError(f"{message} (see `python -m contsup {command + ' ' if command else ''}--help`)")
 
 
 def _scales(text: str):
@@ -83,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .estimate import add_arguments as estimate_arguments
     e = sub.add_parser("estimate", help="GPU-hours of a profile's runs on an H100, from FLOPs counted on the CPU")
     estimate_arguments(e)
+    parser.subcommands = sub.choices  # name -> its parser, whose error() names its --help
     return parser
 
 
@@ -92,14 +96,21 @@ def _model_kwargs(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from .train import TrainConfig, train
-    out = args.out or f"runs/{args.dataset}-{args.arch}-K{args.k}-{args.mode}-{args.loss}"
+    from .train import TrainConfig, pick_device, train
+    out = args.out if args.out is not None else f"runs/{args.dataset}-{args.arch}-K{args.k}-{args.mode}-{args.loss}"
     cfg = TrainConfig(**_model_kwargs(args), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       warmup_epochs=args.warmup_epochs, data_root=args.data_root, download=args.download,
                       train_subset=args.train_subset, out_dir=out, device=args.device, seed=args.seed,
                       context_impl=args.context_impl, channels_last=not args.no_channels_last, bf16=args.bf16,
                       cudnn_benchmark=not args.no_cudnn_benchmark, torch_compile=args.compile,
                       reuse_cpu_memory=not args.no_reuse_cpu_memory)
+    # train() checks these first too; here they come before the note below, so that a bad input
+    # is one line and nothing else
+    cfg.model_config()
+    pick_device(cfg.device)
+    check_writable_folder(out, "--out")
+    if args.resume and not any((Path(out) / name).exists() for name in ("ckpt.pt", "result.json")):
+        print(f"contsup: note: nothing to resume in {out} (no ckpt.pt); starting a fresh run", file=sys.stderr)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"{out}: test error {result['final_error']:.2f}% (best {result['best_error']:.2f}% "
           f"at epoch {result['best_epoch']}), peak activation memory "
@@ -166,11 +177,18 @@ COMMANDS = {"train": cmd_train, "describe": cmd_describe, "download": cmd_downlo
 
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named with the subcommand whose --help lists the valid flags
+            parser.subcommands[args.command].error(
+                f"unrecognized arguments: {' '.join(extra)}")
         return COMMANDS[args.command](args)
     except UsageError as e:
         print(f"contsup: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system said no (disk full, a file vanished...): one line, not a traceback
+        print(f"contsup: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("contsup: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
         return 130

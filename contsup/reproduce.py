@@ -38,8 +38,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from . import experiments
-from .errors import UsageError
-from .train import MAY_CHANGE_ON_RESUME, TrainConfig, _config_json, train
+from .errors import UsageError, check_writable_folder
+from .train import MAY_CHANGE_ON_RESUME, TrainConfig, _config_json, read_run_json, train
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # the repository root in a checkout
 NOTEBOOKS = PACKAGE_PARENT / "notebooks"
@@ -131,8 +131,9 @@ def _notebook_config(cfg: TrainConfig) -> dict:
 def _stale_keys(run) -> list[str]:
     """Config keys in which a finished run folder differs from what the registry asks for
     (e.g. after the quick profile's scaling changed); where a run lives may differ."""
+    result = read_run_json(run.out_dir / "result.json")  # a damaged file is named now, before any training
     path = run.out_dir / "config.json"
-    stored = json.loads(path.read_text()) if path.exists() else {}
+    stored = read_run_json(path) if path.exists() else result.get("config", {})
     wanted = _config_json(run.config)
     default = {f.name: f.default for f in fields(TrainConfig)}  # a key newer than the run: its default
     return sorted(k for k in set(stored) | set(wanted)
@@ -282,6 +283,10 @@ def reproduce(profile: str, out=None, only=None, runs=None, notebook_per: str | 
     notebook_per = notebook_per or ("run" if profile == "paper" else "group")
     jobs = default_jobs(profile) if jobs is None else jobs
     check_jobs(jobs)
+    figures = Path(figures_dir or DEFAULT_FIGURES.get(profile, out / "figures"))
+    check_writable_folder(out, "--out")
+    if analysis:
+        check_writable_folder(figures, "--figures-dir")
     out.mkdir(parents=True, exist_ok=True)
     print(f"reproduce --profile {profile}: {len(runs)} runs in {out}/runs "
           f"(groups: {', '.join(groups)}; one notebook per {notebook_per}; {jobs} at a time)", flush=True)
@@ -292,7 +297,6 @@ def reproduce(profile: str, out=None, only=None, runs=None, notebook_per: str | 
     if analysis:
         names = (["01_information_motivation.ipynb"] if "motivation" in groups else []) + \
                 ["03_tables.ipynb", "04_figures.ipynb"]
-        figures = Path(figures_dir or DEFAULT_FIGURES.get(profile, out / "figures"))
         notebooks = run_notebooks(names, out, profile, figures)
 
     count = lambda key: sum(s["status"] == key for s in statuses)  # noqa: E731
@@ -344,7 +348,16 @@ def notebook_jobs(config: dict, out_dir: str | None, runs: list | None = None) -
     """The configs a 02_train execution trains: the `runs` handed in by `reproduce`, else
     the single `config` in `out_dir` (None: a fresh temporary folder)."""
     if runs:
-        return [TrainConfig.from_dict(c) for c in runs]
+        if not isinstance(runs, (list, tuple)):
+            raise UsageError(f"runs must be a list of config dicts, got {type(runs).__name__}")
+        jobs = []
+        for i, c in enumerate(runs):
+            try:
+                jobs.append(TrainConfig.from_dict(c))
+            except UsageError as e:  # which run of the list, by its folder when it has one
+                where = c.get("out_dir") if isinstance(c, dict) else None
+                raise UsageError(f"runs[{i}]{f' ({where})' if where else ''}: {e}") from None
+        return jobs
     out_dir = out_dir or tempfile.mkdtemp(prefix="contsup-02_train-")
     return [TrainConfig.from_dict({**config, "out_dir": out_dir})]
 

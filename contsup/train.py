@@ -7,6 +7,7 @@ finished, `result.json`.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
 import os
@@ -20,10 +21,10 @@ from tqdm.auto import tqdm
 
 from . import tables
 from .data import DeviceLoader, denormalize, load_dataset
-from .errors import UsageError
+from .errors import UsageError, check_bool, check_float, check_int, check_str, check_writable_folder
 from .losses import head_loss, reconstruction_loss
 from .memory import cuda_peak_bytes, peak_activation_bytes, reuse_freed_cpu_memory
-from .model import ContSupNet, ModelConfig, set_context_impl
+from .model import ContSupNet, ModelConfig, check_model_fields, set_context_impl
 
 
 @dataclass
@@ -60,33 +61,41 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        """Every field's type and range, so that a bad value from the CLI, a notebook
+        parameter or the Python API fails here in one line, not hours into training. The
+        combinations (cut tables, mode vs K) are the model's: `model_config()` checks them."""
+        check_model_fields(self)
         recipe = tables.check_dataset(self.dataset)
         self.batch_size = recipe.batch_size if self.batch_size is None else self.batch_size
         self.lr = recipe.lr if self.lr is None else self.lr
-        for name in ("epochs", "batch_size", "k"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise UsageError(f"--lr must be positive, got {self.lr}")
-        if self.warmup_epochs < 0 or (self.train_subset is not None and self.train_subset < 1):
-            raise UsageError("--warmup-epochs must be >= 0 and --train-subset >= 1")
-        if self.loss_scales is not None:
-            self.loss_scales = tuple(float(v) for v in self.loss_scales)
-            if len(self.loss_scales) != 4:
-                raise UsageError("--loss-scales takes four numbers: ixx_1,ixy_1,ixx_2,ixy_2")
+        self.epochs = check_int("epochs", self.epochs, 1)
+        self.batch_size = check_int("batch_size", self.batch_size, 1)
+        self.lr = check_float("lr", self.lr, 0.0)
+        self.warmup_epochs = check_int("warmup_epochs", self.warmup_epochs, 0)
+        if self.train_subset is not None:
+            self.train_subset = check_int("train_subset", self.train_subset, 1)
+        self.seed = check_int("seed", self.seed, 0, 2**63 - 1)  # what torch.manual_seed takes
+        for name in ("data_root", "out_dir", "device"):
+            setattr(self, name, check_str(name, getattr(self, name)))
+        for name in ("download", "channels_last", "bf16", "cudnn_benchmark", "torch_compile", "reuse_cpu_memory"):
+            check_bool(name, getattr(self, name))
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        if not isinstance(d, dict):
+            raise UsageError(f"a run config is a dict of TrainConfig fields, got {type(d).__name__} {d!r:.60}")
         if "lean_context" in d:  # the key before context_impl (run folders written before it)
             d = {"context_impl": "lean" if d["lean_context"] else "fused"} | d
             del d["lean_context"]
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(str(k) for k in set(d) - known)
         if unknown:
-            raise UsageError(f"unknown config keys {unknown}; valid keys: {', '.join(sorted(known))}")
+            close = [m for k in unknown for m in difflib.get_close_matches(k, known, 1)]
+            raise UsageError(f"unknown config keys {unknown}" + (f" (did you mean {close}?)" if close else "")
+                             + "; the keys are the fields of contsup.train.TrainConfig")
         return cls(**d)
 
 
@@ -101,9 +110,17 @@ def pick_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"unknown device '{name}'; choose auto, cpu, cuda, cuda:N or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):  # meta, xla...: not training devices
+        raise UsageError(f"unknown device '{name}'; choose auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...); "
+                         f"use --device cuda or auto")
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not (mps and mps.is_available()):
+        raise UsageError("--device mps asked for, but this PyTorch has no Apple GPU; use --device cpu or auto")
     return device
 
 
@@ -222,12 +239,34 @@ def _atomic_save(obj, path: Path, as_json: bool = False):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict:
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "config", "data_rng", "torch_rng", "best", "memory")
+
+
+def load_checkpoint(path: Path, keys=("model", "config")) -> dict:
+    """The checkpoint, which must hold `keys` (resuming needs all of CHECKPOINT_KEYS)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        error = None if isinstance(ckpt, dict) and all(k in ckpt for k in keys) \
+            and isinstance(ckpt["config"], dict) else "not a checkpoint of this trainer"
     except Exception as e:  # any unreadable file: name it and the way out
-        raise UsageError(f"checkpoint {path} is unreadable ({type(e).__name__}); "
-                         f"move it away to start the run over") from None
+        error = type(e).__name__
+    if error:
+        raise UsageError(f"checkpoint {path} is unreadable ({error}); move it away to start the run over")
+    return ckpt
+
+
+def read_run_json(path: Path) -> dict:
+    """config.json or result.json of a run folder; a truncated or foreign file is a
+    UsageError naming it (a run folder is never rewritten to 'repair' it)."""
+    try:
+        value = json.loads(path.read_text())
+        error = None if isinstance(value, dict) else f"holds a {type(value).__name__}, not an object"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        error = type(e).__name__
+    if error:
+        raise UsageError(f"{path} is unreadable ({error}); move it (or its whole run folder) away, "
+                         f"or use another --out")
+    return value
 
 
 # Where a run lives and how fast it runs may change between its start and its resume;
@@ -241,25 +280,54 @@ def _config_json(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(asdict(cfg)))  # tuples -> lists, as they come back from disk
 
 
+def _epoch_of(line: str) -> float:
+    """The epoch of a metrics line; a line cut short by a kill while it was written counts as
+    after the checkpoint (it is written before the checkpoint of its epoch), so it is dropped."""
+    try:
+        return json.loads(line)["epoch"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def check_same_config(cfg: TrainConfig, stored: dict, path: Path) -> None:
+    """Refuse to continue (or to report) a run that `path` says was another config."""
+    now = _config_json(cfg)
+    if not isinstance(stored, dict):
+        raise UsageError(f"{path} holds no config; move the run folder {path.parent} away or use another --out")
+    then = _config_json(TrainConfig(dataset=cfg.dataset)) | stored  # keys added since: defaults
+    diff = sorted(k for k in set(now) | set(then) if k not in MAY_CHANGE_ON_RESUME and then.get(k) != now.get(k))
+    if diff:
+        raise UsageError(f"{path} was written by a different config (differs in {diff}); "
+                         f"use another --out or the same settings")
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train one configuration; returns (and writes) its result. With `resume`, continue from
-    the run folder's checkpoint; without, refuse to touch a folder that already holds a run."""
+    the run folder's checkpoint (or return the result of a finished run of the same config);
+    without, refuse to touch a folder that already holds a run."""
+    cfg.model_config()  # the model's combinations (cut tables, mode vs K): refused before any file is touched
     out = Path(cfg.out_dir)
+    check_writable_folder(out, "--out")
     ckpt_path, metrics_path, result_path = out / "ckpt.pt", out / "metrics.jsonl", out / "result.json"
+    config_path = out / "config.json"
     ckpt = None
     if ckpt_path.exists() or result_path.exists():
         if not resume:
             raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        if result_path.exists():  # finished: its result, if it is the result of this very config
+            result = read_run_json(result_path)
+            if "config" in result:  # (result files of the first versions have none)
+                check_same_config(cfg, result["config"], result_path)
+        else:
+            ckpt = load_checkpoint(ckpt_path, CHECKPOINT_KEYS)
+            check_same_config(cfg, ckpt["config"], ckpt_path)
+        if config_path.exists():
+            check_same_config(cfg, read_run_json(config_path), config_path)
         if result_path.exists():
-            return json.loads(result_path.read_text())
-        ckpt = load_checkpoint(ckpt_path)
-        now = _config_json(cfg)
-        then = _config_json(TrainConfig(dataset=cfg.dataset)) | ckpt["config"]  # keys added since: defaults
-        diff = sorted(k for k in set(now) | set(then)
-                      if k not in MAY_CHANGE_ON_RESUME and then.get(k) != now.get(k))
-        if diff:
-            raise UsageError(f"{ckpt_path} was written by a different config (differs in {diff}); "
-                             f"use another --out or the same settings")
+            return result
+    elif not resume and (config_path.exists() or metrics_path.exists()):
+        raise UsageError(f"{out} holds a run that stopped before its first checkpoint; pass --resume to "
+                         f"start it over or choose another --out")
 
     device = pick_device(cfg.device)
     if device.type == "cpu" and cfg.reuse_cpu_memory:
@@ -283,7 +351,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         start_epoch, best, memory = ckpt["epoch"] + 1, tuple(ckpt["best"]), ckpt["memory"]
         # Drop metric lines of an epoch that finished after the last checkpoint.
         if metrics_path.exists():
-            lines = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["epoch"] < start_epoch]
+            lines = [l for l in metrics_path.read_text().splitlines() if _epoch_of(l) < start_epoch]
             metrics_path.write_text("".join(l + "\n" for l in lines))
     else:
         _atomic_save(_config_json(cfg), out / "config.json", as_json=True)
