@@ -344,11 +344,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     out.mkdir(parents=True, exist_ok=True)
     start_epoch, best, memory = 0, (math.inf, -1), None
     if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["data_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        start_epoch, best, memory = ckpt["epoch"] + 1, tuple(ckpt["best"]), ckpt["memory"]
+        try:  # a checkpoint of this config whose tensors do not fit (damaged, or from other code)
+            net.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            gen.set_state(ckpt["data_rng"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            start_epoch, best, memory = ckpt["epoch"] + 1, tuple(ckpt["best"]), ckpt["memory"]
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"checkpoint {ckpt_path} does not fit this network ({type(e).__name__}); "
+                             f"move it away to start the run over") from None
         # Drop metric lines of an epoch that finished after the last checkpoint.
         if metrics_path.exists():
             lines = [l for l in metrics_path.read_text().splitlines() if _epoch_of(l) < start_epoch]

@@ -4,7 +4,7 @@ One table of cases, each an argv for `contsup.cli.main` plus a setup that prepar
 in the case's own tmp folder (a copy of one tiny finished run, fake datasets in their real
 on-disk formats from test_data.py, stray files where folders should be). Each case checks:
 the exit status, exactly one stderr line starting with `contsup: error:` (at most 200
-characters, not counting the tmp folder's path), no traceback, and that the whole tmp
+characters, not counting paths the user typed), no traceback, and that the whole tmp
 folder tree (names and bytes) is unchanged. A few cases run `python -m contsup` in a real
 process; the notebook parameters of 02_train are checked through `notebook_jobs` and one
 papermill execution.
@@ -103,6 +103,12 @@ def not_a_checkpoint(t, run):
     torch.save({"weights": torch.zeros(3)}, t / "run" / "ckpt.pt")
 
 
+def checkpoint_of_other_weights(t, run):  # every key there, the weights of another network
+    unfinished(t, run)
+    ckpt = torch.load(t / "run" / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "model": {"fc.weight": torch.zeros(2, 2)}}, t / "run" / "ckpt.pt")
+
+
 def started_no_checkpoint(t, run):  # killed during its first epoch: config and metrics, no ckpt
     finished(t, run)
     for name in ("ckpt.pt", "result.json"):
@@ -186,6 +192,7 @@ CASES = [
     Case("resume-out-is-a-file", TRAIN + ["--resume"], "is a file, not a folder", a_file("run")),
     Case("out-read-only", ["train", *SMOKE, "--out", "{t}/locked/run"], "no permission to write",
          read_only_parent, skip="root may write anywhere" if os.geteuid() == 0 else None),
+    Case("out-name-too-long", ["train", *SMOKE, "--out", "{t}/" + "a" * 300], "File name too long", code=1),
     Case("finished-without-resume", TRAIN, "pass --resume", finished),
     Case("resume-finished-other-k", TRAIN + ["--resume", "-k", "4"], "differs in ['k']", finished),
     Case("resume-finished-other-lr", TRAIN + ["--resume", "--lr", "0.2"], "differs in ['lr']", finished),
@@ -193,6 +200,7 @@ CASES = [
     Case("resume-unfinished-bf16", TRAIN + ["--resume", "--bf16"], "differs in ['bf16']", unfinished),
     Case("resume-truncated-ckpt", TRAIN + ["--resume"], "unreadable", also(unfinished, cut("run/ckpt.pt"))),
     Case("resume-foreign-ckpt", TRAIN + ["--resume"], "not a checkpoint of this trainer", not_a_checkpoint),
+    Case("resume-ckpt-other-weights", TRAIN + ["--resume"], "does not fit this network", checkpoint_of_other_weights),
     Case("resume-truncated-result", TRAIN + ["--resume"], "result.json is unreadable (JSONDecodeError)",
          also(finished, cut("run/result.json"))),
     Case("resume-truncated-config-finished", TRAIN + ["--resume"], "config.json is unreadable",
@@ -273,13 +281,17 @@ def test_bad_input(case, smoke_run, tmp_path, capsys, monkeypatch):
     case.setup(tmp_path, smoke_run)
     before = tree(tmp_path)
     capsys.readouterr()
-    code = main([a.replace("{t}", str(tmp_path)) for a in case.argv])
+    argv = [a.replace("{t}", str(tmp_path)) for a in case.argv]
+    code = main(argv)
     err = capsys.readouterr().err
     lines = err.splitlines()
     assert code == case.code, err
     assert len(lines) == 1 and err.endswith("\n"), err
     assert lines[0].startswith("contsup: error: " if code else "contsup: note: "), err
-    assert len(lines[0].replace(str(tmp_path), "T")) <= 200, lines[0]
+    own_words = lines[0]
+    for text in sorted([a for a in argv if len(a) > 20] + [str(tmp_path)], key=len, reverse=True):
+        own_words = own_words.replace(text, "T")  # paths and values the user typed don't count
+    assert len(own_words) <= 200, lines[0]
     assert "Traceback" not in err
     assert case.hint in lines[0], lines[0]
     after = tree(tmp_path)
