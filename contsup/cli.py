@@ -8,10 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from . import reproduce, tables
-from .errors import UsageError, check_writable_folder
+from .errors import UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -96,7 +95,7 @@ def _model_kwargs(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from .train import TrainConfig, pick_device, train
+    from .train import TrainConfig, open_run, train
     out = args.out if args.out is not None else f"runs/{args.dataset}-{args.arch}-K{args.k}-{args.mode}-{args.loss}"
     cfg = TrainConfig(**_model_kwargs(args), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       warmup_epochs=args.warmup_epochs, data_root=args.data_root, download=args.download,
@@ -104,12 +103,8 @@ def cmd_train(args) -> int:
                       context_impl=args.context_impl, channels_last=not args.no_channels_last, bf16=args.bf16,
                       cudnn_benchmark=not args.no_cudnn_benchmark, torch_compile=args.compile,
                       reuse_cpu_memory=not args.no_reuse_cpu_memory)
-    # train() checks these first too; here they come before the note below, so that a bad input
-    # is one line and nothing else
-    cfg.model_config()
-    pick_device(cfg.device)
-    check_writable_folder(out, "--out")
-    if args.resume and not any((Path(out) / name).exists() for name in ("ckpt.pt", "result.json")):
+    # train() checks the same first; here before the note, so that a bad input is one line, nothing else
+    if args.resume and open_run(cfg, resume=True) == (None, None):
         print(f"contsup: note: nothing to resume in {out} (no ckpt.pt); starting a fresh run", file=sys.stderr)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"{out}: test error {result['final_error']:.2f}% (best {result['best_error']:.2f}% "

@@ -301,20 +301,22 @@ def check_same_config(cfg: TrainConfig, stored: dict, path: Path) -> None:
                          f"use another --out or the same settings")
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train one configuration; returns (and writes) its result. With `resume`, continue from
-    the run folder's checkpoint (or return the result of a finished run of the same config);
-    without, refuse to touch a folder that already holds a run."""
-    cfg.model_config()  # the model's combinations (cut tables, mode vs K): refused before any file is touched
+def open_run(cfg: TrainConfig, resume: bool) -> tuple[dict | None, dict | None]:
+    """What `train` checks before it touches a file: the model's combinations (cut tables,
+    mode vs K), the device, --out, and what the run folder holds. Returns (checkpoint,
+    result): the checkpoint of an unfinished run to resume, the result of a finished run
+    of this very config, or (None, None) for a fresh start. Refuses a folder that holds a
+    run without `resume`, and a run (finished or not) of other settings."""
+    cfg.model_config()
+    pick_device(cfg.device)
     out = Path(cfg.out_dir)
     check_writable_folder(out, "--out")
-    ckpt_path, metrics_path, result_path = out / "ckpt.pt", out / "metrics.jsonl", out / "result.json"
-    config_path = out / "config.json"
-    ckpt = None
+    ckpt_path, result_path, config_path = out / "ckpt.pt", out / "result.json", out / "config.json"
     if ckpt_path.exists() or result_path.exists():
         if not resume:
             raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        if result_path.exists():  # finished: its result, if it is the result of this very config
+        ckpt = result = None
+        if result_path.exists():
             result = read_run_json(result_path)
             if "config" in result:  # (result files of the first versions have none)
                 check_same_config(cfg, result["config"], result_path)
@@ -323,11 +325,25 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             check_same_config(cfg, ckpt["config"], ckpt_path)
         if config_path.exists():
             check_same_config(cfg, read_run_json(config_path), config_path)
-        if result_path.exists():
-            return result
-    elif not resume and (config_path.exists() or metrics_path.exists()):
-        raise UsageError(f"{out} holds a run that stopped before its first checkpoint; pass --resume to "
-                         f"start it over or choose another --out")
+        return ckpt, result
+    if config_path.exists() or (out / "metrics.jsonl").exists():  # started, killed before its first checkpoint
+        if not resume:
+            raise UsageError(f"{out} holds a run that stopped before its first checkpoint; pass --resume to "
+                             f"start it over or choose another --out")
+        if config_path.exists():  # starting over rewrites it: only if it is this run's own
+            check_same_config(cfg, read_run_json(config_path), config_path)
+    return None, None
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train one configuration; returns (and writes) its result. With `resume`, continue from
+    the run folder's checkpoint (or return the result of a finished run of the same config);
+    without, refuse to touch a folder that already holds a run (see `open_run`)."""
+    ckpt, result = open_run(cfg, resume)
+    if result is not None:
+        return result
+    out = Path(cfg.out_dir)
+    ckpt_path, metrics_path, result_path = out / "ckpt.pt", out / "metrics.jsonl", out / "result.json"
 
     device = pick_device(cfg.device)
     if device.type == "cpu" and cfg.reuse_cpu_memory:

@@ -209,6 +209,10 @@ CASES = [
          also(unfinished, cut("run/config.json"))),
     Case("resume-config-is-a-list", TRAIN + ["--resume"], "holds a list", also(unfinished, a_file("run/config.json", "[]"))),
     Case("started-without-resume", TRAIN, "stopped before its first checkpoint", started_no_checkpoint),
+    Case("resume-started-other-k", TRAIN + ["--resume", "-k", "4"], "config.json was written by a different config",
+         started_no_checkpoint),
+    Case("resume-foreign-config-json", TRAIN + ["--resume"], "config.json is unreadable",
+         a_file("run/config.json", "[settings]\nkey = 1\n")),
     # datasets half-downloaded (torchvision's layout, tiny fake files)
     data_case("cifar10-batch-missing", "cifar10", also(cifar, delete("data/cifar-10-batches-py/data_batch_3")),
               "download --dataset cifar10"),
