@@ -1,7 +1,8 @@
 """Command line: `python -m contsup train|describe|download ...`.
 
-Every bad input ends in one line on stderr naming the valid choices, and exit status 2;
-a training run that diverges (non-finite loss) ends in one line naming where, and status 1.
+Every bad input ends in one line on stderr naming the valid choices (or the fix), and exit
+status 2; a training run that diverges (non-finite loss) ends in one line naming where, and
+an error of the file system itself (disk full...) in one line, both with exit status 1.
 JSON output is strict (jsonio): no NaN/Infinity literals.
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ from .study import reproduce
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: one line, exit 2, no usage dump
-        raise UsageError(f"{message} (see `python -m contsup {self.prog.split()[-1]} --help`)")
+        command = " ".join(self.prog.split()[1:])  # "" for the top level, else the subcommand
+        raise UsageError(f"{message} (see `python -m contsup {command + ' ' if command else ''}--help`)")
 
 
 def _scales(text: str):
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .study.estimate import add_arguments as estimate_arguments
     e = sub.add_parser("estimate", help="GPU-hours of a profile's runs on an H100, from FLOPs counted on the CPU")
     estimate_arguments(e)
+    parser.subcommands = sub.choices  # name -> its parser, whose error() names its --help
     return parser
 
 
@@ -94,14 +97,17 @@ def _model_kwargs(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from .train import TrainConfig, train
-    out = args.out or f"runs/{args.dataset}-{args.arch}-K{args.k}-{args.mode}-{args.loss}"
+    from .train import TrainConfig, open_run, train
+    out = args.out if args.out is not None else f"runs/{args.dataset}-{args.arch}-K{args.k}-{args.mode}-{args.loss}"
     cfg = TrainConfig(**_model_kwargs(args), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       warmup_epochs=args.warmup_epochs, data_root=args.data_root, download=args.download,
                       train_subset=args.train_subset, out_dir=out, device=args.device, seed=args.seed,
                       context_impl=args.context_impl, channels_last=not args.no_channels_last, bf16=args.bf16,
                       cudnn_benchmark=not args.no_cudnn_benchmark, torch_compile=args.compile,
                       reuse_cpu_memory=not args.no_reuse_cpu_memory)
+    # train() checks the same first; here before the note, so that a bad input is one line, nothing else
+    if args.resume and open_run(cfg, resume=True) == (None, None):
+        print(f"contsup: note: nothing to resume in {out} (no ckpt.pt); starting a fresh run", file=sys.stderr)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"{out}: test error {result['final_error']:.2f}% (best {result['best_error']:.2f}% "
           f"at epoch {result['best_epoch']}), peak activation memory "
@@ -178,12 +184,19 @@ COMMANDS = {"train": cmd_train, "describe": cmd_describe, "download": cmd_downlo
 
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named with the subcommand whose --help lists the valid flags
+            parser.subcommands[args.command].error(
+                f"unrecognized arguments: {' '.join(extra)}")
         return COMMANDS[args.command](args)
     except UsageError as e:
         print(f"contsup: error: {e}", file=sys.stderr)
         return 2
     except DivergedError as e:  # valid input, a run gone wrong: not a usage error
+        print(f"contsup: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the file system said no (disk full, a file vanished...): one line, not a traceback
         print(f"contsup: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

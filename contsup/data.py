@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import tables
-from .errors import UsageError
+from .errors import UsageError, check_writable_folder
 from .tables import DataRecipe
 
 # Bump when what goes into a cache file changes; older caches are then rebuilt.
@@ -51,6 +51,10 @@ def load_dataset(name: str, root: str = "data", download: bool = False,
     if name in ("digits", "digits8"):
         tensors = _load_digits(tables.DATA_RECIPES[name].image_size)
     else:
+        if download:
+            check_writable_folder(root, "--data-root")
+        elif os.path.exists(root) and not os.path.isdir(root):
+            raise UsageError(f"--data-root {root} is a file, not a folder; choose another --data-root")
         cache = os.path.join(root, f"{name}_uint8.pt")
         tensors = _read_cache(cache, name)
         if tensors is None:
@@ -74,11 +78,17 @@ def _subset(x: torch.Tensor, y: torch.Tensor, n) -> tuple[torch.Tensor, torch.Te
 
 # --------------------------------------------------------------------------------------
 # torchvision files -> uint8 tensors
+# What to delete when a dataset's files are damaged (torchvision's own layout under root).
+DATASET_FILES = {"cifar10": "cifar-10-batches-py/", "svhn": "train_32x32.mat and test_32x32.mat",
+                 "stl10": "stl10_binary/"}
+
+
 def _torchvision_dataset(name: str, root: str, train: bool, download: bool, transform=None):
-    """The torchvision dataset object; a missing (or corrupt) file or a failed download
-    becomes a one-line UsageError."""
+    """The torchvision dataset object; a missing, half-downloaded or corrupt file, or a
+    failed download, becomes a one-line UsageError that names the fix."""
     import torchvision.datasets as tvd
 
+    fetch = f"`python -m contsup download --dataset {name} --data-root {root}`"
     try:
         if name == "cifar10":
             return tvd.CIFAR10(root, train=train, download=download, transform=transform)
@@ -89,13 +99,19 @@ def _torchvision_dataset(name: str, root: str, train: bool, download: bool, tran
         # torchvision says "Dataset not found or corrupted. You can use download=True..."
         if "not found or corrupted" not in str(e):
             raise
-        raise UsageError(f"{name} not found (or corrupt) under {root}: fetch it with "
-                         f"`python -m contsup download --dataset {name} --data-root {root}` "
+        raise UsageError(f"{name} not found (or corrupt) under {root}: fetch it with {fetch} "
                          f"or add --download to the train command") from None
     except OSError as e:  # download=True without network, refused connection, disk full...
-        if not download:
-            raise
-        raise UsageError(f"could not download {name} into {root}: {e}") from None
+        if download:
+            raise UsageError(f"could not download {name} into {root}: {e}") from None
+        if isinstance(e, PermissionError):
+            raise UsageError(f"could not read {name} under {root}: {e}") from None
+        damaged = e
+    except Exception as e:  # the files passed torchvision's check but do not parse: truncated, foreign
+        damaged = e
+    detail = f"{type(damaged).__name__}: {damaged}".splitlines()[0][:40]
+    raise UsageError(f"{name} under {root} is damaged ({detail}); delete {DATASET_FILES[name]} there "
+                     f"and rerun with --download")
 
 
 def _read_torchvision(name: str, root: str, download: bool) -> dict[str, torch.Tensor]:
@@ -348,6 +364,7 @@ def download(name: str, root: str = "data") -> None:
     tables.check_dataset(name)
     if name not in TORCHVISION_DATASETS:
         raise UsageError(f"{name} is not downloaded; downloadable: {', '.join(TORCHVISION_DATASETS)}")
+    check_writable_folder(root, "--data-root")
     os.makedirs(root, exist_ok=True)
     tensors = _read_torchvision(name, root, download=True)
     _write_cache(os.path.join(root, f"{name}_uint8.pt"), name, tensors)

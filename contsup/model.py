@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import tables
-from .errors import UsageError
+from .errors import UsageError, check_bool, check_float, check_int, check_str
 
 HEAD_CONFIGS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")
 LOSSES = ("softmax", "contrast")
@@ -146,13 +146,14 @@ class ContextMode:
 _MODE_RE = re.compile(r"^(?:R(\d+)(E?)|E)$")
 
 
-def parse_mode(mode: str, k: int) -> ContextMode:
+def parse_mode(mode: str, k: int | None) -> ContextMode:
+    """The context mode `mode` of a network of K=k modules (k None: the spelling only)."""
     m = _MODE_RE.match(mode)
     if m is None:
         raise UsageError(f"unknown context mode '{mode}'; choose R0, E, Rn or RnE "
                          "(n = 1, 2, 4, ... up to K), e.g. R1E")
     parsed = ContextMode(int(m.group(1) or 0), mode == "E" or m.group(2) == "E")
-    if parsed.n > k:
+    if k is not None and parsed.n > k:
         raise UsageError(f"mode {mode} needs context from {parsed.n} modules but K={k}; use K >= {parsed.n}")
     return parsed
 
@@ -216,6 +217,48 @@ class ModelConfig:
     balanced: bool = False          # memory-balanced cut points (E*)
     dataset: str = "cifar10"
     widen: float = 1.0
+
+    def __post_init__(self):
+        """Each field, then the combinations the paper's tables allow: a bad config fails
+        here, in one line, before a network or a run folder exists."""
+        check_model_fields(self)
+        parse_mode(self.mode, self.k)
+        tables.cut_points(self.arch, self.k, self.balanced, self.dataset)
+        if self.reconstruct and self.loss_scales is None:
+            tables.loss_scales(self.arch, self.dataset, self.k, self.balanced)
+
+
+# The smallest hidden layer is 12*widen wide (decoder, image encoder); beyond 16x the heads
+# and encoders outgrow the network they serve.
+WIDEN_RANGE = (0.125, 16.0)
+
+
+def check_model_fields(cfg) -> None:
+    """Type and range of every ModelConfig field of `cfg` (a ModelConfig or a TrainConfig),
+    each on its own; normalises numbers in place (loss_scales: a tuple of floats)."""
+    for name in ("dataset", "arch", "mode", "loss", "head"):
+        setattr(cfg, name, check_str(name, getattr(cfg, name)))
+    tables.check_dataset(cfg.dataset)
+    tables.check_arch(cfg.arch)
+    cfg.k = check_int("k", cfg.k, 1)
+    parse_mode(cfg.mode, None)
+    if cfg.loss not in LOSSES:
+        raise UsageError(f"unknown loss '{cfg.loss}'; choose one of: {', '.join(LOSSES)}")
+    if cfg.head not in HEAD_CONFIGS:
+        raise UsageError(f"unknown head config '{cfg.head}'; choose one of: {', '.join(HEAD_CONFIGS)}")
+    check_bool("reconstruct", cfg.reconstruct)
+    check_bool("balanced", cfg.balanced)
+    cfg.widen = check_float("widen", cfg.widen, WIDEN_RANGE[0], WIDEN_RANGE[1], low_open=False)
+    if cfg.loss_scales is not None:
+        scales = cfg.loss_scales
+        if isinstance(scales, (str, bytes)) or not hasattr(scales, "__len__") or len(scales) != 4 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                for v in scales):
+            raise UsageError(f"--loss-scales takes four numbers, finite and >= 0: ixx_1,ixy_1,ixx_2,ixy_2; "
+                             f"got {scales!r}")
+        cfg.loss_scales = tuple(float(v) for v in scales)
+        if not cfg.reconstruct:
+            raise UsageError("--loss-scales weighs the reconstruction loss: add --reconstruct, or drop --loss-scales")
 
 
 class ContSupNet(nn.Module):

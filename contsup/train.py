@@ -7,6 +7,7 @@ All JSON is strict (jsonio): no NaN/Infinity literals.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -19,26 +20,18 @@ from tqdm.auto import tqdm
 
 from . import jsonio, tables
 from .data import DeviceLoader, denormalize, load_dataset
-from .errors import DivergedError, UsageError
-from .model import ContSupNet, ModelConfig
-from .speed.encoders import set_context_impl
+from .errors import DivergedError, UsageError, check_bool, check_float, check_int, check_str, check_writable_folder
+from .model import ContSupNet, ModelConfig, check_model_fields
+from .speed.encoders import CONTEXT_IMPLS, set_context_impl
 from .speed.memory import measure_step_memory, reuse_freed_cpu_memory
 from .step import autocast, local_learning_step
 
 
 @dataclass
-class TrainConfig:
-    # model (see ModelConfig)
-    dataset: str = "digits"
-    arch: str = "resnet32"
-    k: int = 4
-    mode: str = "R1E"
-    loss: str = "softmax"
-    head: str = "1c2f"
-    reconstruct: bool = False
-    loss_scales: tuple | None = None
-    balanced: bool = False
-    widen: float = 1.0
+class TrainConfig(ModelConfig):
+    """One run: the model's fields (`ModelConfig`: arch, k, mode, loss, head, reconstruct,
+    loss_scales, balanced, dataset, widen), then how it is trained."""
+    dataset: str = "digits"         # the embedded data, so a config trains offline (the model's default: CIFAR-10)
     context_impl: str = "lean"      # lean | fused | plain: the same function (speed/encoders.py)
     # speed: none of these changes the function computed, except bf16's rounding
     channels_last: bool = True      # NHWC activations: faster convolutions on CPU and GPU alike
@@ -60,33 +53,42 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        """Every field's type and range, so that a bad value from the CLI, a notebook
+        parameter or the Python API fails here in one line, not hours into training. The
+        combinations (cut tables, mode vs K) are the model's: `model_config()` checks them."""
+        check_model_fields(self)
+        check_str("context_impl", self.context_impl)
+        if self.context_impl not in CONTEXT_IMPLS:
+            raise UsageError(f"unknown context implementation '{self.context_impl}'; "
+                             f"choose one of: {', '.join(CONTEXT_IMPLS)}")
         recipe = tables.check_dataset(self.dataset)
         self.batch_size = recipe.batch_size if self.batch_size is None else self.batch_size
         self.lr = recipe.lr if self.lr is None else self.lr
-        for name in ("epochs", "batch_size", "k"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise UsageError(f"--lr must be positive, got {self.lr}")
-        if self.warmup_epochs < 0 or (self.train_subset is not None and self.train_subset < 1):
-            raise UsageError("--warmup-epochs must be >= 0 and --train-subset >= 1")
-        if self.loss_scales is not None:
-            self.loss_scales = tuple(float(v) for v in self.loss_scales)
-            if len(self.loss_scales) != 4:
-                raise UsageError("--loss-scales takes four numbers: ixx_1,ixy_1,ixx_2,ixy_2")
+        self.epochs = check_int("epochs", self.epochs, 1)
+        self.batch_size = check_int("batch_size", self.batch_size, 1)
+        self.lr = check_float("lr", self.lr, 0.0)
+        self.warmup_epochs = check_int("warmup_epochs", self.warmup_epochs, 0)
+        if self.train_subset is not None:
+            self.train_subset = check_int("train_subset", self.train_subset, 1)
+        self.seed = check_int("seed", self.seed, 0, 2**63 - 1)  # what torch.manual_seed takes
+        for name in ("data_root", "out_dir", "device"):
+            setattr(self, name, check_str(name, getattr(self, name)))
+        for name in ("download", "channels_last", "bf16", "cudnn_benchmark", "torch_compile", "reuse_cpu_memory"):
+            check_bool(name, getattr(self, name))
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        if "lean_context" in d:  # the key before context_impl (run folders written before it)
-            d = {"context_impl": "lean" if d["lean_context"] else "fused"} | d
-            del d["lean_context"]
+        if not isinstance(d, dict):
+            raise UsageError(f"a run config is a dict of TrainConfig fields, got {type(d).__name__} {d!r:.60}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(str(k) for k in set(d) - known)
         if unknown:
-            raise UsageError(f"unknown config keys {unknown}; valid keys: {', '.join(sorted(known))}")
+            close = [m for k in unknown for m in difflib.get_close_matches(k, known, 1)]
+            raise UsageError(f"unknown config keys {unknown}" + (f" (did you mean {close}?)" if close else "")
+                             + "; the keys are the fields of contsup.train.TrainConfig")
         return cls(**d)
 
 
@@ -101,9 +103,17 @@ def pick_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"unknown device '{name}'; choose auto, cpu, cuda, cuda:N or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):  # meta, xla...: not training devices
+        raise UsageError(f"unknown device '{name}'; choose auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...); "
+                         f"use --device cuda or auto")
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not (mps and mps.is_available()):
+        raise UsageError("--device mps asked for, but this PyTorch has no Apple GPU; use --device cpu or auto")
     return device
 
 
@@ -204,44 +214,117 @@ def _atomic_save(obj, path: Path, as_json: bool = False):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict:
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "config", "data_rng", "torch_rng", "best", "memory")
+
+
+def load_checkpoint(path: Path, keys=("model", "config")) -> dict:
+    """The checkpoint, which must hold `keys` (resuming needs all of CHECKPOINT_KEYS)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        error = None if isinstance(ckpt, dict) and all(k in ckpt for k in keys) \
+            and isinstance(ckpt["config"], dict) else "not a checkpoint of this trainer"
     except Exception as e:  # any unreadable file: name it and the way out
-        raise UsageError(f"checkpoint {path} is unreadable ({type(e).__name__}); "
-                         f"move it away to start the run over") from None
+        error = type(e).__name__
+    if error:
+        raise UsageError(f"checkpoint {path} is unreadable ({error}); move it away to start the run over")
+    return ckpt
+
+
+def read_run_json(path: Path) -> dict:
+    """config.json or result.json of a run folder; a truncated or foreign file is a
+    UsageError naming it (a run folder is never rewritten to 'repair' it)."""
+    try:
+        value = json.loads(path.read_text())
+        error = None if isinstance(value, dict) else f"holds a {type(value).__name__}, not an object"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        error = type(e).__name__
+    if error:
+        raise UsageError(f"{path} is unreadable ({error}); move it (or its whole run folder) away, "
+                         f"or use another --out")
+    return value
 
 
 # Where a run lives and how fast it runs may change between its start and its resume;
-# nothing else may (bf16 changes the rounding, so it stays). lean_context: context_impl's
-# earlier name.
+# nothing else may (bf16 changes the rounding, so it stays).
 MAY_CHANGE_ON_RESUME = {"out_dir", "device", "data_root", "download", "channels_last", "cudnn_benchmark",
-                        "torch_compile", "reuse_cpu_memory", "context_impl", "lean_context"}
+                        "torch_compile", "reuse_cpu_memory", "context_impl"}
 
 
 def _config_json(cfg: TrainConfig) -> dict:
     return json.loads(jsonio.dumps(asdict(cfg)))  # tuples -> lists, as they come back from disk
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Train one configuration; returns (and writes) its result. With `resume`, continue from
-    the run folder's checkpoint; without, refuse to touch a folder that already holds a run."""
+def _epoch_of(line: str) -> float:
+    """The epoch of a metrics line; a line cut short by a kill while it was written counts as
+    after the checkpoint (it is written before the checkpoint of its epoch), so it is dropped."""
+    try:
+        return json.loads(line)["epoch"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+def config_diff(cfg: TrainConfig, stored: dict) -> list[str]:
+    """The config keys in which a stored run config differs from `cfg`, apart from where and
+    how fast it runs (MAY_CHANGE_ON_RESUME); a key newer than the stored run counts with its
+    default."""
+    now = _config_json(cfg)
+    then = _config_json(TrainConfig(dataset=cfg.dataset)) | stored
+    return sorted(k for k in set(now) | set(then) if k not in MAY_CHANGE_ON_RESUME and then.get(k) != now.get(k))
+
+
+def check_same_config(cfg: TrainConfig, stored: dict, path: Path) -> None:
+    """Refuse to continue (or to report) a run that `path` says was another config."""
+    if not isinstance(stored, dict):
+        raise UsageError(f"{path} holds no config; move the run folder {path.parent} away or use another --out")
+    diff = config_diff(cfg, stored)
+    if diff:
+        raise UsageError(f"{path} was written by a different config (differs in {diff}); "
+                         f"use another --out or the same settings")
+
+
+def open_run(cfg: TrainConfig, resume: bool) -> tuple[dict | None, dict | None]:
+    """What `train` checks before it touches a file: the model's combinations (cut tables,
+    mode vs K), the device, --out, and what the run folder holds. Returns (checkpoint,
+    result): the checkpoint of an unfinished run to resume, the result of a finished run
+    of this very config, or (None, None) for a fresh start. Refuses a folder that holds a
+    run without `resume`, and a run (finished or not) of other settings."""
+    cfg.model_config()
+    pick_device(cfg.device)
     out = Path(cfg.out_dir)
-    ckpt_path, metrics_path, result_path = out / "ckpt.pt", out / "metrics.jsonl", out / "result.json"
-    ckpt = None
+    check_writable_folder(out, "--out")
+    ckpt_path, result_path, config_path = out / "ckpt.pt", out / "result.json", out / "config.json"
     if ckpt_path.exists() or result_path.exists():
         if not resume:
             raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        ckpt = result = None
         if result_path.exists():
-            return json.loads(result_path.read_text())
-        ckpt = load_checkpoint(ckpt_path)
-        now = _config_json(cfg)
-        then = _config_json(TrainConfig(dataset=cfg.dataset)) | ckpt["config"]  # keys added since: defaults
-        diff = sorted(k for k in set(now) | set(then)
-                      if k not in MAY_CHANGE_ON_RESUME and then.get(k) != now.get(k))
-        if diff:
-            raise UsageError(f"{ckpt_path} was written by a different config (differs in {diff}); "
-                             f"use another --out or the same settings")
+            result = read_run_json(result_path)
+            if "config" in result:  # (result files of the first versions have none)
+                check_same_config(cfg, result["config"], result_path)
+        else:
+            ckpt = load_checkpoint(ckpt_path, CHECKPOINT_KEYS)
+            check_same_config(cfg, ckpt["config"], ckpt_path)
+        if config_path.exists():
+            check_same_config(cfg, read_run_json(config_path), config_path)
+        return ckpt, result
+    if config_path.exists() or (out / "metrics.jsonl").exists():  # started, killed before its first checkpoint
+        if not resume:
+            raise UsageError(f"{out} holds a run that stopped before its first checkpoint; pass --resume to "
+                             f"start it over or choose another --out")
+        if config_path.exists():  # starting over rewrites it: only if it is this run's own
+            check_same_config(cfg, read_run_json(config_path), config_path)
+    return None, None
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train one configuration; returns (and writes) its result. With `resume`, continue from
+    the run folder's checkpoint (or return the result of a finished run of the same config);
+    without, refuse to touch a folder that already holds a run (see `open_run`)."""
+    ckpt, result = open_run(cfg, resume)
+    if result is not None:
+        return result
+    out = Path(cfg.out_dir)
+    ckpt_path, metrics_path, result_path = out / "ckpt.pt", out / "metrics.jsonl", out / "result.json"
 
     device = pick_device(cfg.device)
     if device.type == "cpu" and cfg.reuse_cpu_memory:
@@ -258,14 +341,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     out.mkdir(parents=True, exist_ok=True)
     start_epoch, best, memory = 0, (math.inf, -1), None
     if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["data_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        start_epoch, best, memory = ckpt["epoch"] + 1, tuple(ckpt["best"]), ckpt["memory"]
+        try:  # a checkpoint of this config whose tensors do not fit (damaged, or from other code)
+            net.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            gen.set_state(ckpt["data_rng"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            start_epoch, best, memory = ckpt["epoch"] + 1, tuple(ckpt["best"]), ckpt["memory"]
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            raise UsageError(f"checkpoint {ckpt_path} does not fit this network ({type(e).__name__}); "
+                             f"move it away to start the run over") from None
         # Drop metric lines of an epoch that finished after the last checkpoint.
         if metrics_path.exists():
-            lines = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["epoch"] < start_epoch]
+            lines = [l for l in metrics_path.read_text().splitlines() if _epoch_of(l) < start_epoch]
             metrics_path.write_text("".join(l + "\n" for l in lines))
     else:
         _atomic_save(_config_json(cfg), out / "config.json", as_json=True)

@@ -30,14 +30,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import fields
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .. import jsonio
-from ..errors import UsageError
-from ..train import MAY_CHANGE_ON_RESUME, TrainConfig, _config_json
+from ..errors import UsageError, check_writable_folder
+from ..train import TrainConfig, _config_json, config_diff, read_run_json
 from . import experiments
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the repository root in a checkout
@@ -130,12 +129,10 @@ def _notebook_config(cfg: TrainConfig) -> dict:
 def _stale_keys(run) -> list[str]:
     """Config keys in which a finished run folder differs from what the registry asks for
     (e.g. after the quick profile's scaling changed); where a run lives may differ."""
+    result = read_run_json(run.out_dir / "result.json")  # a damaged file is named now, before any training
     path = run.out_dir / "config.json"
-    stored = json.loads(path.read_text()) if path.exists() else {}
-    wanted = _config_json(run.config)
-    default = {f.name: f.default for f in fields(TrainConfig)}  # a key newer than the run: its default
-    return sorted(k for k in set(stored) | set(wanted)
-                  if k not in MAY_CHANGE_ON_RESUME and stored.get(k, default.get(k)) != wanted.get(k))
+    stored = read_run_json(path) if path.exists() else result.get("config", {})
+    return config_diff(run.config, stored)
 
 
 def _error_of(run) -> str | None:
@@ -281,6 +278,10 @@ def reproduce(profile: str, out=None, only=None, runs=None, notebook_per: str | 
     notebook_per = notebook_per or ("run" if profile == "paper" else "group")
     jobs = default_jobs(profile) if jobs is None else jobs
     check_jobs(jobs)
+    figures = Path(figures_dir or DEFAULT_FIGURES.get(profile, out / "figures"))
+    check_writable_folder(out, "--out")
+    if analysis:
+        check_writable_folder(figures, "--figures-dir")
     out.mkdir(parents=True, exist_ok=True)
     print(f"reproduce --profile {profile}: {len(runs)} runs in {out}/runs "
           f"(groups: {', '.join(groups)}; one notebook per {notebook_per}; {jobs} at a time)", flush=True)
@@ -291,7 +292,6 @@ def reproduce(profile: str, out=None, only=None, runs=None, notebook_per: str | 
     if analysis:
         names = (["01_information_motivation.ipynb"] if "motivation" in groups else []) + \
                 ["03_tables.ipynb", "04_figures.ipynb"]
-        figures = Path(figures_dir or DEFAULT_FIGURES.get(profile, out / "figures"))
         notebooks = run_notebooks(names, out, profile, figures)
 
     count = lambda key: sum(s["status"] == key for s in statuses)  # noqa: E731
@@ -335,5 +335,3 @@ def main(args) -> int:
               "an interrupted one resumes from its checkpoint)", file=sys.stderr)
         return 130
     return summary["exit_code"]
-
-

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from .. import jsonio, tables
-from ..errors import DivergedError
+from ..errors import DivergedError, UsageError
 from ..train import TrainConfig, train
 from . import experiments
 
@@ -47,7 +47,16 @@ def notebook_jobs(config: dict, out_dir: str | None, runs: list | None = None) -
     """The configs a 02_train execution trains: the `runs` handed in by `reproduce`, else
     the single `config` in `out_dir` (None: a fresh temporary folder)."""
     if runs:
-        return [TrainConfig.from_dict(c) for c in runs]
+        if not isinstance(runs, (list, tuple)):
+            raise UsageError(f"runs must be a list of config dicts, got {type(runs).__name__}")
+        jobs = []
+        for i, c in enumerate(runs):
+            try:
+                jobs.append(TrainConfig.from_dict(c))
+            except UsageError as e:  # which run of the list, by its folder when it has one
+                where = c.get("out_dir") if isinstance(c, dict) else None
+                raise UsageError(f"runs[{i}]{f' ({where})' if where else ''}: {e}") from None
+        return jobs
     out_dir = out_dir or tempfile.mkdtemp(prefix="contsup-02_train-")
     return [TrainConfig.from_dict({**config, "out_dir": out_dir})]
 
