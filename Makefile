@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m contsup reproduce --profile quick
+	$(BIN)/python -m contsup reproduce --profile quick --publish-notebooks
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

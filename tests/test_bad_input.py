@@ -358,8 +358,8 @@ def test_notebook_bad_key_is_the_runs_one_line_error(tmp_path):
     """Through papermill as `reproduce` runs it: the failure is one line naming the key."""
     reproduce.check_kernel()
     params = {"runs": [{**GOOD, "out_dir": str(tmp_path / "run"), "warmup": 0}], "progress": False}
-    with reproduce._kernel_environment(threads=1):
-        error = reproduce.execute(reproduce.NOTEBOOKS / reproduce.TRAIN_NOTEBOOK, tmp_path / "02.ipynb", params)
+    error = reproduce.execute(reproduce.NOTEBOOKS / reproduce.TRAIN_NOTEBOOK, tmp_path / "02.ipynb", params,
+                              env=reproduce.kernel_environment(threads=1))
     assert error is not None and "\n" not in error
     assert error.startswith("UsageError: runs[0]") and "unknown config keys ['warmup']" in error
     assert not (tmp_path / "run").exists()

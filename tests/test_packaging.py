@@ -1,9 +1,13 @@
 """pyproject.toml and environment.yml list the same packages; the CI script runs the tests."""
+import json
 import re
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
+
+from contsup.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONDA_NAMES = {"torch": "pytorch"}  # PyPI name -> conda name where they differ
@@ -28,23 +32,48 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in readme and "make test" in ci
 
 
-def test_committed_notebooks_store_only_pinned_outputs():
-    """nbval compares only stored outputs: the NBVAL_CHECK_OUTPUT cells carry theirs (small
-    text), every other cell none, and each notebook opens with its papermill parameters."""
+def test_committed_notebooks_show_their_results_and_pin_what_is_deterministic():
+    """Every notebook opens with its papermill parameters and is committed executed (the
+    quick profile's outputs, `make demo`), without papermill's injected cell, without an
+    error output and under 2 MB; the cells nbval compares (NBVAL_CHECK_OUTPUT) carry small
+    text outputs."""
     import json
-    from pathlib import Path
-    notebooks = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert [p.name[:2] for p in notebooks] == ["00", "01", "02", "03", "04"]
     pinned = 0
     for path in notebooks:
-        code = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+        assert path.stat().st_size < 2_000_000, path.name
+        cells = json.loads(path.read_text())["cells"]
+        code = [c for c in cells if c["cell_type"] == "code"]
         assert "parameters" in code[0]["metadata"].get("tags", []), path.name
+        assert not any("injected-parameters" in c["metadata"].get("tags", []) for c in code), path.name
+        assert any(c["outputs"] for c in code), f"{path.name} is committed without outputs (run make demo)"
+        assert not any(o["output_type"] == "error" for c in code for o in c["outputs"]), path.name
         for cell in code:
-            is_pinned = "NBVAL_CHECK_OUTPUT" in "".join(cell["source"])
-            if not is_pinned:
-                assert cell["outputs"] == [], f"{path.name}: unpinned cell with stored output"
-            else:
+            if "NBVAL_CHECK_OUTPUT" in "".join(cell["source"]):
                 assert cell["outputs"] and cell["execution_count"] is not None, path.name
                 assert len(json.dumps(cell["outputs"])) < 4000
                 assert all(o["output_type"] == "stream" for o in cell["outputs"])
                 pinned += 1
-    assert pinned >= 3
+    assert pinned >= 5
+
+
+def test_published_notebook_loses_papermills_additions(tmp_path):
+    from contsup.study import publish
+    nb = {"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": "k = 4", "outputs": []},
+                    {"cell_type": "code", "metadata": {"tags": ["injected-parameters"]}, "source": "k = 8",
+                     "outputs": []},
+                    {"cell_type": "code", "metadata": {"papermill": {"duration": 1.0}}, "source": "print(k)",
+                     "outputs": [{"output_type": "stream", "name": "stdout", "text": "8\n"}]}],
+          "metadata": {"papermill": {"parameters": {"k": 8}}, "kernelspec": {"name": "python3"}}}
+    publish.write(nb, tmp_path / "x.ipynb")
+    out = json.loads((tmp_path / "x.ipynb").read_text())
+    assert [c["source"] for c in out["cells"]] == ["k = 4", "print(k)"]
+    assert "papermill" not in out["metadata"] and "papermill" not in out["cells"][1]["metadata"]
+    assert out["cells"][1]["outputs"][0]["text"] == "8\n"   # the outputs stay
+    big = {**nb, "cells": nb["cells"] + [{"cell_type": "code", "metadata": {}, "source": "",
+                                          "outputs": [{"output_type": "stream", "name": "stdout",
+                                                       "text": "x" * 2_100_000}]}]}
+    with pytest.raises(UsageError, match="2 MB"):
+        publish.write(big, tmp_path / "y.ipynb")
+    assert not (tmp_path / "y.ipynb").exists()

@@ -1,6 +1,8 @@
-"""`python -m contsup reproduce`: runs go through the 02_train notebook (papermill), a failing
-run does not stop the others, a rerun skips what is finished, bad input exits 2."""
+"""`python -m contsup reproduce`: runs go through the 02_train notebook (papermill, one process
+per notebook), a failing run does not stop the others, a rerun skips what is finished, bad
+input exits 2, notebooks side by side leave the working directory and the paths alone."""
 import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -12,14 +14,14 @@ from contsup.cli import main
 @pytest.fixture(scope="module")
 def first_pass(tmp_path_factory):
     """Three smoke runs of one group, the middle one broken (mode R16 needs K >= 16, which
-    only the network refuses, inside train()); one papermill execution for the group."""
+    only the network refuses, inside train()); one slot, so one papermill execution for all."""
     out = tmp_path_factory.mktemp("reproduce")
     e2e, r0 = experiments.expand("motivation", "smoke", out)[:2]
     broken_cfg = replace(r0.config, k=4, mode="R16", out_dir=str(out / "runs" / "broken"))
     broken = experiments.Run("motivation", "broken", broken_cfg, "cifar10", "resnet32")
     runs = [e2e, broken, r0]
-    summary = reproduce.reproduce("smoke", out, runs=runs, notebook_per="group", analysis=False, progress=False,
-                                  jobs=1)
+    summary = reproduce.reproduce("smoke", out, runs=runs, notebook_per="chunk", analysis=False, progress=False,
+                                  devices="cpu", jobs=1)
     return out, runs, summary
 
 
@@ -33,7 +35,7 @@ def test_failure_does_not_stop_the_others(first_pass, capsys):
     status = {s["name"]: s for s in summary["runs"]}
     assert status["broken"]["status"] == "failed"
     assert "R16" in status["broken"]["error"] and "\n" not in status["broken"]["error"]
-    notebook = out / "notebooks" / "02_train-motivation.ipynb"
+    notebook = out / "notebooks" / "02_train-01.ipynb"
     assert status["broken"]["notebook"] == str(notebook) and notebook.exists()
     # the executed notebook trained all three and ended on the failure check
     cells = json.loads(notebook.read_text())["cells"]
@@ -83,15 +85,24 @@ def test_finished_run_of_another_config_is_flagged_not_reused(first_pass):
     assert (e2e.out_dir / "result.json").stat().st_mtime_ns == before
 
 
-def test_two_jobs_split_a_group_into_two_notebooks_run_side_by_side(tmp_path):
-    runs = experiments.expand("table1", "smoke", tmp_path)[:3]
-    summary = reproduce.reproduce("smoke", tmp_path, runs=runs, notebook_per="group", analysis=False,
-                                  progress=False, jobs=2)
-    assert summary["jobs"] == 2 and summary["done"] == 3 and summary["exit_code"] == 0
-    notebooks = {s["notebook"] for s in summary["runs"]}
-    assert notebooks == {str(tmp_path / "notebooks" / f"02_train-table1-{i}.ipynb") for i in (1, 2)}
+def test_two_jobs_side_by_side_leave_paths_and_working_directory_alone(tmp_path, monkeypatch):
+    """Issue 10: notebooks executed side by side once shared one process, whose working
+    directory papermill changes; it ended in notebooks/, where summary.json and the figures
+    then landed. Relative --out and --figures-dir must mean the caller's directory."""
+    monkeypatch.chdir(tmp_path)
+    runs = experiments.expand("table1", "smoke", "res")  # 4 runs, folders given relative
+    summary = reproduce.reproduce("smoke", "res", runs=runs, figures_dir="figs", progress=False,
+                                  devices="cpu", jobs=2)
+    assert os.getcwd() == str(tmp_path)
+    assert summary["exit_code"] == 0 and summary["devices"] == ["cpu", "cpu"]
+    assert [s["status"] for s in summary["runs"]] == ["done"] * 4
+    assert {s["slot"] for s in summary["runs"]} == {0, 1}  # both processes trained runs
     for run in runs:
-        assert (run.out_dir / "result.json").exists()
+        assert (tmp_path / run.out_dir / "result.json").exists()
+    assert json.loads((tmp_path / "res" / "summary.json").read_text())["done"] == 4
+    assert [n["status"] for n in summary["notebooks"]] == ["done", "done"]
+    assert list((tmp_path / "figs").glob("*.png"))
+    assert not (reproduce.NOTEBOOKS / "res").exists() and not (reproduce.NOTEBOOKS / "figs").exists()
 
 
 def test_train_jobs_keeps_the_trainers_error_record(tmp_path, capsys):

@@ -296,8 +296,7 @@ def headline_figure(df: pd.DataFrame, figures_dir, dataset: str | None = None, m
 
 
 def all_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    return {"table1": table1(df), "table2": table2(df), "table3": table3(df), "table4": table4(df),
-            "headline": headline(df), "seed_noise": seed_noise(df)}
+    return {"table1": table1(df), "table2": table2(df), "table3": table3(df), "table4": table4(df)}
 
 
 def save_tables(tables_: dict[str, pd.DataFrame], out_dir) -> list[Path]:

@@ -1,23 +1,54 @@
 """`python -m contsup reproduce`: train every run of a profile, then build tables and figures.
 
     python -m contsup reproduce --profile quick|paper|smoke [--only GROUP ...] [--out DIR]
+                                [--devices auto|cpu|cuda:0,cuda:1,...] [--jobs N] [--shard I/N]
+    python -m contsup reproduce --profile ... --report
 
 Each run is trained by executing `notebooks/02_train.ipynb` with papermill and lands in
 its own folder `<out>/runs/<name>/` (config.json, metrics.jsonl, ckpt.pt, result.json).
-A papermill kernel costs about 3 s to start on a 2-core CPU, so:
 
+How the grid is executed:
+
+- Every notebook runs in a process of its own (`python -m papermill`, working directory
+  `notebooks/`, its own environment). Nothing process-wide -- the working directory,
+  environment variables -- is shared by notebooks that run side by side, and every path is
+  made absolute once, at the start. (papermill's `cwd=` changes the working directory of
+  the whole process: two notebooks executed from two threads of one process once left it
+  in `notebooks/`, and the results and figures landed there.)
+- `--devices` names the devices, `--jobs` how many notebook processes each runs at a time
+  (the *slots*): `auto` is every visible CUDA GPU, one process each, else the CPU;
+  `cuda:0,cuda:1,...` names GPUs; `cpu` with `--jobs N` runs N CPU processes (default: 2
+  for quick and smoke on 2+ cores, else 1). A run is told its device through its config's
+  `device` key (which may change on resume). With several slots, each process gets
+  cores/slots OpenMP threads.
+- The runs wait in one shared queue, longest first, so that the last runs to finish are
+  short ones and no slot idles while another still has a long run ahead. The order is
+  `run_cost`: for `paper`, the FLOP count of `estimate.run_flops`; for quick and smoke,
+  whose 87 runs it takes minutes of CPU to count, the proxy `proxy_cost` (epochs x
+  training images x conv/linear layers one step runs: at 8x8 pixels a layer's cost is
+  mostly its fixed per-call overhead, whatever its width).
 - `paper` executes one notebook per run, saved as `<out>/runs/<name>/02_train.ipynb`
-  (3 s are nothing next to 160 GPU epochs);
-- `quick` and `smoke` execute one notebook per *group*, handed the group's run configs,
-  saved as `<out>/notebooks/02_train-<group>.ipynb` (87 quick runs x 3 s would eat a third
-  of the 15-minute budget). `--notebook-per run|group` overrides either default.
+  (3 s of kernel start are nothing next to 160 GPU epochs). `quick` and `smoke` execute
+  one notebook per *chunk* of the queue, saved as `<out>/notebooks/02_train-<NN>.ipynb`: a
+  free slot takes runs from the head of the queue until they cost 1/(2 x slots) of what
+  is left (guided self-scheduling): large chunks of the long runs first, single short runs
+  at the end, about twenty kernel starts for the quick profile's 87 runs on two slots
+  instead of 87. With one slot the whole queue is one notebook. `--notebook-per run|chunk`
+  overrides either default.
+- `--shard I/N` trains a fixed 1/N of the runs: sorted by cost (ties by name) and dealt
+  1..N, N..1, 1..N, ..., so the parts are balanced and the same on every machine. N
+  machines sharing one results folder (a SLURM job array, README "Many GPUs") thus split
+  the grid with no coordinator. A sharded run writes `<out>/summary-shard<I>of<N>.json`
+  and leaves the tables and figures to `--report`, which trains nothing: it executes the
+  analysis notebooks over whatever runs are finished and lists the missing ones.
 
 A finished run (result.json present) is skipped; an interrupted one resumes from its
-checkpoint. A failing run does not stop the others: it writes `<run>/error.json`, is
-listed at the end with its one-line error and notebook, and the exit status becomes 1.
-Then notebooks 01 (only with the `motivation` group), 03 and 04 are executed with
-`results_dir`, `profile`, `figures_dir`; their executed copies go to `<out>/notebooks/`.
-`<out>/summary.json` records every run's status and which runs each group uses.
+checkpoint. A failing run does not stop the others (nor the other slots' queue): it writes
+`<run>/error.json`, is listed at the end with its one-line error and notebook, and the exit
+status becomes 1. Then notebooks 01 (only with the `motivation` group; under `--report`
+only when its runs are finished), 03 and 04 are executed with `results_dir`, `profile`,
+`figures_dir`; their executed copies go to `<out>/notebooks/`. `<out>/summary.json`
+records every run's status and slot and which runs each group uses.
 
 The second half of this file holds the small helpers `02_train.ipynb` calls.
 """
@@ -25,19 +56,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
+import torch
+import yaml  # papermill's own parameter format (a dependency of papermill)
 from tqdm.auto import tqdm
 
-from .. import jsonio
+from .. import jsonio, tables
 from ..errors import UsageError, check_writable_folder
+from ..model import parse_mode
 from ..train import TrainConfig, _config_json, config_diff, read_run_json
-from . import experiments
+from . import estimate, experiments, publish
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the repository root in a checkout
 NOTEBOOKS = PACKAGE_PARENT / "notebooks"
@@ -54,16 +90,26 @@ def add_arguments(p) -> None:
     p.add_argument("--figures-dir", default=None,
                    help="where notebook 04 writes figures (default: figures/ for quick, figures/paper/ "
                         "for paper, <out>/figures for smoke)")
-    p.add_argument("--notebook-per", choices=("run", "group"), default=None,
-                   help="one 02_train notebook per run or per group (default: run for paper, else group)")
+    p.add_argument("--notebook-per", choices=("run", "chunk"), default=None,
+                   help="one 02_train notebook per run or per chunk of the queue (default: run for paper, "
+                        "else chunk)")
+    p.add_argument("--devices", default="auto",
+                   help="auto (every visible CUDA GPU, else the CPU), cuda:0,cuda:1,... or cpu")
     p.add_argument("--jobs", type=int, default=None,
-                   help="notebooks trained side by side, each with cores/jobs threads (default: 2 for "
-                        "quick and smoke on a CPU with 2+ cores, else 1; one GPU: 1)")
+                   help="notebook processes per device at a time, each with cores/processes threads "
+                        "(default: on the CPU 2 for quick and smoke with 2+ cores, else 1)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="train only part I of N of the runs (N machines sharing --out); no tables or figures")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: tables and figures from the finished runs; list the missing ones")
+    p.add_argument("--publish-notebooks", action="store_true",
+                   help="afterwards, write the executed notebooks (and 00/02 run with their defaults) back "
+                        "into notebooks/ with their outputs (what `make demo` does)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 # --------------------------------------------------------------------------------------
-# Executing notebooks
+# Executing notebooks, each in a process of its own
 def check_kernel(kernel_name: str = KERNEL) -> None:
     """The kernel must exist and run this interpreter (or a plain `python`, which
     jupyter_client replaces by sys.executable)."""
@@ -80,41 +126,59 @@ def check_kernel(kernel_name: str = KERNEL) -> None:
               f"`{sys.executable} -m ipykernel install --sys-prefix --name {kernel_name}`", file=sys.stderr)
 
 
-@contextmanager
-def _kernel_environment(threads: int | None = None):
-    """What the papermill kernels inherit: this very copy of contsup on PYTHONPATH (installed
-    or not), and OpenMP threads that sleep instead of spinning while they wait. On a shared
-    2-core machine, spinning torch threads of two busy processes slowed a training step
-    ~80x (10 vs 840 images/s, ResNet-32 on 8x8 digits); OMP_WAIT_POLICY=PASSIVE avoids it.
-    With `threads`, each kernel gets that many OpenMP threads (parallel jobs share the cores).
-    A value the user has set is kept."""
-    saved = {key: os.environ.get(key) for key in ("PYTHONPATH", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
-    path = [str(PACKAGE_PARENT)] + ([saved["PYTHONPATH"]] if saved["PYTHONPATH"] else [])
-    os.environ["PYTHONPATH"] = os.pathsep.join(path)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+def kernel_environment(threads: int | None = None) -> dict:
+    """The environment of a notebook process and of its kernel: this very copy of contsup on
+    PYTHONPATH (installed or not), and OpenMP threads that sleep instead of spinning while
+    they wait. On a shared 2-core machine, spinning torch threads of two busy processes
+    slowed a training step ~80x (10 vs 840 images/s, ResNet-32 on 8x8 digits);
+    OMP_WAIT_POLICY=PASSIVE avoids it. With `threads`, that many OpenMP threads (processes
+    side by side share the cores). A value the user has set is kept. A copy: os.environ
+    itself is never changed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(PACKAGE_PARENT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if threads:
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+    return env
 
 
-def execute(notebook: Path, output: Path, parameters: dict) -> str | None:
-    """Run a notebook with papermill; None on success, else the one-line error."""
-    import papermill
+def execute(notebook: Path, output: Path, parameters: dict, env: dict | None = None, started=None) -> str | None:
+    """Run a notebook with papermill in a child process (working directory: the notebook's
+    folder; environment: `env`, else `kernel_environment()`); None on success, else the
+    one-line error. `started(process)` is called with the child once it runs."""
     output.parent.mkdir(parents=True, exist_ok=True)
+    output.unlink(missing_ok=True)  # an earlier execution's error must not pass for this one's
+    fd, params = tempfile.mkstemp(prefix="contsup-parameters-", suffix=".yaml")
     try:
-        papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name=KERNEL,
-                                   progress_bar=False, log_output=False, cwd=str(notebook.parent))
-    except papermill.PapermillExecutionError as e:
-        return f"{e.ename}: {e.evalue}".splitlines()[0] if e.evalue else e.ename
-    except Exception as e:  # kernel died, notebook unreadable...: still one line per run
-        return f"{type(e).__name__}: {e}".splitlines()[0]
+        with os.fdopen(fd, "w") as f:  # safe_dump writes floats that read back as floats (1e-05 -> 1.0e-05)
+            yaml.safe_dump(parameters, f)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "papermill", str(notebook), str(output), "-f", params, "-k", KERNEL,
+             "--cwd", str(notebook.parent), "--no-progress-bar", "--no-log-output", "--log-level", "ERROR"],
+            env=env or kernel_environment(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        if started:
+            started(child)
+        _, stderr = child.communicate()
+    finally:
+        os.unlink(params)
+    if child.returncode == 0:
+        return None
+    last = [line.strip() for line in stderr.splitlines() if line.strip()][-1:]
+    return _notebook_error(output) or (last[0] if last else f"papermill exited with status {child.returncode}")
+
+
+def _notebook_error(output: Path) -> str | None:
+    """The error the executed notebook's failing cell raised, as one line."""
+    try:
+        cells = json.loads(output.read_text())["cells"]
+    except (OSError, ValueError, KeyError):
+        return None
+    for cell in cells:
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "error":
+                ename, evalue = o.get("ename", "Error"), o.get("evalue", "")
+                return f"{ename}: {evalue}".splitlines()[0] if evalue else ename
     return None
 
 
@@ -140,8 +204,19 @@ def _error_of(run) -> str | None:
     return json.loads(path.read_text())["error"] if path.exists() else None
 
 
+def _finished_status(run) -> dict | None:
+    """The status of a run whose folder holds a result: skipped, or failed when that result
+    is of another config; None when the run has no result yet."""
+    if not (run.out_dir / "result.json").exists():
+        return None
+    stale = _stale_keys(run)
+    error = (f"{run.out_dir} holds a finished run of another config (differs in {stale}); "
+             f"move it away or use another --out") if stale else None
+    return {"status": "failed" if stale else "skipped", "error": error, "notebook": None}
+
+
 class _Watcher(threading.Thread):
-    """Advances the progress bar as runs inside a group notebook finish."""
+    """Advances the progress bar as runs inside a notebook finish."""
 
     def __init__(self, bar, runs):
         super().__init__(daemon=True)
@@ -159,11 +234,12 @@ class _Watcher(threading.Thread):
             self.bar.update(1)
 
 
-def default_jobs(profile: str) -> int:
+# --------------------------------------------------------------------------------------
+# Devices, costs, shards
+def default_jobs(profile: str, device: str = "cpu") -> int:
     """Two notebooks side by side on a CPU of 2+ cores for the small profiles: their steps are
     too small to keep two threads busy (measured: see experiments.py); one otherwise."""
-    import torch
-    small = profile in ("quick", "smoke") and not torch.cuda.is_available()
+    small = profile in ("quick", "smoke") and device == "cpu"
     return 2 if small and (os.cpu_count() or 1) >= 2 else 1
 
 
@@ -172,47 +248,172 @@ def check_jobs(jobs) -> None:
         raise UsageError(f"--jobs must be a positive integer, got {jobs}")
 
 
-def run_all(runs, out, notebook_per: str = "run", progress: bool = True, jobs: int = 1) -> list[dict]:
-    """Train `runs` (a list of experiments.Run) through 02_train.ipynb, `jobs` notebooks at
-    a time; one status dict per run: name, group, status (done | skipped | failed), error,
-    notebook, out_dir."""
-    if notebook_per not in ("run", "group"):
-        raise UsageError(f"unknown --notebook-per '{notebook_per}'; choose run or group")
-    check_jobs(jobs)
-    out = Path(out)
+def parse_devices(devices, profile: str, jobs: int | None = None) -> list[str]:
+    """The slots: one device name per notebook process that runs at a time, devices taking
+    turns (cuda:0, cuda:1, cuda:0, cuda:1 for two GPUs with --jobs 2). `devices`: 'auto'
+    (None), 'cpu', 'mps', 'cuda:0,cuda:1,...', or a list of such names (tests use
+    ['cpu', 'cpu'])."""
+    if jobs is not None:
+        check_jobs(jobs)
+    if isinstance(devices, (list, tuple)):
+        names = list(devices)
+    else:
+        text = "auto" if devices is None else str(devices).strip()
+        if text == "auto":
+            names = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+            if not names:
+                mps = getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+                names = ["mps" if mps else "cpu"]
+        else:
+            names = [d.strip() for d in text.split(",")]
+    bad = [d for d in names if d not in ("cpu", "mps") and not re.fullmatch(r"cuda:\d+", d)]
+    if bad or not names:
+        raise UsageError(f"--devices takes auto, cpu, or GPUs like cuda:0,cuda:1; got '{devices}'")
+    gpus = [d for d in names if d.startswith("cuda")]
+    if isinstance(devices, str) and len(set(gpus)) < len(gpus):
+        raise UsageError(f"--devices names a GPU twice in '{devices}'; use --jobs for several processes per GPU")
+    visible = torch.cuda.device_count() if gpus else 0
+    missing = [d for d in gpus if int(d.split(":")[1]) >= visible]
+    if missing:
+        seen = f"cuda:0..cuda:{visible - 1} are visible" if visible else "no CUDA GPU is visible"
+        raise UsageError(f"--devices {', '.join(missing)}: {seen}; use --devices auto or cpu")
+    per_device = jobs or default_jobs(profile, names[0])
+    return [d for _ in range(per_device) for d in names]
+
+
+def parse_shard(shard) -> tuple[int, int]:
+    """'I/N' -> (I, N) with 1 <= I <= N."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(shard))
+    if m is None or not 1 <= int(m[1]) <= int(m[2]):
+        raise UsageError(f"--shard takes I/N with 1 <= I <= N (e.g. 2/4: the second of four machines), "
+                         f"got '{shard}'")
+    return int(m[1]), int(m[2])
+
+
+def proxy_cost(cfg: TrainConfig) -> int:
+    """A cheap stand-in for a run's cost: epochs x training images x conv/linear layers one
+    step runs (the backbone's, plus per cut the head's, one per residual encoder -- as many
+    as `ContextSupply` builds there --, two per image encoder or decoder). Exact enough to
+    order small CPU runs, where a layer's time is mostly its per-call overhead; it ignores
+    resolution and width, which the FLOP count (`estimate.run_flops`) weighs."""
+    mode = parse_mode(cfg.mode, cfg.k)
+    layers = 6 * tables.BLOCKS_PER_STAGE[cfg.arch] + 2
+    for cut in range(cfg.k - 1):
+        residual = [m for m in range(cut, cut - mode.n, -1) if m >= 0 and not (mode.image and m == 0)]
+        layers += int(cfg.head[0]) + int(cfg.head[2]) + len(residual) + 2 * mode.image + 2 * cfg.reconstruct
+    return cfg.epochs * estimate.dataset_sizes(cfg)[0] * layers
+
+
+def run_cost(cfg: TrainConfig, profile: str) -> float:
+    """What orders the queue and deals the shards: FLOPs for `paper`, the proxy otherwise.
+    A config that cannot be costed costs 0: its training fails at once, with its message."""
+    try:
+        return float(estimate.run_flops(cfg) if profile == "paper" else proxy_cost(cfg))
+    except Exception:  # noqa: BLE001 -- the run itself reports what is wrong with it
+        return 0.0
+
+
+def run_costs(runs, profile: str, progress: bool = False) -> dict[str, float]:
+    """{run name: cost}; counting the paper profile's FLOPs takes a while, hence the bar."""
+    show = progress and profile == "paper" and len(runs) > 1
+    return {r.name: run_cost(r.config, profile)
+            for r in tqdm(runs, desc="counting FLOPs to order the runs", unit="run", disable=not show)}
+
+
+def longest_first(runs, cost: dict) -> list:
+    return sorted(runs, key=lambda r: (-cost[r.name], r.name))
+
+
+def shard_runs(runs, index: int, count: int, cost: dict) -> list:
+    """Part `index` (1-based) of `count`: the runs longest first, dealt 1..N, N..1, 1..N, ...
+    (each part gets one of every N runs of similar cost). Depends only on the run names and
+    costs, not on which runs are finished: every machine computes the same parts."""
+    def part(i):
+        turn, seat = divmod(i, count)
+        return seat if turn % 2 == 0 else count - 1 - seat
+    return [r for i, r in enumerate(longest_first(runs, cost)) if part(i) == index - 1]
+
+
+class _Queue:
+    """The pending runs, longest first, shared by the slots. `take()` gives the next
+    notebook's runs: one (per run), the whole queue (one slot), or runs from the head until
+    they cost 1/(2 x slots) of what is left (per chunk, with several slots)."""
+
+    def __init__(self, runs, cost: dict, slots: int, per_run: bool):
+        self.runs, self.cost = longest_first(runs, cost), cost
+        self.slots, self.per_run = slots, per_run
+        self.left = sum(cost[r.name] for r in runs)
+        self.lock, self.closed, self.taken = threading.Lock(), False, 0
+
+    def take(self) -> tuple[int, list]:
+        with self.lock:
+            if self.closed or not self.runs:
+                return self.taken, []
+            if self.per_run:
+                n = 1
+            elif self.slots == 1:
+                n = len(self.runs)
+            else:
+                share, n, chunk = self.left / (2 * self.slots), 0, 0.0
+                while n < len(self.runs) and (n == 0 or chunk < share):
+                    chunk += self.cost[self.runs[n].name]
+                    n += 1
+            batch, self.runs = self.runs[:n], self.runs[n:]
+            self.left -= sum(self.cost[r.name] for r in batch)
+            self.taken += 1
+            return self.taken, batch
+
+    def close(self):
+        with self.lock:
+            self.closed = True
+
+
+# --------------------------------------------------------------------------------------
+# Training the runs
+def run_all(runs, out, notebook_per: str = "run", progress: bool = True, slots=("cpu",),
+            cost: dict | None = None, prefix: str = "02_train") -> list[dict]:
+    """Train `runs` (a list of experiments.Run) through 02_train.ipynb, one notebook process
+    per slot (a device name each) at a time, from one queue, longest first by `cost`
+    ({name: cost}; default `proxy_cost`). One status dict per run: name, group, status
+    (done | skipped | failed), error, notebook, device, slot, out_dir, train_seconds.
+    Chunk notebooks are saved as `<out>/notebooks/<prefix>-<NN>.ipynb`."""
+    if notebook_per not in ("run", "chunk"):
+        raise UsageError(f"unknown --notebook-per '{notebook_per}'; choose run or chunk")
+    slots = list(slots)
+    out = Path(out).resolve()
     status, pending = {}, []
     for run in runs:
-        if (run.out_dir / "result.json").exists():
-            stale = _stale_keys(run)
-            error = (f"{run.out_dir} holds a finished run of another config (differs in {stale}); "
-                     f"move it away or use another --out") if stale else None
-            status[run.name] = {"status": "failed" if stale else "skipped", "error": error, "notebook": None}
+        finished = _finished_status(run)
+        if finished:
+            status[run.name] = {**finished, "device": None, "slot": None}
         else:
             (run.out_dir / "error.json").unlink(missing_ok=True)  # a previous attempt's
             pending.append(run)
     if pending:
         check_kernel()
+    given = cost or {}
+    cost = {r.name: given[r.name] if r.name in given else run_cost(r.config, "quick") for r in pending}  # proxy
+    queue = _Queue(pending, cost, len(slots), per_run=notebook_per == "run")
     notebook = NOTEBOOKS / TRAIN_NOTEBOOK
-    if notebook_per == "run":
-        batches = [(run.out_dir / TRAIN_NOTEBOOK, [run]) for run in pending]
-    else:  # with jobs > 1 each group is dealt round-robin into `jobs` notebooks of similar cost
-        groups = dict.fromkeys(r.group for r in pending)
-        batches = []
-        for g in groups:
-            mine = [r for r in pending if r.group == g]
-            shards = min(jobs, len(mine))
-            batches += [(out / "notebooks" / (f"02_train-{g}.ipynb" if shards == 1 else f"02_train-{g}-{i + 1}.ipynb"),
-                         mine[i::shards]) for i in range(shards)]
-
+    env = kernel_environment(max(1, (os.cpu_count() or 1) // len(slots)) if len(slots) > 1 else None)
+    children, children_lock = set(), threading.Lock()
     bar = tqdm(total=len(pending), desc="runs", unit="run", disable=not progress or not pending)
 
-    def train_batch(output, batch):
+    def started(child):
+        with children_lock:
+            children.add(child)
+
+    def train_batch(output, batch, slot):
+        device = slots[slot]
         watcher = _Watcher(bar, batch)
         watcher.start()
-        params = {"runs": [_notebook_config(r.config) for r in batch], "progress": False}
-        for r in batch:
-            r.out_dir.mkdir(parents=True, exist_ok=True)
-        notebook_error = execute(notebook, output, params)
+        params = {"runs": [_notebook_config(replace(r.config, device=device)) for r in batch], "progress": False}
+        try:
+            for r in batch:
+                r.out_dir.mkdir(parents=True, exist_ok=True)
+            notebook_error = execute(notebook, output, params, env, started)
+        except Exception as e:  # noqa: BLE001 -- e.g. a full disk: these runs fail, the queue goes on
+            notebook_error = f"{type(e).__name__}: {e}".splitlines()[0]
         watcher.stop.set()
         watcher.join()
         watcher.poll()
@@ -223,11 +424,29 @@ def run_all(runs, out, notebook_per: str = "run", progress: bool = True, jobs: i
             else:
                 error = _error_of(r) or notebook_error or "the notebook ended without a result for this run"
                 status[r.name] = {"status": "failed", "error": error, "notebook": str(output)}
+            status[r.name] |= {"device": device, "slot": slot}
 
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
-    with _kernel_environment(threads), ThreadPoolExecutor(max_workers=jobs) as pool:
-        for future in [pool.submit(train_batch, output, batch) for output, batch in batches]:
-            future.result()
+    def work(slot):
+        while True:
+            seq, batch = queue.take()
+            if not batch:
+                return
+            output = (batch[0].out_dir / TRAIN_NOTEBOOK if notebook_per == "run"
+                      else out / "notebooks" / f"{prefix}-{seq:02d}.ipynb")
+            train_batch(output, batch, slot)
+
+    workers = [threading.Thread(target=work, args=(slot,), daemon=True) for slot in range(len(slots))]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    except KeyboardInterrupt:  # no new notebook starts; the running ones are stopped
+        queue.close()
+        with children_lock:
+            for child in children:
+                child.terminate()
+        raise
     bar.close()
     rows = []
     for r in runs:
@@ -251,22 +470,42 @@ def run_notebooks(names, out: Path, profile: str, figures_dir: Path) -> list[dic
         output = out / "notebooks" / name
         t0 = time.perf_counter()
         print(f"executing {name} ...", flush=True)
-        with _kernel_environment():
-            error = execute(src, output, params)
+        error = execute(src, output, params)
         results.append({"notebook": name, "status": "failed" if error else "done", "error": error,
                         "output": str(output), "seconds": round(time.perf_counter() - t0, 1)})
     return results
 
 
+def write_json(path: Path, obj) -> None:
+    """Strict JSON (jsonio): a non-finite float (NaN, inf) is written as null."""
+    path.write_text(jsonio.dumps(obj, indent=2))
+
+
 # --------------------------------------------------------------------------------------
+def _absolute(run):
+    return replace(run, config=replace(run.config, out_dir=str(Path(run.config.out_dir).resolve())))
+
+
 def reproduce(profile: str, out=None, only=None, runs=None, notebook_per: str | None = None,
-              figures_dir=None, analysis: bool = True, progress: bool = True, jobs: int | None = None) -> dict:
-    """Train the runs of `profile` (or the given `runs`), run the analysis notebooks, write
-    and return the summary; summary['exit_code'] is 0, or 1 if anything failed."""
+              figures_dir=None, analysis: bool = True, progress: bool = True, jobs: int | None = None,
+              devices=None, shard=None, report: bool = False, publish_notebooks: bool = False) -> dict:
+    """Train the runs of `profile` (or the given `runs`) -- all, or part `shard` ('I/N') --
+    on `devices`, run the analysis notebooks, write and return the summary;
+    summary['exit_code'] is 0, or 1 if anything failed. `report`: train nothing, only the
+    analysis notebooks over the finished runs."""
     t0 = time.perf_counter()
     experiments.profile_settings(profile)
-    out = Path(out or f"results/{profile}")
     groups = experiments.check_groups(only)
+    index, count = parse_shard(shard) if shard is not None else (1, 1)
+    if report and count > 1:
+        raise UsageError("--report works on every finished run; drop --shard")
+    slots = parse_devices(devices, profile, jobs)
+    notebook_per = notebook_per or ("run" if profile == "paper" else "chunk")
+    if notebook_per not in ("run", "chunk"):
+        raise UsageError(f"unknown --notebook-per '{notebook_per}'; choose run or chunk")
+    # Absolute once, here: nothing below depends on the working directory.
+    out = Path(out or f"results/{profile}").resolve()
+    figures = Path(figures_dir or DEFAULT_FIGURES.get(profile, out / "figures")).resolve()
     if runs is None:
         runs = experiments.expand_all(profile, out, only)
         registry = experiments.runs_by_group(profile, out, only)
@@ -275,45 +514,105 @@ def reproduce(profile: str, out=None, only=None, runs=None, notebook_per: str | 
         for r in runs:
             registry.setdefault(r.group, []).append(r)
         groups = list(registry)
-    notebook_per = notebook_per or ("run" if profile == "paper" else "group")
-    jobs = default_jobs(profile) if jobs is None else jobs
-    check_jobs(jobs)
-    figures = Path(figures_dir or DEFAULT_FIGURES.get(profile, out / "figures"))
+    runs = [_absolute(r) for r in runs]
+    registry = {g: [_absolute(r) for r in rs] for g, rs in registry.items()}
     check_writable_folder(out, "--out")
-    if analysis:
+    if analysis or report:
         check_writable_folder(figures, "--figures-dir")
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"reproduce --profile {profile}: {len(runs)} runs in {out}/runs "
-          f"(groups: {', '.join(groups)}; one notebook per {notebook_per}; {jobs} at a time)", flush=True)
+    if report:
+        return _report(profile, out, groups, runs, registry, figures, t0)
 
-    statuses = run_all(runs, out, notebook_per, progress, jobs)
+    todo = [r for r in runs if not (r.out_dir / "result.json").exists()]
+    cost = run_costs(runs if count > 1 else todo, profile, progress)
+    mine = shard_runs(runs, index, count, cost) if count > 1 else runs
+    out.mkdir(parents=True, exist_ok=True)
+    part = f" (shard {index}/{count} of {len(runs)})" if count > 1 else ""
+    print(f"reproduce --profile {profile}: {len(mine)} runs{part} in {out}/runs (groups: {', '.join(groups)}; "
+          f"one notebook per {notebook_per}; {len(slots)} at a time on {', '.join(dict.fromkeys(slots))})",
+          flush=True)
+
+    prefix = "02_train" if count == 1 else f"02_train-shard{index}of{count}"
+    statuses = run_all(mine, out, notebook_per, progress, slots, cost, prefix)
 
     notebooks = []
-    if analysis:
+    if analysis and count == 1:
         names = (["01_information_motivation.ipynb"] if "motivation" in groups else []) + \
                 ["03_tables.ipynb", "04_figures.ipynb"]
         notebooks = run_notebooks(names, out, profile, figures)
+        if publish_notebooks:
+            env = kernel_environment()
+            publish.publish(out / "notebooks", NOTEBOOKS, lambda src, dst, params: execute(src, dst, params, env))
+    elif analysis:
+        print(f"note: shard {index}/{count} leaves the tables and figures to "
+              f"`python -m contsup reproduce --profile {profile} --out {out} --report` once every shard is done")
 
-    count = lambda key: sum(s["status"] == key for s in statuses)  # noqa: E731
+    count_of = lambda key: sum(s["status"] == key for s in statuses)  # noqa: E731
     failed = [s for s in statuses if s["status"] == "failed"] + [n for n in notebooks if n["status"] == "failed"]
     summary = {
-        "profile": profile, "out": str(out), "groups": groups, "notebook_per": notebook_per, "jobs": jobs,
-        "runs_total": len(statuses), "done": count("done"), "skipped": count("skipped"), "failed": count("failed"),
-        "notebooks": notebooks, "wall_seconds": round(time.perf_counter() - t0, 1),
+        "profile": profile, "out": str(out), "groups": groups, "shard": f"{index}/{count}",
+        "notebook_per": notebook_per, "devices": slots, "jobs": len(slots),
+        "runs_total": len(statuses), "done": count_of("done"), "skipped": count_of("skipped"),
+        "failed": count_of("failed"), "notebooks": notebooks, "wall_seconds": round(time.perf_counter() - t0, 1),
         "exit_code": 1 if failed else 0, "runs": statuses,
         # which run folder each group's entries use, with the paper's dataset/arch they stand for
-        "registry": {g: [{"name": r.name, "paper_dataset": r.paper_dataset, "paper_arch": r.paper_arch,
-                          "config": _config_json(r.config)} for r in rs] for g, rs in registry.items()},
+        "registry": _registry_json(registry),
     }
-    (out / "summary.json").write_text(jsonio.dumps(summary, indent=2))
-    _print_summary(summary, out)
+    path = out / ("summary.json" if count == 1 else f"summary-shard{index}of{count}.json")
+    write_json(path, summary)
+    _print_summary(summary, path)
     return summary
 
 
-def _print_summary(s: dict, out: Path) -> None:
+def _registry_json(registry) -> dict:
+    return {g: [{"name": r.name, "paper_dataset": r.paper_dataset, "paper_arch": r.paper_arch,
+                 "config": _config_json(r.config)} for r in rs] for g, rs in registry.items()}
+
+
+def _report(profile, out: Path, groups, runs, registry, figures: Path, t0) -> dict:
+    """`--report`: the analysis notebooks over the finished runs; trains nothing."""
+    statuses = []
+    for r in runs:
+        s = _finished_status(r) or {"status": "failed" if _error_of(r) else "missing", "error": _error_of(r),
+                                    "notebook": None}
+        statuses.append({"name": r.name, "group": r.group, "out_dir": str(r.out_dir),
+                         **s, "status": "done" if s["status"] == "skipped" else s["status"]})
+    done = {s["name"] for s in statuses if s["status"] == "done"}
+    if not done:  # the notebooks would train a demo set instead
+        raise UsageError(f"no finished runs in {out / 'runs'} to report on; train them first with "
+                         f"`python -m contsup reproduce --profile {profile} --out {out}` (or --shard I/N)")
+    names = ["03_tables.ipynb", "04_figures.ipynb"]
+    if "motivation" in groups:
+        if all(r.name in done for r in registry.get("motivation", [])):
+            names.insert(0, "01_information_motivation.ipynb")
+        else:
+            print("note: the motivation runs are not all finished; notebook 01 skipped")
+    print(f"reproduce --report --profile {profile}: {len(done)} of {len(runs)} runs finished in {out / 'runs'}",
+          flush=True)
+    notebooks = run_notebooks(names, out, profile, figures)
+    count_of = lambda key: sum(s["status"] == key for s in statuses)  # noqa: E731
+    summary = {
+        "profile": profile, "out": str(out), "groups": groups, "report": True,
+        "runs_total": len(statuses), "done": count_of("done"), "missing": count_of("missing"),
+        "failed": count_of("failed"), "notebooks": notebooks, "wall_seconds": round(time.perf_counter() - t0, 1),
+        "exit_code": 1 if any(n["status"] == "failed" for n in notebooks) else 0, "runs": statuses,
+        "registry": _registry_json(registry),
+    }
+    write_json(out / "summary.json", summary)
+    for n in notebooks:
+        if n["status"] != "missing":
+            print(f"  {n['notebook']}: {n['status']} ({n['output']})" + (f": {n['error']}" if n["error"] else ""))
+    for key in ("missing", "failed"):
+        names = [s["name"] + (f": {s['error']}" if s["error"] else "") for s in statuses if s["status"] == key]
+        if names:
+            print(f"{len(names)} runs {key}:", *names, sep="\n  ")
+    print(f"Summary: {out / 'summary.json'}")
+    return summary
+
+
+def _print_summary(s: dict, path: Path) -> None:
     minutes = s["wall_seconds"] / 60
     print(f"\n{s['runs_total']} runs: {s['done']} done, {s['skipped']} skipped (already finished), "
-          f"{s['failed']} failed; {minutes:.1f} min. Summary: {out / 'summary.json'}")
+          f"{s['failed']} failed; {minutes:.1f} min. Summary: {path}")
     for n in s["notebooks"]:
         if n["status"] != "missing":
             print(f"  {n['notebook']}: {n['status']} ({n['output']})")
@@ -329,7 +628,9 @@ def _print_summary(s: dict, out: Path) -> None:
 def main(args) -> int:
     try:
         summary = reproduce(args.profile, args.out, args.only, notebook_per=args.notebook_per,
-                            figures_dir=args.figures_dir, progress=not args.no_progress, jobs=args.jobs)
+                            figures_dir=args.figures_dir, progress=not args.no_progress, jobs=args.jobs,
+                            devices=args.devices, shard=args.shard, report=args.report,
+                            publish_notebooks=args.publish_notebooks)
     except KeyboardInterrupt:
         print("contsup: interrupted; rerun the same command to continue (finished runs are skipped, "
               "an interrupted one resumes from its checkpoint)", file=sys.stderr)

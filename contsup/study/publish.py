@@ -1,0 +1,63 @@
+"""Refresh the committed notebooks with the outputs of a reproduction (`make demo`).
+
+`reproduce --profile quick --publish-notebooks` ends here: the executed copies of notebooks
+01, 03 and 04 in `<out>/notebooks/`, plus 00 and 02 executed now with their own defaults,
+are written back to `notebooks/`, so that a reader sees figures and numbers on GitHub.
+
+Each copy loses what papermill added: the `injected-parameters` cell (so the stored
+`parameters` cell, with its small defaults, is again what runs first under nbval) and
+papermill's metadata. nbval re-runs the notebooks with those defaults and compares only
+the cells marked `# NBVAL_CHECK_OUTPUT`, which print nothing that depends on the profile.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import UsageError
+
+MAX_BYTES = 2_000_000            # a notebook GitHub renders without trouble
+RUN_NOW = ("00_walkthrough.ipynb", "02_train.ipynb")          # executed with their defaults
+FROM_REPRODUCE = ("01_information_motivation.ipynb", "03_tables.ipynb", "04_figures.ipynb")
+
+
+def clean(nb: dict) -> dict:
+    """The notebook without papermill's injected parameters and bookkeeping metadata."""
+    cells = [c for c in nb["cells"] if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+    for c in cells:
+        c.get("metadata", {}).pop("papermill", None)
+        c.get("metadata", {}).pop("execution", None)
+    meta = {k: v for k, v in nb.get("metadata", {}).items() if k != "papermill"}
+    return {**nb, "cells": cells, "metadata": meta}
+
+
+def write(nb: dict, path: Path) -> None:
+    text = json.dumps(clean(nb), indent=1, ensure_ascii=False) + "\n"
+    if len(text.encode()) > MAX_BYTES:
+        raise UsageError(f"{path.name} would be {len(text.encode()) / 1e6:.1f} MB with its outputs "
+                         f"(limit {MAX_BYTES / 1e6:.0f} MB); not published")
+    path.write_text(text)
+
+
+def publish(executed_dir: Path, notebooks_dir: Path, execute) -> list[Path]:
+    """Write the executed notebooks into `notebooks_dir`. `execute(src, dst, parameters)`
+    runs a notebook (None on success, else a one-line error); it runs RUN_NOW first.
+    Returns the notebooks written; a notebook that failed or was not executed is left as
+    it is, with a note."""
+    executed_dir, written = Path(executed_dir), []
+    for name in RUN_NOW:
+        error = execute(notebooks_dir / name, executed_dir / name, {})
+        if error:
+            print(f"note: {name} failed ({error}); the committed copy is left as it is")
+    for name in RUN_NOW + FROM_REPRODUCE:
+        src = executed_dir / name
+        if not src.exists():
+            print(f"note: no executed {name} in {executed_dir}; the committed copy is left as it is")
+            continue
+        nb = json.loads(src.read_text())
+        if any(o.get("output_type") == "error" for c in nb["cells"] for o in c.get("outputs", [])):
+            print(f"note: {name} ended in an error; the committed copy is left as it is")
+            continue
+        write(nb, notebooks_dir / name)
+        written.append(notebooks_dir / name)
+    return written
