@@ -153,39 +153,45 @@ def to_format(x, channels_last: bool):
 
 
 # --------------------------------------------------------------------------------------
+def module_step(net: ContSupNet, k: int, h_in, x, y, image=None, bf16: bool = False):
+    """Module k alone: forward, its local loss, backward (the gradient reaches module k and
+    the context encoders that made `h_in`, nothing earlier). Returns the module's output (the
+    class logits for the last module) and its loss, detached (0 where the loss is empty)."""
+    with autocast(x, bf16):
+        h = net.blocks[k](h_in)                                       # [B, C_k, H_k, W_k]
+        if k == net.k - 1:
+            h = net.classifier(h)                                     # [B, classes]
+            loss = F.cross_entropy(h, y)
+        else:
+            a, b = net.loss_weights[k]
+            loss = b * head_loss(net.heads[k](h), y, net.cfg.loss) if b else 0.0
+            if a:
+                loss = loss + a * reconstruction_loss(net.decoders[k](h), image)
+    if not torch.is_tensor(loss):
+        return h, torch.zeros((), device=x.device)
+    loss.backward()  # frees module k's graph before module k+1 starts
+    return h, loss.detach()
+
+
 def local_learning_step(net: ContSupNet, x, y, image=None, bf16: bool = False):
     """Forward and backward through the K modules, one at a time (SPEC §1-§2).
 
-    For module k: forward, its own local loss, backward (gradient reaches module k and the
-    context encoders of cut k-1, nothing earlier), then the detached output plus context
-    becomes the next input. K=1 is end-to-end. `image` ([B,3,S,S] in [0,1]) is the
-    reconstruction target. Returns the final logits (detached) and the K losses.
+    For module k: forward, its own local loss, backward (`module_step`), then the detached
+    output plus context becomes the next input. K=1 is end-to-end. `image` ([B,3,S,S] in
+    [0,1]) is the reconstruction target. Returns the final logits (detached) and the K losses.
     Gradients accumulate into .grad; the caller zeroes and steps the optimizer.
     `bf16` runs the forward passes under bfloat16 autocast.
     """
     module_inputs, h_in, losses = [], x, []
-    for k, block in enumerate(net.blocks):
+    for k in range(net.k):
         module_inputs.append(h_in.detach())
-        with autocast(x, bf16):
-            h = block(h_in)                                           # [B, C_k, H_k, W_k]
-            if k == net.k - 1:
-                logits = net.classifier(h)                            # [B, classes]
-                loss = F.cross_entropy(logits, y)
-            else:
-                a, b = net.loss_weights[k]
-                loss = b * head_loss(net.heads[k](h), y, net.cfg.loss) if b else 0.0
-                if a:
-                    loss = loss + a * reconstruction_loss(net.decoders[k](h), image)
-        if torch.is_tensor(loss):
-            loss.backward()  # frees module k's graph before module k+1 starts
-            losses.append(loss.detach())
-        else:
-            losses.append(torch.zeros((), device=x.device))
+        h, loss = module_step(net, k, h_in, x, y, image, bf16)
+        losses.append(loss)
         if k < net.k - 1:
             with autocast(x, bf16):
                 h_in = net.supply(k, h, x, module_inputs)             # h.detach() + context
             h = None  # module k's output is not needed any more (frees it where h_in is a new tensor)
-    return logits.detach(), torch.stack(losses)
+    return h.detach(), torch.stack(losses)
 
 
 def measure_step_memory(net: ContSupNet, x, y, image=None, bf16: bool = False) -> dict:
@@ -241,25 +247,90 @@ def _config_json(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(asdict(cfg)))  # tuples -> lists, as they come back from disk
 
 
+def open_run(cfg: TrainConfig, resume: bool) -> tuple[dict | None, dict | None]:
+    """(checkpoint, result) found in the run folder: (None, None) for a new run, the result of
+    a finished one, or the checkpoint to resume (refused without `resume`, or when written by
+    a different config)."""
+    out = Path(cfg.out_dir)
+    ckpt_path, result_path = out / "ckpt.pt", out / "result.json"
+    if not (ckpt_path.exists() or result_path.exists()):
+        return None, None
+    if not resume:
+        raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if result_path.exists():
+        return None, json.loads(result_path.read_text())
+    ckpt = load_checkpoint(ckpt_path)
+    now = _config_json(cfg)
+    then = _config_json(TrainConfig(dataset=cfg.dataset)) | ckpt["config"]  # keys added since: defaults
+    diff = sorted(k for k in set(now) | set(then)
+                  if k not in MAY_CHANGE_ON_RESUME and then.get(k) != now.get(k))
+    if diff:
+        raise UsageError(f"{ckpt_path} was written by a different config (differs in {diff}); "
+                         f"use another --out or the same settings")
+    return ckpt, None
+
+
+def prepare_run_folder(cfg: TrainConfig, ckpt: dict | None, measure_memory) -> tuple[int, tuple, dict]:
+    """(first epoch, (best error, its epoch), memory) of the run. Resuming: from the checkpoint,
+    dropping metric lines of an epoch that finished after it. New: config.json, an empty
+    metrics.jsonl and `measure_memory()`."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    if ckpt is not None:
+        start_epoch = ckpt["epoch"] + 1
+        if metrics_path.exists():
+            lines = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["epoch"] < start_epoch]
+            metrics_path.write_text("".join(l + "\n" for l in lines))
+        return start_epoch, tuple(ckpt["best"]), ckpt["memory"]
+    _atomic_save(_config_json(cfg), out / "config.json", as_json=True)
+    metrics_path.write_text("")
+    return 0, (math.inf, -1), measure_memory()
+
+
+def first_step_memory(net: ContSupNet, data, cfg: TrainConfig, device) -> dict:
+    """measure_step_memory on the first (unshuffled) training batch."""
+    recipe = tables.DATA_RECIPES[cfg.dataset]
+    x, y = next(iter(DeviceLoader(data.train_x, data.train_y, recipe, cfg.batch_size, False, device)))
+    image = denormalize(x, recipe) if cfg.reconstruct else None
+    return measure_step_memory(net, to_format(x, cfg.channels_last), y, image, cfg.bf16)
+
+
+def checkpoint(model_state: dict, optimizer_state: dict, epoch: int, cfg: TrainConfig, data_rng, best,
+               memory: dict) -> dict:
+    """ckpt.pt: everything resume needs, after `epoch`."""
+    return {"model": model_state, "optimizer": optimizer_state, "epoch": epoch, "config": _config_json(cfg),
+            "data_rng": data_rng.get_state(), "torch_rng": torch.get_rng_state(), "best": list(best),
+            "memory": memory}
+
+
+def metrics_row(epoch: int, lr: float, train_error: float, test_error: float, local_losses: list,
+                seconds: float, seen: int) -> dict:
+    """One line of metrics.jsonl."""
+    return {"epoch": epoch, "lr": lr, "train_error": train_error, "test_error": test_error,
+            "local_losses": local_losses, "epoch_seconds": seconds, "images_per_s": seen / seconds}
+
+
+def finish_run(cfg: TrainConfig, net: ContSupNet, best: tuple, memory: dict, device, **extra) -> dict:
+    """Write result.json from the run's metrics and return it."""
+    out = Path(cfg.out_dir)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    result = {"final_error": rows[-1]["test_error"], "best_error": best[0], "best_epoch": best[1],
+              "epochs": cfg.epochs, **memory, "params": net.parts(), "cuts": net.cuts,
+              "train_seconds": sum(r["epoch_seconds"] for r in rows), "device": str(device),
+              "config": _config_json(cfg), **extra}
+    _atomic_save(result, out / "result.json", as_json=True)
+    return json.loads((out / "result.json").read_text())  # the same types as a skipped rerun returns
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train one configuration; returns (and writes) its result. With `resume`, continue from
     the run folder's checkpoint; without, refuse to touch a folder that already holds a run."""
     out = Path(cfg.out_dir)
-    ckpt_path, metrics_path, result_path = out / "ckpt.pt", out / "metrics.jsonl", out / "result.json"
-    ckpt = None
-    if ckpt_path.exists() or result_path.exists():
-        if not resume:
-            raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        if result_path.exists():
-            return json.loads(result_path.read_text())
-        ckpt = load_checkpoint(ckpt_path)
-        now = _config_json(cfg)
-        then = _config_json(TrainConfig(dataset=cfg.dataset)) | ckpt["config"]  # keys added since: defaults
-        diff = sorted(k for k in set(now) | set(then)
-                      if k not in MAY_CHANGE_ON_RESUME and then.get(k) != now.get(k))
-        if diff:
-            raise UsageError(f"{ckpt_path} was written by a different config (differs in {diff}); "
-                             f"use another --out or the same settings")
+    ckpt_path, metrics_path = out / "ckpt.pt", out / "metrics.jsonl"
+    ckpt, result = open_run(cfg, resume)
+    if result is not None:
+        return result
 
     device = pick_device(cfg.device)
     if device.type == "cpu" and cfg.reuse_cpu_memory:
@@ -273,24 +344,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     test_loader = DeviceLoader(data.test_x, data.test_y, recipe, max(cfg.batch_size, 256), False, device)
     optimizer = make_optimizer(net, cfg)
 
-    out.mkdir(parents=True, exist_ok=True)
-    start_epoch, best, memory = 0, (math.inf, -1), None
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["data_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
-        start_epoch, best, memory = ckpt["epoch"] + 1, tuple(ckpt["best"]), ckpt["memory"]
-        # Drop metric lines of an epoch that finished after the last checkpoint.
-        if metrics_path.exists():
-            lines = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["epoch"] < start_epoch]
-            metrics_path.write_text("".join(l + "\n" for l in lines))
-    else:
-        _atomic_save(_config_json(cfg), out / "config.json", as_json=True)
-        metrics_path.write_text("")
-        x, y = next(iter(DeviceLoader(data.train_x, data.train_y, recipe, cfg.batch_size, False, device)))
-        image = denormalize(x, recipe) if cfg.reconstruct else None
-        memory = measure_step_memory(net, to_format(x, cfg.channels_last), y, image, cfg.bf16)
+    start_epoch, best, memory = prepare_run_folder(cfg, ckpt, lambda: first_step_memory(net, data, cfg, device))
     if cfg.torch_compile:  # after the memory measurement, which runs eagerly on a copy
         compile_model(net)
 
@@ -314,20 +373,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         test_error = evaluate(net, test_loader, cfg.channels_last, cfg.bf16)
         if test_error < best[0]:
             best = (test_error, epoch)
-        row = {"epoch": epoch, "lr": lr, "train_error": 100.0 * float(wrong) / seen,
-               "test_error": test_error, "local_losses": (loss_sum / seen).tolist(),
-               "epoch_seconds": train_time, "images_per_s": seen / train_time}
+        row = metrics_row(epoch, lr, 100.0 * float(wrong) / seen, test_error, (loss_sum / seen).tolist(),
+                          train_time, seen)
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        _atomic_save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                      "config": _config_json(cfg), "data_rng": gen.get_state(),
-                      "torch_rng": torch.get_rng_state(), "best": list(best), "memory": memory}, ckpt_path)
+        _atomic_save(checkpoint(net.state_dict(), optimizer.state_dict(), epoch, cfg, gen, best, memory), ckpt_path)
         epochs.set_postfix(test_error=f"{test_error:.2f}%")
 
-    rows = [json.loads(l) for l in metrics_path.read_text().splitlines()]
-    result = {"final_error": rows[-1]["test_error"], "best_error": best[0], "best_epoch": best[1],
-              "epochs": cfg.epochs, **memory, "params": net.parts(), "cuts": net.cuts,
-              "train_seconds": sum(r["epoch_seconds"] for r in rows), "device": str(device),
-              "config": _config_json(cfg)}
-    _atomic_save(result, result_path, as_json=True)
-    return json.loads(result_path.read_text())  # the same types as a skipped rerun returns
+    return finish_run(cfg, net, best, memory, device)
