@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import reproduce, tables
@@ -23,6 +24,13 @@ def _scales(text: str):
     except ValueError:
         raise argparse.ArgumentTypeError(f"--loss-scales takes four numbers like 5,1,0,0, got '{text}'")
     return values
+
+
+def _ints(text: str):
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes comma-separated integers like 1,3, got '{text}'")
 
 
 def _model_args(p: argparse.ArgumentParser):
@@ -66,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", action="store_true", help="torch.compile the modules (slow first epoch)")
     t.add_argument("--no-reuse-cpu-memory", action="store_true",
                    help="CPU: leave glibc's malloc as it is (default: freed activations are reused, not unmapped)")
+    t.add_argument("--pipeline", action="store_true",
+                   help="module-parallel trainer (implied under torchrun with more than one process)")
+    t.add_argument("--split", type=_ints, default=None,
+                   help="pipeline: modules per rank, e.g. 1,3 (default: balanced by measured step time)")
+    t.add_argument("--pipeline-depth", type=int, default=2, help="pipeline: messages in flight per link")
+    t.add_argument("--rank-timeout", type=float, default=300.0,
+                   help="pipeline: seconds before a silent rank counts as dead or hung")
 
     d = sub.add_parser("describe", help="cut points, parameters per part, peak activation memory")
     _model_args(d)
@@ -100,7 +115,19 @@ def cmd_train(args) -> int:
                       context_impl=args.context_impl, channels_last=not args.no_channels_last, bf16=args.bf16,
                       cudnn_benchmark=not args.no_cudnn_benchmark, torch_compile=args.compile,
                       reuse_cpu_memory=not args.no_reuse_cpu_memory)
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.pipeline:
+        from .pipeline import RankFailure, train_pipelined
+        try:  # under torchrun a run always resumes its checkpoint (--max-restarts restarts it)
+            result = train_pipelined(cfg, resume=args.resume or "TORCHELASTIC_RUN_ID" in os.environ,
+                                     progress=not args.no_progress, split=args.split, depth=args.pipeline_depth,
+                                     timeout_s=args.rank_timeout)
+        except RankFailure as e:
+            print(f"contsup: error: {e}", file=sys.stderr, flush=True)
+            os._exit(1)   # a process group with a lost peer cannot be torn down cleanly
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
+    else:
+        result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"{out}: test error {result['final_error']:.2f}% (best {result['best_error']:.2f}% "
           f"at epoch {result['best_epoch']}), peak activation memory "
           f"{result['peak_activation_bytes'] / 2**20:.1f} MB")

@@ -118,8 +118,11 @@ def learning_rate(epoch: int, base_lr: float, epochs: int, warmup_epochs: int = 
 
 
 def make_optimizer(net, cfg: TrainConfig):
+    """The paper's SGD over `net`'s parameters (or over `net`, a list of parameters: a pipeline
+    stage's own)."""
     s = tables.PAPER_SCHEDULE
-    return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=s.momentum, nesterov=True,
+    params = net.parameters() if isinstance(net, torch.nn.Module) else net
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=s.momentum, nesterov=True,
                            weight_decay=s.weight_decay)
 
 
