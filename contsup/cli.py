@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=256, help="batch size of the memory measurement")
     d.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     d.add_argument("--json", action="store_true", help="print JSON")
+    d.add_argument("--stages", type=int, default=None, metavar="G",
+                   help="time each module's step and print the balanced split over G pipeline ranks")
 
     g = sub.add_parser("download", help="fetch a dataset with torchvision")
     g.add_argument("--dataset", required=True, help="cifar10, svhn or stl10")
@@ -148,6 +150,15 @@ def describe(args) -> dict:
         x, y, image = random_batch(cfg.dataset, args.batch_size, cfg.reconstruct)
         mem = measure_step_memory(net, x, y, image)
         report |= {"batch_size": args.batch_size, "peak_activation_MB": mem["peak_activation_bytes"] / 2**20}
+    if args.stages is not None:
+        from . import pipeline
+        x, y, image = random_batch(cfg.dataset, args.batch_size, cfg.reconstruct)
+        seconds = pipeline.profile_modules(net, x, y, image)
+        g = args.stages
+        equal = [round(i * net.k / g) for i in range(g + 1)] if 1 <= g <= net.k else None
+        report["stages"] = {"module_seconds": seconds, "batch_size": args.batch_size,
+                            "balanced": pipeline.predicted_speedup(seconds, pipeline.balanced_split(seconds, g)),
+                            "equal": pipeline.predicted_speedup(seconds, equal)}
     return report
 
 
@@ -163,6 +174,16 @@ def cmd_describe(args) -> int:
     if "peak_activation_MB" in report:
         print(f"  peak activation memory of one training step at batch {report['batch_size']}: "
               f"{report['peak_activation_MB']:.1f} MB")
+    if "stages" in report:
+        st = report["stages"]
+        print(f"  pipeline over {len(st['balanced']['stage_seconds'])} ranks (step times measured at batch "
+              f"{st['batch_size']}, communication not counted):")
+        for name in ("balanced", "equal"):
+            p = st[name]
+            sizes = [b - a for a, b in zip(p["bounds"], p["bounds"][1:])]
+            print(f"    {name:>8}: modules per rank {sizes}, stage seconds "
+                  f"[{', '.join(f'{s:.3f}' for s in p['stage_seconds'])}], predicted speed-up {p['speedup']:.2f}x, "
+                  f"bubble {100 * p['bubble']:.0f}%")
     return 0
 
 

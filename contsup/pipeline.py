@@ -268,7 +268,7 @@ class Link:
             self.watch.wait(self.pending.popleft()[1], self.peer, "sending to")
         i = self.count % len(self.buffers)
         pack(self.buffers[i], head, tensors)
-        self.pending.append((i, dist.isend(self.buffers[i], self.peer)))
+        self.pending.append((i, self.watch.call(dist.isend, self.buffers[i], self.peer)))
         self.count += 1
 
     def flush(self):
@@ -283,7 +283,7 @@ class Link:
     def recv(self) -> tuple[tuple, list]:
         while self.expected and len(self.pending) < len(self.buffers):   # all buffers are free now
             i = self.count % len(self.buffers)
-            self.pending.append((i, dist.irecv(self.buffers[i], self.peer)))
+            self.pending.append((i, self.watch.call(dist.irecv, self.buffers[i], self.peer)))
             self.count += 1
             self.expected -= 1
         i, work = self.pending.popleft()
@@ -352,11 +352,13 @@ class Watch:
         if ok is False:
             self.fail(peer, f"{doing} rank {peer} timed out after {self.timeout.total_seconds():.0f} s")
 
-    def collective(self, fn, *args, **kwargs):
+    def call(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs), a failure in it blamed on the peer (args[1] of isend/irecv)."""
+        peer = args[1] if fn in (dist.isend, dist.irecv) else None
         try:
             return fn(*args, **kwargs)
         except Exception as e:
-            self.fail(None, f"{fn.__name__} failed ({type(e).__name__})")
+            self.fail(peer, f"{fn.__name__} failed ({type(e).__name__})")
 
     def fail(self, peer: int | None, detail: str):
         mine = f"{peer if peer is not None else '?'} {self.epoch}"
@@ -416,7 +418,7 @@ def _device(cfg: TrainConfig) -> torch.device:
 def _broadcast(watch: Watch, obj=None):
     """rank 0's `obj` on every rank."""
     box = [obj]
-    watch.collective(dist.broadcast_object_list, box, src=0)
+    watch.call(dist.broadcast_object_list, box, src=0)
     return box[0]
 
 
@@ -597,7 +599,7 @@ def _run(cfg, resume, progress, split, depth, timeout_s, device) -> dict:
                                       "group": {k: v for k, v in optimizer.state_dict()["param_groups"][0].items()
                                                 if k != "params"}})}
         parts = [None] * world if first else None
-        watch.collective(dist.gather_object, part, parts, dst=0)
+        watch.call(dist.gather_object, part, parts, dst=0)
         if first:
             test_error = parts[-1]["test_error"]
             if test_error < best[0]:
