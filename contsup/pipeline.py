@@ -377,6 +377,9 @@ class Watch:
 
 
 def _test_hooks(rank: int, epoch: int):
+    """The fault hooks; under torchrun only in its first attempt, so that a restart gets through."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
     if os.environ.get(DIE_ENV) == f"{rank}:{epoch}":
         os._exit(1)
     if os.environ.get(HANG_ENV) == f"{rank}:{epoch}":
@@ -399,7 +402,10 @@ def init_distributed(device: torch.device, timeout_s: float) -> bool:
     timeout = datetime.timedelta(seconds=timeout_s)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend, init_method="env://", timeout=timeout)
+        # Keys of each torchrun attempt apart: a restart must not read the last one's addresses.
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        store = dist.PrefixStore(f"contsup/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     else:
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
                                 timeout=timeout)
