@@ -23,6 +23,7 @@ import datetime
 import itertools
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -327,22 +328,38 @@ def stage_step(net: ContSupNet, modules: range, h, x, y, image, module_inputs: l
 
 
 # --------------------------------------------------------------------------------------
-# 5. Faults. Every wait on a peer has a deadline; a rank that stops answering makes the
-# others stop with one line naming it and its epoch. Which rank is to blame is agreed in the
-# rendezvous store: the first rank to see a failure records the peer it was waiting on
-# (a dead rank's neighbours notice first: its sockets close; the ranks behind them notice
-# when those neighbours exit, and read the record).
+# 5. Faults. Every wait on a peer during the epochs has a deadline (--rank-timeout); a rank
+# that stops answering makes the others stop with one line naming it and its epoch. A dead
+# rank's sockets close, so its neighbours notice at once; a hung one is noticed when a send
+# or receive to it times out, or at the epoch's end, when a monitored barrier names the
+# ranks that did not arrive. Which rank is to blame is agreed in the rendezvous store: the
+# first rank to see a failure records it (the ranks behind a dead rank's neighbours notice
+# only when those exit, and read the record). The setup (data, memory, profiling on rank 0)
+# waits under the longer SETUP_TIMEOUT_S.
 FAILED_KEY = "contsup/failed"
+SETUP_TIMEOUT_S = 1800.0
 
 
 class Watch:
-    def __init__(self, rank: int, timeout_s: float):
-        self.rank, self.timeout = rank, datetime.timedelta(seconds=timeout_s)
-        self.epoch = 0
+    def __init__(self, rank: int, world: int, timeout_s: float):
+        self.rank, self.world, self.timeout = rank, world, datetime.timedelta(seconds=timeout_s)
+        self.epoch = None
+        # the epoch-end gather and barrier run on gloo, also when the links are NCCL
+        self.control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
         try:
             self.store = dist.distributed_c10d._get_default_store()
-        except Exception:  # no store (never with init_process_group): blame the peer
+        except Exception:  # no store: blame the peer
             self.store = None
+
+    def barrier(self):
+        """All ranks reached the epoch's end within the timeout, or the missing ones are named."""
+        if self.world == 1:
+            return
+        try:
+            dist.monitored_barrier(group=self.control, timeout=self.timeout, wait_all_ranks=True)
+        except Exception as e:
+            missing = re.findall(r"[Rr]anks? (\d+)[\d, ]* failed", str(e)) if self.rank == 0 else ["0"]
+            self.fail(int(missing[0]) if missing else None, f"barrier failed ({type(e).__name__})")
 
     def wait(self, work, peer: int, doing: str):
         try:
@@ -361,7 +378,9 @@ class Watch:
             self.fail(peer, f"{fn.__name__} failed ({type(e).__name__})")
 
     def fail(self, peer: int | None, detail: str):
-        mine = f"{peer if peer is not None else '?'} {self.epoch}"
+        if peer is None and self.world == 2:
+            peer = 1 - self.rank
+        mine = f"{peer if peer is not None else '?'} {'setup' if self.epoch is None else self.epoch}"
         blamed = mine
         if self.store is not None:
             try:
@@ -372,7 +391,8 @@ class Watch:
             except Exception:   # the store lives on a rank that is gone: blame our peer
                 pass
         rank, epoch = blamed.split()
-        raise RankFailure(f"rank {rank} died or hung during epoch {epoch} (seen by rank {self.rank}: {detail}); "
+        when = "before the first epoch" if epoch == "setup" else f"during epoch {epoch}"
+        raise RankFailure(f"rank {rank} died or hung {when} (seen by rank {self.rank}: {detail}); "
                           f"the last checkpoint is intact: rerun the same command to resume")
 
 
@@ -399,7 +419,7 @@ def init_distributed(device: torch.device, timeout_s: float) -> bool:
     made it (and so tear it down)."""
     if dist.is_initialized():
         return False
-    timeout = datetime.timedelta(seconds=timeout_s)
+    timeout = datetime.timedelta(seconds=max(timeout_s, SETUP_TIMEOUT_S))   # p2p waits use timeout_s
     backend = "nccl" if device.type == "cuda" else "gloo"
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         # Keys of each torchrun attempt apart: a restart must not read the last one's addresses.
@@ -424,7 +444,7 @@ def _device(cfg: TrainConfig) -> torch.device:
 def _broadcast(watch: Watch, obj=None):
     """rank 0's `obj` on every rank."""
     box = [obj]
-    watch.call(dist.broadcast_object_list, box, src=0)
+    watch.call(dist.broadcast_object_list, box, src=0, group=watch.control)
     return box[0]
 
 
@@ -467,7 +487,7 @@ def train_pipelined(cfg: TrainConfig, resume: bool = False, progress: bool = Tru
 
 def _run(cfg, resume, progress, split, depth, timeout_s, device) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
-    watch = Watch(rank, timeout_s)
+    watch = Watch(rank, world, timeout_s)
     first, last = rank == 0, rank == world - 1
 
     # Rank 0 opens the run folder; every rank learns the outcome (and the checkpoint).
@@ -605,7 +625,8 @@ def _run(cfg, resume, progress, split, depth, timeout_s, device) -> dict:
                                       "group": {k: v for k, v in optimizer.state_dict()["param_groups"][0].items()
                                                 if k != "params"}})}
         parts = [None] * world if first else None
-        watch.call(dist.gather_object, part, parts, dst=0)
+        watch.barrier()
+        watch.call(dist.gather_object, part, parts, dst=0, group=watch.control)
         if first:
             test_error = parts[-1]["test_error"]
             if test_error < best[0]:
