@@ -25,10 +25,8 @@ import json
 import os
 import re
 import socket
-import sys
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -407,7 +405,89 @@ def _test_hooks(rank: int, epoch: int):
 
 
 # --------------------------------------------------------------------------------------
-# 6. The rank loop
+# 6. One rank's part of the run: its modules, optimizer and links, and one epoch of batches
+class Stage:
+    def __init__(self, net: ContSupNet, cfg: TrainConfig, bounds: list[int], rank: int, world: int,
+                 max_batch: int, depth: int, watch: Watch):
+        self.net, self.cfg, self.bounds, self.rank, self.watch = net, cfg, bounds, rank, watch
+        self.first, self.last = rank == 0, rank == world - 1
+        self.modules = range(bounds[rank], bounds[rank + 1])
+        # this rank's parameters (their indices in the whole model's order) and optimizer
+        self.names = [n for n, _ in net.named_parameters()]
+        self.mine = [i for i, n in enumerate(self.names) if module_of(n, net.k) in self.modules]
+        params = list(net.parameters())
+        self.optimizer = make_optimizer([params[i] for i in self.mine], cfg)
+        self.state_keys = {n for n in net.state_dict() if module_of(n, net.k) in self.modules}
+        device = next(net.parameters()).device
+        self.inbound = self.outbound = None
+        if not self.first:
+            self.slots_in = link_slots(net, bounds, rank - 1)
+            self.inbound = Link(rank - 1, message_bytes(net, bounds, rank - 1, max_batch), len(self.slots_in),
+                                device, depth, watch)
+        if not self.last:
+            self.slots_out = link_slots(net, bounds, rank)
+            self.outbound = Link(rank + 1, message_bytes(net, bounds, rank, max_batch), len(self.slots_out),
+                                 device, depth, watch)
+
+    def run_epoch(self, epoch: int, lr: float, source, n_train: int, n_eval: int) -> dict:
+        """n_train training batches, then n_eval test batches, through this rank's modules.
+        Rank 0 takes them from `source` ((kind, x, y, image) each), the others from the link.
+        Returns this rank's numbers: its modules' mean losses, the errors (last rank), the
+        images seen and the wall-clock span of the training batches."""
+        net, cfg, watch = self.net, self.cfg, self.watch
+        watch.epoch = epoch
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if not self.first:
+            self.inbound.expect(n_train + n_eval)
+        seen, wrong, loss_sum, test_wrong, test_total = 0, 0, 0.0, 0, 0
+        t0 = t1 = time.time()
+        for i in range(n_train + n_eval):
+            if self.first:
+                kind, x, y, image = next(source)
+                x, h, module_inputs = to_format(x, cfg.channels_last), None, []
+                head = (kind, epoch, i if kind == TRAIN else i - n_train, len(y))
+            else:
+                head, tensors = self.inbound.recv()
+                got = dict(zip(self.slots_in, tensors))
+                kind, x, y, image, h = head[0], got.get("x"), got["y"], got.get("image"), got.get("h")
+                a = self.bounds[self.rank]
+                module_inputs = [x] + [got.get(("in", m)) for m in range(1, a)]
+                assert head[1] == epoch, f"rank {self.rank} expected a batch of epoch {epoch}, got header {head}"
+            train = kind == TRAIN
+            net.train(train)
+            out, losses = stage_step(net, self.modules, h, x, y, image, module_inputs, train, cfg.bf16)
+            if self.outbound is not None:   # before the optimizer step: the next rank starts sooner
+                have = {"h": out, "y": y, "x": x, "image": image}
+                self.outbound.send(head, [have[s] if isinstance(s, str) else module_inputs[s[1]]
+                                          for s in self.slots_out])
+            if train:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                seen += len(y)
+                loss_sum = loss_sum + torch.stack(losses) * len(y)   # as train.train sums them
+                if self.last:
+                    wrong += (out.argmax(1) != y).sum()
+                t1 = time.time()
+            elif self.last:
+                test_wrong += (out.argmax(1) != y).sum().item()        # as train.evaluate counts
+                test_total += len(y)
+            out = h = x = image = module_inputs = None
+        if self.outbound is not None:
+            self.outbound.flush()
+        return {"losses": (loss_sum / seen).tolist() if seen else [], "seen": seen, "t0": t0, "t1": t1,
+                "train_error": 100.0 * float(wrong) / seen if self.last and seen else None,
+                "test_error": 100.0 * test_wrong / test_total if self.last and test_total else None}
+
+    def optimizer_part(self) -> dict:
+        """This rank's optimizer state, keyed by the parameters' indices in the whole model."""
+        state = self.optimizer.state_dict()
+        return _to_cpu({"state": {self.mine[i]: s for i, s in state["state"].items()},
+                        "group": {k: v for k, v in state["param_groups"][0].items() if k != "params"}})
+
+
+# --------------------------------------------------------------------------------------
+# 7. The run: setup, the epochs, metrics and checkpoint assembly on rank 0
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -488,7 +568,7 @@ def train_pipelined(cfg: TrainConfig, resume: bool = False, progress: bool = Tru
 def _run(cfg, resume, progress, split, depth, timeout_s, device) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     watch = Watch(rank, world, timeout_s)
-    first, last = rank == 0, rank == world - 1
+    first = rank == 0
 
     # Rank 0 opens the run folder; every rank learns the outcome (and the checkpoint).
     opened = None
@@ -545,85 +625,29 @@ def _run(cfg, resume, progress, split, depth, timeout_s, device) -> dict:
     if isinstance(plan["bounds"], str):
         raise UsageError(plan["bounds"])
     bounds, (n_train, n_eval) = plan["bounds"], plan["batches"]
-    modules = range(bounds[rank], bounds[rank + 1])
     if cfg.torch_compile:
         compile_model(net)
 
-    # This rank's parameters, in the whole model's order, and its optimizer.
-    names = [n for n, _ in net.named_parameters()]
-    mine = [i for i, n in enumerate(names) if module_of(n, net.k) in modules]
-    params = list(net.parameters())
-    optimizer = make_optimizer([params[i] for i in mine], cfg)
+    stage = Stage(net, cfg, bounds, rank, world, plan["max_batch"], depth, watch)
     if ckpt is not None:
-        optimizer.load_state_dict(_local_optimizer_state(ckpt["optimizer"], mine))
-    state_keys = [n for n in net.state_dict() if module_of(n, net.k) in modules]
-
-    inbound = outbound = None
-    if not first:
-        slots_in = link_slots(net, bounds, rank - 1)
-        inbound = Link(rank - 1, message_bytes(net, bounds, rank - 1, plan["max_batch"]), len(slots_in),
-                       device, depth, watch)
-    if not last:
-        slots_out = link_slots(net, bounds, rank)
-        outbound = Link(rank + 1, message_bytes(net, bounds, rank, plan["max_batch"]), len(slots_out),
-                        device, depth, watch)
+        stage.optimizer.load_state_dict(_local_optimizer_state(ckpt["optimizer"], stage.mine))
 
     epochs = range(plan["start_epoch"], cfg.epochs)
     if first:
         epochs = tqdm(epochs, desc=Path(cfg.out_dir).name, disable=not progress, initial=plan["start_epoch"],
                       total=cfg.epochs)
     for epoch in epochs:
-        watch.epoch = epoch
         _test_hooks(rank, epoch)
         lr = learning_rate(epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        source = None
         if first:
-            source = itertools.chain(((TRAIN, b) for b in train_loader), ((EVAL, b) for b in test_loader))
-        else:
-            inbound.expect(n_train + n_eval)
-        seen, wrong, loss_sum, test_wrong, test_total = 0, 0, 0.0, 0, 0
-        t0 = t1 = time.time()
-        for i in range(n_train + n_eval):
-            if first:
-                kind, (x, y) = next(source)
-                image = denormalize(x, recipe) if cfg.reconstruct and kind == TRAIN else None
-                x, h, module_inputs = to_format(x, cfg.channels_last), None, []
-                head = (kind, epoch, i if kind == TRAIN else i - n_train, len(y))
-            else:
-                head, tensors = inbound.recv()
-                got = dict(zip(slots_in, tensors))
-                kind, x, y, image, h = head[0], got.get("x"), got["y"], got.get("image"), got.get("h")
-                module_inputs = [x] + [got.get(("in", m)) for m in range(1, bounds[rank])] if bounds[rank] else []
-                assert head[1] == epoch, f"rank {rank} expected a batch of epoch {epoch}, got header {head}"
-            train = kind == TRAIN
-            net.train(train)
-            out, losses = stage_step(net, modules, h, x, y, image, module_inputs, train, cfg.bf16)
-            if outbound is not None:
-                have = {"h": out, "y": y, "x": x, "image": image}
-                outbound.send(head, [have[s] if isinstance(s, str) else module_inputs[s[1]] for s in slots_out])
-            if train:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                seen += len(y)
-                loss_sum = loss_sum + torch.stack(losses) * len(y)
-                if last:
-                    wrong += (out.argmax(1) != y).sum()
-                t1 = time.time()
-            elif last:
-                test_wrong += (out.argmax(1) != y).sum().item()
-                test_total += len(y)
-            out = h = x = image = module_inputs = None
-        if outbound is not None:
-            outbound.flush()
+            source = itertools.chain(((TRAIN, x, y, denormalize(x, recipe) if cfg.reconstruct else None)
+                                      for x, y in train_loader), ((EVAL, x, y, None) for x, y in test_loader))
+        numbers = stage.run_epoch(epoch, lr, source, n_train, n_eval)
 
         # The pipe is drained: rank 0 gathers the epoch's numbers and the ranks' parts.
-        part = {"losses": (loss_sum / seen).tolist(), "train_error": 100.0 * float(wrong) / seen if last else None,
-                "test_error": 100.0 * test_wrong / test_total if last else None, "t0": t0, "t1": t1,
-                "model": _to_cpu({n: v for n, v in net.state_dict().items() if n in state_keys}),
-                "optimizer": _to_cpu({"state": {mine[i]: s for i, s in optimizer.state_dict()["state"].items()},
-                                      "group": {k: v for k, v in optimizer.state_dict()["param_groups"][0].items()
-                                                if k != "params"}})}
+        part = numbers | {"model": _to_cpu({n: v for n, v in net.state_dict().items() if n in stage.state_keys}),
+                          "optimizer": stage.optimizer_part()}
         parts = [None] * world if first else None
         watch.barrier()
         watch.call(dist.gather_object, part, parts, dst=0, group=watch.control)
@@ -633,13 +657,12 @@ def _run(cfg, resume, progress, split, depth, timeout_s, device) -> dict:
                 best = (test_error, epoch)
             seconds = max(p["t1"] for p in parts) - min(p["t0"] for p in parts)
             row = metrics_row(epoch, lr, parts[-1]["train_error"], test_error,
-                              [v for p in parts for v in p["losses"]], seconds, seen)
+                              [v for p in parts for v in p["losses"]], seconds, parts[0]["seen"])
             with (Path(cfg.out_dir) / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
             whole = {n: next(p["model"][n] for p in parts if n in p["model"]) for n in net.state_dict()}
-            state = checkpoint(whole, _whole_optimizer_state([p["optimizer"] for p in parts], len(names)),
-                               epoch, cfg, gen, best, memory)
-            _atomic_save(state, Path(cfg.out_dir) / "ckpt.pt")
+            optimizer = _whole_optimizer_state([p["optimizer"] for p in parts], len(stage.names))
+            _atomic_save(checkpoint(whole, optimizer, epoch, cfg, gen, best, memory), Path(cfg.out_dir) / "ckpt.pt")
             epochs.set_postfix(test_error=f"{test_error:.2f}%")
 
     result = None
