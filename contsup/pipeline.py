@@ -433,14 +433,14 @@ class Stage:
         """n_train training batches, then n_eval test batches, through this rank's modules.
         Rank 0 takes them from `source` ((kind, x, y, image) each), the others from the link.
         Returns this rank's numbers: its modules' mean losses, the errors (last rank), the
-        images seen and the wall-clock span of the training batches."""
+        images seen and the wall-clock times: start, end of each training batch (`ends`), last end."""
         net, cfg, watch = self.net, self.cfg, self.watch
         watch.epoch = epoch
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if not self.first:
             self.inbound.expect(n_train + n_eval)
-        seen, wrong, loss_sum, test_wrong, test_total = 0, 0, 0.0, 0, 0
+        seen, wrong, loss_sum, test_wrong, test_total, ends = 0, 0, 0.0, 0, 0, []
         t0 = t1 = time.time()
         for i in range(n_train + n_eval):
             if self.first:
@@ -469,13 +469,14 @@ class Stage:
                 if self.last:
                     wrong += (out.argmax(1) != y).sum()
                 t1 = time.time()
+                ends.append(t1)
             elif self.last:
                 test_wrong += (out.argmax(1) != y).sum().item()        # as train.evaluate counts
                 test_total += len(y)
             out = h = x = image = module_inputs = None
         if self.outbound is not None:
             self.outbound.flush()
-        return {"losses": (loss_sum / seen).tolist() if seen else [], "seen": seen, "t0": t0, "t1": t1,
+        return {"losses": (loss_sum / seen).tolist() if seen else [], "seen": seen, "t0": t0, "t1": t1, "ends": ends,
                 "train_error": 100.0 * float(wrong) / seen if self.last and seen else None,
                 "test_error": 100.0 * test_wrong / test_total if self.last and test_total else None}
 
