@@ -5,13 +5,14 @@
 
 Local learning needs no gradient across a cut, so only activations flow: rank r owns its
 modules, their heads and decoders, and the context encoders of the cuts that feed its
-modules (`owner`), runs forward + local loss + backward for them (train.module_step) and
+modules (`module_of`), runs forward + local loss + backward for them (train.module_step) and
 steps its own optimizer. Processing the batches in order (a FIFO pipeline) gives exactly
 the single-process result of train.train, bit for bit; world size 1 runs the same code.
 
 Reading order: 1. the stage split (by measured per-module step time), 2. what a rank owns
-and what each link carries, 3. links (a ring of D in-flight flat buffers), 4. the stage's
-step, 5. faults, 6. `train_pipelined`: the rank loop, metrics and checkpoint assembly.
+and what each link carries, 3. links (a ring of D in-flight flat buffers), 4. one batch
+through a rank's modules, 5. faults, 6. `Stage`: a rank's epoch, 7. `train_pipelined`:
+setup, the epochs, metrics and checkpoint assembly on rank 0.
 
     torchrun --nproc-per-node 2 -m contsup train --dataset digits8 -k 4 ...   # G = 2
     python -m contsup train --pipeline ...                                     # G = 1, same path
@@ -37,7 +38,7 @@ from . import tables
 from .data import DeviceLoader, denormalize, load_dataset
 from .errors import UsageError
 from .memory import reuse_freed_cpu_memory
-from .model import ContSupNet
+from .model import ContSupNet, feature_shape
 from .train import (TrainConfig, _atomic_save, autocast, checkpoint, compile_model, finish_run, first_step_memory,
                     learning_rate, make_optimizer, metrics_row, module_step, open_run, pick_device,
                     prepare_model, prepare_run_folder, to_format)
@@ -134,11 +135,6 @@ def module_of(name: str, k: int) -> int:
     raise ValueError(f"no module owns '{name}'")
 
 
-def owner(bounds: list[int], module: int) -> int:
-    """The rank (stage) of `module`."""
-    return next(r for r in range(len(bounds) - 1) if bounds[r] <= module < bounds[r + 1])
-
-
 def stage_needs(net: ContSupNet, bounds: list[int], rank: int) -> set:
     """What stage `rank` needs from upstream: 'h' (the previous module's output), 'y', 'x'
     (the image encoders, or module 0's input as context), 'image' (a decoder's target) and
@@ -186,7 +182,6 @@ def slot_sample_bytes(net: ContSupNet, bounds: list[int], rank: int, slot) -> in
 
 def feature_shape_at(net: ContSupNet, module: int) -> tuple[int, int]:
     """(channels, side) of the input of `module` (> 0), i.e. of module-1's output."""
-    from .model import feature_shape
     stage, _ = net.cuts[module - 1]
     return feature_shape(stage, tables.DATA_RECIPES[net.cfg.dataset].image_size)
 
@@ -252,8 +247,9 @@ def unpack(buf: torch.Tensor, slots: int) -> tuple[tuple, list]:
 
 # --------------------------------------------------------------------------------------
 # 3. Links: a ring of D flat buffers per link, so that packing, sending and the receiver's
-# compute overlap. The sender reuses a buffer once its previous send completed; the
-# receiver keeps D-1 receives posted ahead of the message it is working on.
+# compute overlap. The sender reuses a buffer once its previous send completed (at most D
+# sends in flight); the receiver keeps D-1 receives posted ahead of the message it is
+# working on, so the next batches arrive while it computes.
 class Link:
     def __init__(self, peer: int, nbytes: int, slots: int, device, depth: int, watch: "Watch"):
         self.peer, self.slots, self.watch = peer, slots, watch

@@ -8,6 +8,7 @@ with one thread, so that every kernel sums in the same order.
 import itertools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -119,9 +120,13 @@ def test_a_dead_rank_is_named_and_the_checkpoint_resumes_single_process(tmp_path
     lines = errors[0].strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("contsup: error: rank 1 died or hung during epoch 1"), errors[0]
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["epoch"] == 0
-    # The pipelined run's checkpoint resumes single-process, and ends where the reference did.
+    # The 2-rank run's checkpoint resumes single-process, and with another G (1), and both
+    # end where the reference did.
+    shutil.copytree(tmp_path / "run", tmp_path / "again")
     train(cfg, resume=True, progress=False)
     _assert_same_run(reference["R2"], tmp_path / "run")
+    pipeline.train_pipelined(_cfg(tmp_path / "again", "R2"), resume=True, progress=False)
+    _assert_same_run(reference["R2"], tmp_path / "again")
 
 
 def test_a_single_process_checkpoint_resumes_pipelined(tmp_path, reference, monkeypatch):
