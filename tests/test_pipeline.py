@@ -50,8 +50,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(cfg: TrainConfig, world: int, *extra: str, env: dict | None = None, timeout: float = 120):
-    """Run the ranks as torchrun would start them; returns (exit codes, stderr texts, seconds)."""
+def _start(cfg: TrainConfig, world: int, *extra: str, env: dict | None = None) -> list[subprocess.Popen]:
+    """Start the ranks as torchrun would."""
     port = _free_port()
     procs = []
     for rank in range(world):
@@ -59,7 +59,12 @@ def _launch(cfg: TrainConfig, world: int, *extra: str, env: dict | None = None, 
                           "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)} | (env or {})
         procs.append(subprocess.Popen([sys.executable, "-m", "contsup", *_argv(cfg), *extra], env=e,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    t0 = time.monotonic()
+    return procs
+
+
+def _launch(cfg: TrainConfig, world: int, *extra: str, env: dict | None = None, timeout: float = 120):
+    """Run the ranks to the end; returns (exit codes, stderr texts, seconds)."""
+    procs, t0 = _start(cfg, world, *extra, env=env), time.monotonic()
     outputs = [p.communicate(timeout=timeout) for p in procs]
     return [p.returncode for p in procs], [err for _, err in outputs], time.monotonic() - t0
 
@@ -127,6 +132,21 @@ def test_a_dead_rank_is_named_and_the_checkpoint_resumes_single_process(tmp_path
     _assert_same_run(reference["R2"], tmp_path / "run")
     pipeline.train_pipelined(_cfg(tmp_path / "again", "R2"), resume=True, progress=False)
     _assert_same_run(reference["R2"], tmp_path / "again")
+
+
+def test_a_hung_rank_is_named_within_the_timeout(tmp_path):
+    cfg = _cfg(tmp_path / "run", "R1E")
+    procs = _start(cfg, 2, "--split", "2,2", "--rank-timeout", "5", env={pipeline.HANG_ENV: "1:1"})
+    try:
+        _, err = procs[0].communicate(timeout=90)
+        assert procs[0].returncode == 1
+        assert err.strip().splitlines()[-1].startswith("contsup: error: rank 1 died or hung during epoch 1"), err
+        assert procs[1].poll() is None   # the hung rank itself never notices
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["epoch"] == 0
 
 
 def test_a_single_process_checkpoint_resumes_pipelined(tmp_path, reference, monkeypatch):
