@@ -8,6 +8,7 @@ For each configuration:
 1. Per-module step times (context supply + forward + local loss + backward, one thread,
    `pipeline.profile_modules`) and the balanced split for G = 2, 4, 8, 16 with the bytes each
    link carries per batch (`pipeline.link_slots`, fp32).
+   Each rank's peak activation bytes for one step (contsup.memory's tracker).
 2. Measured: the ranks run `pipeline.Stage.run_epoch`, the trainer's own loop, on a fixed
    random batch, G = 1 (the same code, one process) and G = 2, each rank one thread, gloo over
    loopback. Throughput at steady state (images per second between the last rank's first and
@@ -25,6 +26,7 @@ machine's cores with whatever else runs on it: compare within one run.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import itertools
 import json
@@ -44,7 +46,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from contsup import estimate, pipeline  # noqa: E402
 from contsup.data import random_batch  # noqa: E402
-from contsup.memory import reuse_freed_cpu_memory  # noqa: E402
+from contsup.memory import peak_activation_bytes, reuse_freed_cpu_memory  # noqa: E402
 from contsup.model import ContSupNet  # noqa: E402
 from contsup.train import TrainConfig, prepare_model  # noqa: E402
 
@@ -67,6 +69,24 @@ def link_bytes(net: ContSupNet, bounds: list[int], batch: int) -> list[int]:
     """Bytes per batch on each link of the split (fp32 activations, int64 labels)."""
     return [sum(batch * pipeline.slot_sample_bytes(net, bounds, r, s) for s in pipeline.link_slots(net, bounds, r))
             for r in range(len(bounds) - 2)]
+
+
+def stage_activation_bytes(net: ContSupNet, bounds: list[int], x, y) -> list[int]:
+    """Peak activation bytes of each rank's part of one training step (memory.py's tracker,
+    parameters excluded, the rank's incoming message counted), on a copy of `net`."""
+    net = copy.deepcopy(net).train()
+    peaks, h, module_inputs = [], None, []
+    for a, b in zip(bounds, bounds[1:]):
+        received = [x, y, h] + [m for m in module_inputs if m is not None]
+        box = {}
+
+        def step():
+            box["h"], _ = pipeline.stage_step(net, range(a, b), h, x, y, None, module_inputs, True, False)
+
+        peaks.append(peak_activation_bytes(step, exclude=[net], inputs=[t for t in received if t is not None]))
+        net.zero_grad(set_to_none=True)
+        h = box["h"]
+    return peaks
 
 
 # --------------------------------------------------------------------------------------
@@ -159,8 +179,11 @@ def run_config(arch: str, k: int, batch: int, steps: int, warmup: int) -> dict:
     torch.manual_seed(0)
     net = prepare_model(ContSupNet(cfg.model_config()), cfg, torch.device("cpu"))
     x, y, _ = random_batch("cifar10", batch)
-    seconds = pipeline.profile_modules(net, x.contiguous(memory_format=torch.channels_last), y)
+    x = x.contiguous(memory_format=torch.channels_last)
+    seconds = pipeline.profile_modules(net, x, y)
     bounds2 = pipeline.balanced_split(seconds, 2)
+    activations = {"one_process": stage_activation_bytes(net, [0, k], x, y),
+                   "two_ranks": stage_activation_bytes(net, bounds2, x, y)}
     spec = {"arch": arch, "k": k, "batch": batch, "steps": steps, "warmup": warmup,
             "link_bytes": link_bytes(net, bounds2, batch)[0]}
     one = measure(spec | {"bounds": [0, k]}, 1)
@@ -177,6 +200,7 @@ def run_config(arch: str, k: int, batch: int, steps: int, warmup: int) -> dict:
     gpu = {name: [predict(gpu_seconds, net, batch, g, bw, lat) for g in GPU_COUNTS]
            for name, (bw, lat) in LINKS.items()}
     return {"arch": arch, "k": k, "mode": "R1E", "batch": batch, "module_seconds": seconds,
+            "peak_activation_bytes": activations,
             "measured": {"one_process": one, "two_ranks": two, "speedup": speedup},
             "cpu_model_g2": cpu_model, "step_flops": flops, "gpu_step_seconds": gpu_step, "gpu_model": gpu,
             "gpu_ceiling": sum(seconds) / max(seconds)}
@@ -195,6 +219,7 @@ def plot(results: dict, path: Path):
     a.bar([p - 0.2 for p in pos], measured, 0.4, label="measured (steady state)")
     a.bar([p + 0.2 for p in pos], predicted, 0.4, label="model (measured module times, loopback link)")
     a.axhline(2, color="gray", ls="--", lw=1, label="ideal")
+    a.set_ylim(0, 2.4)
     a.set_xticks(list(pos), names)
     a.set_ylabel("speed-up, 2 ranks x 1 thread vs 1 x 1")
     a.set_title(f"CPU, batch {runs[0]['batch']}")
@@ -214,6 +239,30 @@ def plot(results: dict, path: Path):
     fig.savefig(path, dpi=120)
 
 
+def markdown(results: dict) -> str:
+    """The README's table from a results JSON."""
+    lines = ["| network, batch | 1 process, img/s | 2 ranks, img/s (steady / whole span) | speed-up steady / span "
+             "| model | peak activations: 1 process / ranks (MB) | peak RSS per rank (MB) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results["configs"]:
+        m, mb = r["measured"], lambda b: f"{b / 2**20:.0f}"  # noqa: E731
+        one, two, sp = m["one_process"], m["two_ranks"], m["speedup"]
+        act = r["peak_activation_bytes"]
+        lines.append(f"| {r['arch']} K={r['k']} {r['mode']}, {r['batch']} | {one['images_per_s_steady']:.1f} | "
+                     f"{two['images_per_s_steady']:.1f} / {two['images_per_s_span']:.1f} | "
+                     f"{sp['images_per_s_steady']:.2f}x / {sp['images_per_s_span']:.2f}x | "
+                     f"{r['cpu_model_g2']['speedup']:.2f}x | {mb(act['one_process'][0])} / "
+                     f"{' + '.join(mb(b) for b in act['two_ranks'])} | "
+                     f"{' / '.join(mb(b) for b in two['peak_rss_bytes'])} |")
+    lines += ["", "| network | link | " + " | ".join(f"G={g}" for g in GPU_COUNTS) + " |",
+              "|---|---|" + "---:|" * len(GPU_COUNTS)]
+    for r in results["configs"]:
+        for link in LINKS:
+            cells = [f"{p['speedup']:.2f}x ({p['bound']})" if p["speedup"] else "-" for p in r["gpu_model"][link]]
+            lines.append(f"| {r['arch']} K={r['k']} | {link} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", nargs="+", default=["resnet32:16", "resnet110:4"], help="arch:K")
@@ -221,7 +270,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=6, help="timed batches per measurement")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", default=str(RESULTS / "pipeline_cpu.json"))
+    p.add_argument("--markdown", action="store_true", help="print the README's tables from --out and stop")
     args = p.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
     runs = []
     for spec in args.configs:
         arch, k = spec.split(":")
