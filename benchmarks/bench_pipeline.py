@@ -160,10 +160,14 @@ def measure(spec: dict, world: int) -> dict:
 # The model
 def predict(module_seconds: list[float], net: ContSupNet, batch: int, g: int, bytes_per_s: float,
             latency_s: float) -> dict:
-    """Speed-up of G ranks over one: sum of the module times / the pipe's period."""
-    if g > len(module_seconds):
-        return {"g": g, "speedup": None, "why": f"G > K={len(module_seconds)}: a rank needs a module"}
-    bounds = pipeline.balanced_split(module_seconds, g)
+    """Speed-up of G ranks over one: sum of the module times / the pipe's period, for the
+    split that minimises that period given the links."""
+    k = len(module_seconds)
+    if g > k:
+        return {"g": g, "speedup": None, "why": f"G > K={k}: a rank needs a module"}
+    # each cut's cost as if it were the only one (exact for R1E: what crosses a cut depends on it alone)
+    cut = [0.0] + [latency_s + link_bytes(net, [0, j, k], batch)[0] / bytes_per_s for j in range(1, k)]
+    bounds = pipeline.balanced_split(module_seconds, g, cut)
     compute = [sum(module_seconds[a:b]) for a, b in zip(bounds, bounds[1:])]
     comm = [latency_s + n / bytes_per_s for n in link_bytes(net, bounds, batch)]
     period = max(compute + comm)

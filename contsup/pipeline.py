@@ -56,9 +56,11 @@ class RankFailure(RuntimeError):
 
 # --------------------------------------------------------------------------------------
 # 1. The stage split
-def balanced_split(seconds: list[float], stages: int) -> list[int]:
+def balanced_split(seconds: list[float], stages: int, cut_seconds: list[float] | None = None) -> list[int]:
     """Bounds [0, b_1, ..., K] of the contiguous split of modules taking `seconds` each into
-    `stages` non-empty stages whose slowest stage is fastest (dynamic programming)."""
+    `stages` non-empty stages whose slowest stage is fastest (dynamic programming). With
+    `cut_seconds[j]`, the time of sending a batch across a cut before module j, a cut costs as
+    much as a stage (sending overlaps computing, so the pipe runs at the slowest of both)."""
     k = len(seconds)
     if not 1 <= stages <= k:
         raise UsageError(f"cannot split K={k} modules over {stages} ranks; use 1 to {k} ranks")
@@ -73,7 +75,7 @@ def balanced_split(seconds: list[float], stages: int) -> list[int]:
     for g in range(1, stages + 1):
         for j in range(g, k + 1):
             for i in range(g - 1, j):
-                t = max(slowest[g - 1][i], prefix[j] - prefix[i])
+                t = max(slowest[g - 1][i], prefix[j] - prefix[i], cut_seconds[i] if cut_seconds and i else 0.0)
                 if t < slowest[g][j]:
                     slowest[g][j], cut[g][j] = t, i
     bounds, j = [k], k

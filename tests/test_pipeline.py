@@ -180,6 +180,8 @@ def test_balanced_split_minimises_the_slowest_stage():
         best = min(slowest([0, *c, k]) for c in itertools.combinations(range(1, k), g - 1))
         assert slowest(bounds) == best
     assert pipeline.balanced_split([1, 1, 1, 5], 2) == [0, 3, 4]
+    # a cut that is slow to send across is avoided: [1, 1 | 1, 5] instead
+    assert pipeline.balanced_split([1, 1, 1, 5], 2, cut_seconds=[0, 0, 0, 9]) == [0, 2, 4]
     p = pipeline.predicted_speedup([1, 1, 1, 5], [0, 3, 4])
     assert p["stage_seconds"] == [3, 5] and p["speedup"] == 8 / 5 and p["bubble"] == pytest.approx(0.2)
     assert pipeline.predicted_speedup([1, 1], [0, 1, 2], batches=3)["speedup"] == pytest.approx(6 / 4)
