@@ -1,5 +1,5 @@
 """The pipelined trainer: bit-equal to the single-process one, interchangeable checkpoints,
-a dead rank named by the others, and the stage split.
+a dead or hung rank named by the others, the messages, and the stage split.
 
 Ranks run as real processes of `python -m contsup train` with the environment torchrun
 gives them (gloo on CPU), one thread each; the single-process references run here, also
@@ -26,8 +26,9 @@ from contsup.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = {"epoch_seconds", "images_per_s"}
-# K=4 on the smoke-sized digits8: R1E with softmax heads; R2 (module 2's context reads module
-# 1's input, made on the other rank under --split 1,3) with contrast heads and reconstruction.
+# K=4 on the smoke-sized digits8: R1E with softmax heads; R2 with contrast heads and
+# reconstruction (under --split 2,2 the context at cut 1, on rank 1, encodes the inputs of
+# modules 1 and 0, both made on rank 0).
 CASES = {"R1E": dict(mode="R1E"), "R2": dict(mode="R2", loss="contrast", reconstruct=True)}
 
 
@@ -103,11 +104,11 @@ def _assert_same_run(a: Path, b: Path):
 
 def test_two_ranks_equal_the_single_process_trainer(tmp_path, reference):
     cfg = _cfg(tmp_path / "run", "R2")
-    codes, errors, _ = _launch(cfg, 2, "--split", "1,3")
+    codes, errors, _ = _launch(cfg, 2, "--split", "2,2")
     assert codes == [0, 0], errors
     _assert_same_run(reference["R2"], tmp_path / "run")
     result = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert result["world_size"] == 2 and result["stages"] == [0, 1, 4]
+    assert result["world_size"] == 2 and result["stages"] == [0, 2, 4]
 
 
 def test_world_size_one_runs_the_same_path(tmp_path, reference):
