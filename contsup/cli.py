@@ -151,9 +151,11 @@ def describe(args) -> dict:
         mem = measure_step_memory(net, x, y, image)
         report |= {"batch_size": args.batch_size, "peak_activation_MB": mem["peak_activation_bytes"] / 2**20}
     if args.stages is not None:
+        import torch
         from . import pipeline
         x, y, image = random_batch(cfg.dataset, args.batch_size, cfg.reconstruct)
-        seconds = pipeline.profile_modules(net, x, y, image)
+        cl = torch.channels_last   # the trainer's default memory format
+        seconds = pipeline.profile_modules(net.to(memory_format=cl), x.contiguous(memory_format=cl), y, image)
         g = args.stages
         equal = [round(i * net.k / g) for i in range(g + 1)] if 1 <= g <= net.k else None
         report["stages"] = {"module_seconds": seconds, "batch_size": args.batch_size,
