@@ -592,6 +592,9 @@ def _run(cfg, resume, progress, split, depth, timeout_s, device) -> dict:
     recipe = tables.DATA_RECIPES[cfg.dataset]
     if world > net.k:
         raise UsageError(f"{world} ranks but only K={net.k} modules; use at most {net.k} ranks")
+    if split is not None and len(split_from_sizes(list(split), net.k)) - 1 != world:   # before any file is written
+        raise UsageError(f"--split {','.join(map(str, split))} is for {len(split)} ranks, but there are {world}; "
+                         f"give one number per rank")
     if ckpt is not None:
         net.load_state_dict(ckpt["model"])
         torch.set_rng_state(ckpt["torch_rng"])
@@ -616,13 +619,9 @@ def _run(cfg, resume, progress, split, depth, timeout_s, device) -> dict:
             image = denormalize(x, recipe) if cfg.reconstruct else None
             seconds = profile_modules(net, to_format(x, cfg.channels_last), y, image, cfg.bf16)
             bounds = balanced_split(seconds, world)
-        if len(bounds) - 1 != world:
-            bounds = f"--split gives {len(bounds) - 1} stages for {world} ranks"
         plan = {"bounds": bounds, "seconds": seconds, "batches": (len(train_loader), len(test_loader)),
                 "max_batch": max(cfg.batch_size, 256), "start_epoch": start_epoch}
     plan = _broadcast(watch, plan)
-    if isinstance(plan["bounds"], str):
-        raise UsageError(plan["bounds"])
     bounds, (n_train, n_eval) = plan["bounds"], plan["batches"]
     if cfg.torch_compile:
         compile_model(net)
