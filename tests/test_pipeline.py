@@ -21,6 +21,7 @@ import torch
 import contsup.train as train_module
 from contsup import pipeline
 from contsup.cli import main
+from contsup.errors import UsageError
 from contsup.model import ContSupNet, ModelConfig
 from contsup.train import TrainConfig, train
 
@@ -112,6 +113,9 @@ def test_two_ranks_equal_the_single_process_trainer(tmp_path, reference):
 
 
 def test_world_size_one_runs_the_same_path(tmp_path, reference):
+    with pytest.raises(UsageError, match="--split 2,2 is for 2 ranks, but there are 1"):
+        pipeline.train_pipelined(_cfg(tmp_path / "run", "R1E"), progress=False, split=[2, 2])
+    assert not (tmp_path / "run").exists()
     result = pipeline.train_pipelined(_cfg(tmp_path / "run", "R1E"), progress=False)
     assert result["world_size"] == 1 and result["stages"] == [0, 4]
     _assert_same_run(reference["R1E"], tmp_path / "run")
