@@ -559,6 +559,9 @@ def train_pipelined(cfg: TrainConfig, resume: bool = False, progress: bool = Tru
     made_group = init_distributed(device, timeout_s)
     try:
         return _run(cfg, resume, progress, split, depth, timeout_s, device)
+    except RankFailure:
+        made_group = False   # tearing down a group with a lost peer may wait for it forever
+        raise
     finally:
         if made_group and dist.is_initialized():
             dist.destroy_process_group()
