@@ -8,6 +8,7 @@ JSON output is strict (jsonio): no NaN/Infinity literals.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import jsonio, tables
@@ -27,6 +28,13 @@ def _scales(text: str):
     except ValueError:
         raise argparse.ArgumentTypeError(f"--loss-scales takes four numbers like 5,1,0,0, got '{text}'")
     return values
+
+
+def _ints(text: str):
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes comma-separated integers like 1,3, got '{text}'")
 
 
 def _model_args(p: argparse.ArgumentParser):
@@ -70,12 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", action="store_true", help="torch.compile the modules (slow first epoch)")
     t.add_argument("--no-reuse-cpu-memory", action="store_true",
                    help="CPU: leave glibc's malloc as it is (default: freed activations are reused, not unmapped)")
+    t.add_argument("--pipeline", action="store_true",
+                   help="module-parallel trainer (implied under torchrun with more than one process)")
+    t.add_argument("--split", type=_ints, default=None,
+                   help="pipeline: modules per rank, e.g. 1,3 (default: balanced by measured step time)")
+    t.add_argument("--pipeline-depth", type=int, default=2, help="pipeline: messages in flight per link")
+    t.add_argument("--rank-timeout", type=float, default=300.0,
+                   help="pipeline: seconds before a silent rank counts as dead or hung")
 
     d = sub.add_parser("describe", help="cut points, parameters per part, peak activation memory")
     _model_args(d)
     d.add_argument("--batch-size", type=int, default=256, help="batch size of the memory measurement")
     d.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     d.add_argument("--json", action="store_true", help="print JSON")
+    d.add_argument("--stages", type=int, default=None, metavar="G",
+                   help="time each module's step and print the balanced split over G pipeline ranks")
 
     g = sub.add_parser("download", help="fetch a dataset with torchvision")
     g.add_argument("--dataset", required=True, help="cifar10, svhn or stl10")
@@ -105,10 +122,22 @@ def cmd_train(args) -> int:
                       context_impl=args.context_impl, channels_last=not args.no_channels_last, bf16=args.bf16,
                       cudnn_benchmark=not args.no_cudnn_benchmark, torch_compile=args.compile,
                       reuse_cpu_memory=not args.no_reuse_cpu_memory)
-    # train() checks the same first; here before the note, so that a bad input is one line, nothing else
-    if args.resume and open_run(cfg, resume=True) == (None, None):
-        print(f"contsup: note: nothing to resume in {out} (no ckpt.pt); starting a fresh run", file=sys.stderr)
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.pipeline:
+        from .pipeline import RankFailure, train_pipelined
+        try:  # under torchrun a run always resumes its checkpoint (--max-restarts restarts it)
+            result = train_pipelined(cfg, resume=args.resume or "TORCHELASTIC_RUN_ID" in os.environ,
+                                     progress=not args.no_progress, split=args.split, depth=args.pipeline_depth,
+                                     timeout_s=args.rank_timeout)
+        except RankFailure as e:
+            print(f"contsup: error: {e}", file=sys.stderr, flush=True)
+            os._exit(1)   # a process group with a lost peer cannot be torn down cleanly
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
+    else:
+        # train() checks the same first; here before the note, so that a bad input is one line, nothing else
+        if args.resume and open_run(cfg, resume=True) == (None, None):
+            print(f"contsup: note: nothing to resume in {out} (no ckpt.pt); starting a fresh run", file=sys.stderr)
+        result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"{out}: test error {result['final_error']:.2f}% (best {result['best_error']:.2f}% "
           f"at epoch {result['best_epoch']}), peak activation memory "
           f"{result['peak_activation_bytes'] / 2**20:.1f} MB"
@@ -134,6 +163,17 @@ def describe(args) -> dict:
         report |= {"batch_size": args.batch_size, "peak_activation_MB": mem["peak_activation_bytes"] / 2**20,
                    "paper_memory_MB": mem["paper_memory_bytes"] / 2**20,
                    "paper_memory_parts_MB": {k: v / 2**20 for k, v in mem["paper_memory_parts"].items()}}
+    if args.stages is not None:
+        import torch
+        from . import pipeline
+        x, y, image = random_batch(cfg.dataset, args.batch_size, cfg.reconstruct)
+        cl = torch.channels_last   # the trainer's default memory format
+        seconds = pipeline.profile_modules(net.to(memory_format=cl), x.contiguous(memory_format=cl), y, image)
+        g = args.stages
+        equal = [round(i * net.k / g) for i in range(g + 1)] if 1 <= g <= net.k else None
+        report["stages"] = {"module_seconds": seconds, "batch_size": args.batch_size,
+                            "balanced": pipeline.predicted_speedup(seconds, pipeline.balanced_split(seconds, g)),
+                            "equal": pipeline.predicted_speedup(seconds, equal)}
     return report
 
 
@@ -148,12 +188,22 @@ def cmd_describe(args) -> int:
         print(f"  {part:>17}: {n:,} parameters")
     if "peak_activation_MB" in report:
         print(f"  peak activation memory of one training step at batch {report['batch_size']}: "
-              f"{report['peak_activation_MB']:.1f} MB ({report['config']['context_impl']} encoders)")
+              f"{report['peak_activation_MB']:.1f} MB (lean encoders, as the trainer runs them)")
         parts = report["paper_memory_parts_MB"]
         print(f"  training memory as the paper counts it (GPU): {report['paper_memory_MB']:.1f} MB = "
               f"parameters {parts['parameters']:.1f} + gradients {parts['gradients']:.1f} + "
               f"SGD momentum {parts['optimizer_state']:.1f} + "
               f"peak activations of the plain encoders {parts['plain_peak_activation_bytes']:.1f}")
+    if "stages" in report:
+        st = report["stages"]
+        print(f"  pipeline over {len(st['balanced']['stage_seconds'])} ranks (step times measured at batch "
+              f"{st['batch_size']}, communication not counted):")
+        for name in ("balanced", "equal"):
+            p = st[name]
+            sizes = [b - a for a, b in zip(p["bounds"], p["bounds"][1:])]
+            print(f"    {name:>8}: modules per rank {sizes}, stage seconds "
+                  f"[{', '.join(f'{s:.3f}' for s in p['stage_seconds'])}], predicted speed-up {p['speedup']:.2f}x, "
+                  f"bubble {100 * p['bubble']:.0f}%")
     return 0
 
 

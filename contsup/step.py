@@ -21,36 +21,42 @@ def autocast(x, bf16: bool):
     return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def module_step(net: ContSupNet, k: int, h_in, x, y, image=None, bf16: bool = False):
+    """Module k alone: forward, its local loss, backward (the gradient reaches module k and
+    the context encoders that made `h_in`, nothing earlier). Returns the module's output (the
+    class logits for the last module) and its loss, detached (0 where the loss is empty)."""
+    with autocast(x, bf16):
+        h = net.blocks[k](h_in)                                       # [B, C_k, H_k, W_k]
+        if k == net.k - 1:
+            h = net.classifier(h)                                     # [B, classes]
+            loss = F.cross_entropy(h, y)
+        else:
+            a, b = net.loss_weights[k]                                # reconstruction, head weights
+            loss = b * head_loss(net.heads[k](h), y, net.cfg.loss) if b else 0.0
+            if a:
+                loss = loss + a * reconstruction_loss(net.decoders[k](h), image)
+    if not torch.is_tensor(loss):
+        return h, torch.zeros((), device=x.device)
+    loss.backward()  # frees module k's graph before module k+1 starts
+    return h, loss.detach()
+
+
 def local_learning_step(net: ContSupNet, x, y, image=None, bf16: bool = False):
     """Forward and backward through the K modules, one at a time (SPEC §1-§2).
 
-    For module k: forward, its own local loss, backward (gradient reaches module k and the
-    context encoders of cut k-1, nothing earlier), then the detached output plus context
-    becomes the next input. K=1 is end-to-end. `image` ([B,3,S,S] in [0,1]) is the
-    reconstruction target. Returns the final logits (detached) and the K losses.
+    For module k: forward, its own local loss, backward (`module_step`), then the detached
+    output plus context becomes the next input. K=1 is end-to-end. `image` ([B,3,S,S] in
+    [0,1]) is the reconstruction target. Returns the final logits (detached) and the K losses.
     Gradients accumulate into .grad; the caller zeroes and steps the optimizer.
     `bf16` runs the forward passes under bfloat16 autocast.
     """
     module_inputs, h_in, losses = [], x, []
-    for k, block in enumerate(net.blocks):
+    for k in range(net.k):
         module_inputs.append(h_in.detach())
-        with autocast(x, bf16):
-            h = block(h_in)                                           # [B, C_k, H_k, W_k]
-            if k == net.k - 1:
-                logits = net.classifier(h)                            # [B, classes]
-                loss = F.cross_entropy(logits, y)
-            else:
-                a, b = net.loss_weights[k]
-                loss = b * head_loss(net.heads[k](h), y, net.cfg.loss) if b else 0.0
-                if a:
-                    loss = loss + a * reconstruction_loss(net.decoders[k](h), image)
-        if torch.is_tensor(loss):
-            loss.backward()  # frees module k's graph before module k+1 starts
-            losses.append(loss.detach())
-        else:
-            losses.append(torch.zeros((), device=x.device))
+        h, loss = module_step(net, k, h_in, x, y, image, bf16)
+        losses.append(loss)
         if k < net.k - 1:
             with autocast(x, bf16):
                 h_in = net.supply(k, h, x, module_inputs)             # h.detach() + context
             h = None  # module k's output is not needed any more (frees it where h_in is a new tensor)
-    return logits.detach(), torch.stack(losses)
+    return h.detach(), torch.stack(losses)

@@ -140,8 +140,11 @@ def learning_rate(epoch: int, base_lr: float, epochs: int, warmup_epochs: int = 
 
 
 def make_optimizer(net, cfg: TrainConfig):
+    """The paper's SGD over `net`'s parameters (or over `net`, a list of parameters: a pipeline
+    stage's own)."""
     s = tables.PAPER_SCHEDULE
-    return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=s.momentum, nesterov=True,
+    params = net.parameters() if isinstance(net, torch.nn.Module) else net
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=s.momentum, nesterov=True,
                            weight_decay=s.weight_decay)
 
 
@@ -189,13 +192,14 @@ def _module_name(module: int, k: int) -> str:
     return f"the final classifier (module {module} of {k})" if module == k else f"local module {module} of {k}"
 
 
-def _stop_diverged(out: Path, losses, epoch: int, step: int, lr: float, k: int):
+def stop_diverged(out: Path, losses, epoch: int, step: int, lr: float, k: int, first: int = 1):
     """Write `error.json` for a step whose loss is not finite and raise DivergedError.
     Called before optimizer.step(): the weights, the checkpoint and metrics.jsonl stay as
-    the last good epoch left them."""
+    the last good epoch left them. `losses` are those of modules first, first+1, ... (from 1)."""
     values = [float(v) for v in losses.float().cpu()]
-    module = next(i for i, v in enumerate(values) if not math.isfinite(v)) + 1  # the first: later ones follow it
-    message = (f"the loss of {_module_name(module, k)} is {values[module - 1]} at epoch {epoch}, step {step} "
+    index = next(i for i, v in enumerate(values) if not math.isfinite(v))  # the first: later ones follow it
+    module = first + index
+    message = (f"the loss of {_module_name(module, k)} is {values[index]} at epoch {epoch}, step {step} "
                f"(lr {lr:.3g}); stopped before applying it. Lower --lr or warm up (--warmup-epochs)"
                + (" in a new --out" if (out / "ckpt.pt").exists() else ""))  # a checkpoint holds the config
     error = DivergedError(message, epoch, step, module, jsonio.finite_or_none(values))
@@ -316,6 +320,64 @@ def open_run(cfg: TrainConfig, resume: bool) -> tuple[dict | None, dict | None]:
     return None, None
 
 
+def prepare_run_folder(cfg: TrainConfig, ckpt: dict | None, measure_memory) -> tuple[int, tuple, dict]:
+    """(first epoch, (best error, its epoch), memory) of the run. Resuming: from the checkpoint,
+    dropping metric lines of an epoch that finished after it (or was cut short by a kill).
+    New: config.json, an empty metrics.jsonl and `measure_memory()`."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    if ckpt is not None:
+        start_epoch = ckpt["epoch"] + 1
+        if metrics_path.exists():
+            lines = [l for l in metrics_path.read_text().splitlines() if _epoch_of(l) < start_epoch]
+            metrics_path.write_text("".join(l + "\n" for l in lines))
+        return start_epoch, tuple(ckpt["best"]), ckpt["memory"]
+    _atomic_save(_config_json(cfg), out / "config.json", as_json=True)
+    metrics_path.write_text("")
+    return 0, (math.inf, -1), measure_memory()
+
+
+def first_step_memory(net: ContSupNet, data, cfg: TrainConfig, device) -> dict:
+    """measure_step_memory on the first (unshuffled) training batch."""
+    recipe = tables.DATA_RECIPES[cfg.dataset]
+    x, y = next(iter(DeviceLoader(data.train_x, data.train_y, recipe, cfg.batch_size, False, device)))
+    image = denormalize(x, recipe) if cfg.reconstruct else None
+    return measure_step_memory(net, to_format(x, cfg.channels_last), y, image, cfg.bf16)
+
+
+def checkpoint(model_state: dict, optimizer_state: dict, epoch: int, cfg: TrainConfig, data_rng, best,
+               memory: dict) -> dict:
+    """ckpt.pt: everything resume needs, after `epoch`."""
+    return {"model": model_state, "optimizer": optimizer_state, "epoch": epoch, "config": _config_json(cfg),
+            "data_rng": data_rng.get_state(), "torch_rng": torch.get_rng_state(), "best": list(best),
+            "memory": memory}
+
+
+def metrics_row(epoch: int, lr: float, train_error: float, test_error: float, local_losses: list,
+                seconds: float, seen: int) -> dict:
+    """One line of metrics.jsonl."""
+    return {"epoch": epoch, "lr": lr, "train_error": train_error, "test_error": test_error,
+            "local_losses": local_losses, "epoch_seconds": seconds, "images_per_s": seen / seconds}
+
+
+def append_metrics(cfg: TrainConfig, row: dict) -> None:
+    with (Path(cfg.out_dir) / "metrics.jsonl").open("a") as f:
+        f.write(jsonio.dumps(row) + "\n")
+
+
+def finish_run(cfg: TrainConfig, net: ContSupNet, best: tuple, memory: dict, device, **extra) -> dict:
+    """Write result.json from the run's metrics and return it."""
+    out = Path(cfg.out_dir)
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    result = {"final_error": rows[-1]["test_error"], "best_error": best[0], "best_epoch": best[1],
+              "epochs": cfg.epochs, **memory, "params": net.parts(), "cuts": net.cuts,
+              "train_seconds": sum(r["epoch_seconds"] for r in rows), "device": str(device),
+              "config": _config_json(cfg), **extra}
+    _atomic_save(result, out / "result.json", as_json=True)
+    return json.loads((out / "result.json").read_text())  # the same types as a skipped rerun returns
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train one configuration; returns (and writes) its result. With `resume`, continue from
     the run folder's checkpoint (or return the result of a finished run of the same config);
@@ -324,7 +386,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     if result is not None:
         return result
     out = Path(cfg.out_dir)
-    ckpt_path, metrics_path, result_path = out / "ckpt.pt", out / "metrics.jsonl", out / "result.json"
+    ckpt_path = out / "ckpt.pt"
 
     device = pick_device(cfg.device)
     if device.type == "cpu" and cfg.reuse_cpu_memory:
@@ -338,28 +400,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     test_loader = DeviceLoader(data.test_x, data.test_y, recipe, max(cfg.batch_size, 256), False, device)
     optimizer = make_optimizer(net, cfg)
 
-    out.mkdir(parents=True, exist_ok=True)
-    start_epoch, best, memory = 0, (math.inf, -1), None
     if ckpt is not None:
         try:  # a checkpoint of this config whose tensors do not fit (damaged, or from other code)
             net.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             gen.set_state(ckpt["data_rng"])
             torch.set_rng_state(ckpt["torch_rng"])
-            start_epoch, best, memory = ckpt["epoch"] + 1, tuple(ckpt["best"]), ckpt["memory"]
         except (RuntimeError, KeyError, TypeError, ValueError) as e:
             raise UsageError(f"checkpoint {ckpt_path} does not fit this network ({type(e).__name__}); "
                              f"move it away to start the run over") from None
-        # Drop metric lines of an epoch that finished after the last checkpoint.
-        if metrics_path.exists():
-            lines = [l for l in metrics_path.read_text().splitlines() if _epoch_of(l) < start_epoch]
-            metrics_path.write_text("".join(l + "\n" for l in lines))
-    else:
-        _atomic_save(_config_json(cfg), out / "config.json", as_json=True)
-        metrics_path.write_text("")
-        x, y = next(iter(DeviceLoader(data.train_x, data.train_y, recipe, cfg.batch_size, False, device)))
-        image = denormalize(x, recipe) if cfg.reconstruct else None
-        memory = measure_step_memory(net, to_format(x, cfg.channels_last), y, image, cfg.bf16)
+    start_epoch, best, memory = prepare_run_folder(cfg, ckpt, lambda: first_step_memory(net, data, cfg, device))
     if cfg.torch_compile:  # after the memory measurement, which runs eagerly on a copy
         compile_model(net)
 
@@ -380,7 +430,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                 # A non-finite loss has non-finite gradients: stop before they reach the weights.
                 # The one device sync per step; which module it was is found only on failure.
                 if not torch.isfinite(losses).all():
-                    _stop_diverged(out, losses, epoch, step, lr, net.k)
+                    stop_diverged(out, losses, epoch, step, lr, net.k)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 seen += len(y)
@@ -393,20 +443,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         test_error = evaluate(net, test_loader, cfg.channels_last, cfg.bf16)
         if test_error < best[0]:
             best = (test_error, epoch)
-        row = {"epoch": epoch, "lr": lr, "train_error": 100.0 * float(wrong) / seen,
-               "test_error": test_error, "local_losses": (loss_sum / seen).tolist(),
-               "epoch_seconds": train_time, "images_per_s": seen / train_time}
-        with metrics_path.open("a") as f:
-            f.write(jsonio.dumps(row) + "\n")
-        _atomic_save({"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                      "config": _config_json(cfg), "data_rng": gen.get_state(),
-                      "torch_rng": torch.get_rng_state(), "best": list(best), "memory": memory}, ckpt_path)
+        append_metrics(cfg, metrics_row(epoch, lr, 100.0 * float(wrong) / seen, test_error,
+                                        (loss_sum / seen).tolist(), train_time, seen))
+        _atomic_save(checkpoint(net.state_dict(), optimizer.state_dict(), epoch, cfg, gen, best, memory), ckpt_path)
         epochs.set_postfix(test_error=f"{test_error:.2f}%")
 
-    rows = [json.loads(l) for l in metrics_path.read_text().splitlines()]
-    result = {"final_error": rows[-1]["test_error"], "best_error": best[0], "best_epoch": best[1],
-              "epochs": cfg.epochs, **memory, "params": net.parts(), "cuts": net.cuts,
-              "train_seconds": sum(r["epoch_seconds"] for r in rows), "device": str(device),
-              "config": _config_json(cfg)}
-    _atomic_save(result, result_path, as_json=True)
-    return json.loads(result_path.read_text())  # the same types as a skipped rerun returns
+    return finish_run(cfg, net, best, memory, device)

@@ -1,0 +1,675 @@
+"""One run, module-parallel: the K local modules split into G stages, one per rank.
+
+    rank 0 (reads data)            rank 1                         rank G-1
+    [modules 0..a) ──message──> [cut a-1 encoders, modules a..b) ──> ... ──> [.., module K-1] -> logits
+
+Local learning needs no gradient across a cut, so only activations flow: rank r owns its
+modules, their heads and decoders, and the context encoders of the cuts that feed its
+modules (`module_of`), runs forward + local loss + backward for them (train.module_step) and
+steps its own optimizer. Processing the batches in order (a FIFO pipeline) gives exactly
+the single-process result of train.train, bit for bit; world size 1 runs the same code.
+
+Reading order: 1. the stage split (by measured per-module step time), 2. what a rank owns
+and what each link carries, 3. links (a ring of D in-flight flat buffers), 4. one batch
+through a rank's modules, 5. faults, 6. `Stage`: a rank's epoch, 7. `train_pipelined`:
+setup, the epochs, metrics and checkpoint assembly on rank 0.
+
+    torchrun --nproc-per-node 2 -m contsup train --dataset digits8 -k 4 ...   # G = 2
+    python -m contsup train --pipeline ...                                     # G = 1, same path
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import itertools
+import os
+import re
+import socket
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from . import tables
+from .data import DeviceLoader, denormalize, load_dataset
+from .errors import UsageError
+from .model import ContSupNet, feature_shape
+from .speed.memory import reuse_freed_cpu_memory
+from .step import autocast, module_step
+from .train import (TrainConfig, _atomic_save, append_metrics, checkpoint, compile_model, finish_run,
+                    first_step_memory, learning_rate, make_optimizer, metrics_row, open_run, pick_device,
+                    prepare_model, prepare_run_folder, stop_diverged, to_format)
+
+DEPTH = 2            # in-flight messages per link (the ring)
+TIMEOUT_S = 300.0    # a peer silent for this long counts as hung
+PROFILE_STEPS = 3    # timed steps (after one warm-up) for the stage split
+DIE_ENV = "CONTSUP_PIPELINE_DIE"    # "rank:epoch": that rank exits (os._exit(1)) as the epoch starts (tests)
+HANG_ENV = "CONTSUP_PIPELINE_HANG"  # "rank:epoch": that rank stops (sleeps) as the epoch starts (tests)
+
+
+class RankFailure(RuntimeError):
+    """Another rank died or hung; the message names it and its epoch, on one line."""
+
+
+# --------------------------------------------------------------------------------------
+# 1. The stage split
+def balanced_split(seconds: list[float], stages: int, cut_seconds: list[float] | None = None) -> list[int]:
+    """Bounds [0, b_1, ..., K] of the contiguous split of modules taking `seconds` each into
+    `stages` non-empty stages whose slowest stage is fastest (dynamic programming). With
+    `cut_seconds[j]`, the time of sending a batch across a cut before module j, a cut costs as
+    much as a stage (sending overlaps computing, so the pipe runs at the slowest of both)."""
+    k = len(seconds)
+    if not 1 <= stages <= k:
+        raise UsageError(f"cannot split K={k} modules over {stages} ranks; use 1 to {k} ranks")
+    prefix = [0.0]
+    for s in seconds:
+        prefix.append(prefix[-1] + s)
+    # slowest[g][j]: the best slowest-stage time of modules [0, j) in g stages; cut[g][j]: its last bound
+    inf = float("inf")
+    slowest = [[inf] * (k + 1) for _ in range(stages + 1)]
+    cut = [[0] * (k + 1) for _ in range(stages + 1)]
+    slowest[0][0] = 0.0
+    for g in range(1, stages + 1):
+        for j in range(g, k + 1):
+            for i in range(g - 1, j):
+                t = max(slowest[g - 1][i], prefix[j] - prefix[i], cut_seconds[i] if cut_seconds and i else 0.0)
+                if t < slowest[g][j]:
+                    slowest[g][j], cut[g][j] = t, i
+    bounds, j = [k], k
+    for g in range(stages, 0, -1):
+        j = cut[g][j]
+        bounds.append(j)
+    return bounds[::-1]
+
+
+def split_from_sizes(sizes: list[int], k: int) -> list[int]:
+    """Bounds from modules per stage, e.g. [1, 3] -> [0, 1, 4]."""
+    if any(s < 1 for s in sizes) or sum(sizes) != k:
+        raise UsageError(f"--split {','.join(map(str, sizes))} must give every rank >= 1 module and "
+                         f"add up to K={k}")
+    bounds = [0]
+    for s in sizes:
+        bounds.append(bounds[-1] + s)
+    return bounds
+
+
+def predicted_speedup(seconds: list[float], bounds: list[int], batches: int | None = None) -> dict:
+    """What the split promises, communication not counted: stage times, the steady-state
+    speed-up over one process (sum / slowest stage) and the idle share of the ranks (the
+    bubble: imbalance, plus filling and draining the pipe once per `batches` when given)."""
+    stage = [sum(seconds[a:b]) for a, b in zip(bounds, bounds[1:])]
+    total, slowest, g = sum(seconds), max(stage), len(stage)
+    n = batches or float("inf")
+    pipelined = total + (n - 1) * slowest if batches else slowest   # per epoch, or per batch at steady state
+    serial = n * total if batches else total
+    return {"bounds": bounds, "stage_seconds": stage, "speedup": serial / pipelined,
+            "bubble": 1 - serial / (g * pipelined)}
+
+
+def profile_modules(net: ContSupNet, x, y, image=None, bf16: bool = False, steps: int = PROFILE_STEPS) -> list[float]:
+    """Seconds of each module's step (the supply feeding it, forward, local loss, backward),
+    the median of `steps` timed steps after a warm-up, on a copy of `net`."""
+    net = copy.deepcopy(net).train()
+    runs = []
+    for _ in range(steps + 1):
+        times = [0.0] * net.k
+        stage_step(net, range(net.k), None, x, y, image, [], True, bf16, times)
+        net.zero_grad(set_to_none=True)
+        runs.append(times)
+    return [sorted(r[k] for r in runs[1:])[len(runs[1:]) // 2] for k in range(net.k)]
+
+
+# --------------------------------------------------------------------------------------
+# 2. Ownership and messages
+def module_of(name: str, k: int) -> int:
+    """The module a state_dict entry belongs to: its own block, head and decoder, the classifier
+    (the last module), and the context encoders of cut c (trained by module c+1's loss)."""
+    part, index = (name.split(".") + [""])[:2]
+    if part in ("blocks", "heads", "decoders"):
+        return int(index)
+    if part == "classifier":
+        return k - 1
+    if part == "context":
+        return int(index) + 1
+    raise ValueError(f"no module owns '{name}'")
+
+
+def stage_needs(net: ContSupNet, bounds: list[int], rank: int) -> set:
+    """What stage `rank` needs from upstream: 'h' (the previous module's output), 'y', 'x'
+    (the image encoders, or module 0's input as context), 'image' (a decoder's target) and
+    ('in', m): the input of an earlier module m > 0 as residual context."""
+    a, b = bounds[rank], bounds[rank + 1]
+    needs = {"y"}
+    if a > 0:
+        needs.add("h")
+    for k in range(max(a, 1), b):   # the cut k-1 feeds module k
+        ctx = net.context[k - 1]
+        if ctx.image is not None:
+            needs.add("x")
+        for m in ctx.sources:
+            if m == 0:
+                needs.add("x")
+            elif m < a:
+                needs.add(("in", m))
+    if any(net.loss_weights[k][0] for k in range(a, min(b, net.k - 1))):
+        needs.add("image")
+    return needs
+
+
+def link_slots(net: ContSupNet, bounds: list[int], rank: int) -> list:
+    """The tensors rank sends to rank+1, in order: what rank+1 needs, and what ranks further
+    down need from before rank+1's first module (relayed)."""
+    first = bounds[rank + 1]
+    wanted = set(stage_needs(net, bounds, rank + 1))
+    for r in range(rank + 2, len(bounds) - 1):
+        wanted |= {s for s in stage_needs(net, bounds, r) if s != "h" and (s[0] != "in" or s[1] < first)}
+    named = [s for s in ("h", "y", "x", "image") if s in wanted]
+    return named + sorted(s for s in wanted if isinstance(s, tuple))
+
+
+def slot_sample_bytes(net: ContSupNet, bounds: list[int], rank: int, slot) -> int:
+    """The most bytes one sample of `slot` takes on the link rank -> rank+1 (fp32 features)."""
+    size = tables.DATA_RECIPES[net.cfg.dataset].image_size
+    if slot == "y":
+        return 8
+    if slot in ("x", "image"):
+        return 4 * 3 * size * size
+    module = bounds[rank + 1] if slot == "h" else slot[1]   # h is the input of rank+1's first module
+    c, side = feature_shape_at(net, module)
+    return 4 * c * side * side
+
+
+def feature_shape_at(net: ContSupNet, module: int) -> tuple[int, int]:
+    """(channels, side) of the input of `module` (> 0), i.e. of module-1's output."""
+    stage, _ = net.cuts[module - 1]
+    return feature_shape(stage, tables.DATA_RECIPES[net.cfg.dataset].image_size)
+
+
+# A message is one flat uint8 buffer: a header of int64s, then each tensor's bytes (64-byte
+# aligned). Header: kind, epoch, step, batch size, then per slot: present, dtype, ndim,
+# shape (4), strides (4). The receiver views its tensors in place, with the sender's strides
+# (the memory format decides which kernels run, so it must match for bit-equality).
+TRAIN, EVAL = 0, 1
+HEAD, PER_SLOT = 4, 11
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8, torch.float64]
+
+
+def _align(n: int) -> int:
+    return -(-n // 64) * 64
+
+
+def message_bytes(net: ContSupNet, bounds: list[int], rank: int, max_batch: int) -> int:
+    slots = link_slots(net, bounds, rank)
+    return _align(8 * (HEAD + PER_SLOT * len(slots))) + sum(
+        _align(max_batch * slot_sample_bytes(net, bounds, rank, s)) for s in slots)
+
+
+def pack(buf: torch.Tensor, head: tuple, tensors: list):
+    """Write header `head` (kind, epoch, step, batch) and `tensors` into the flat buffer."""
+    header = torch.zeros(HEAD + PER_SLOT * len(tensors), dtype=torch.int64)
+    header[:HEAD] = torch.tensor(head)
+    offset = _align(8 * len(header))
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+            t = t.contiguous()
+        n = t.numel() * t.element_size()
+        assert offset + n <= buf.numel(), "message larger than its buffer"
+        shape, strides = list(t.shape) + [1] * (4 - t.dim()), list(t.stride()) + [1] * (4 - t.dim())
+        header[HEAD + PER_SLOT * i:HEAD + PER_SLOT * (i + 1)] = torch.tensor(
+            [1, DTYPES.index(t.dtype), t.dim(), *shape, *strides])
+        # the storage behind a dense tensor, in memory order, whatever its strides
+        buf[offset:offset + n].view(t.dtype).copy_(t.as_strided((t.numel(),), (1,)))
+        offset += _align(n)
+    buf[:8 * len(header)].copy_(header.view(torch.uint8))
+
+
+def unpack(buf: torch.Tensor, slots: int) -> tuple[tuple, list]:
+    """(head, tensors) of a message: views into `buf`, valid until the buffer is reused."""
+    header = buf[:8 * (HEAD + PER_SLOT * slots)].view(torch.int64).tolist()
+    offset, tensors = _align(8 * len(header)), []
+    for i in range(slots):
+        present, dtype, ndim, *rest = header[HEAD + PER_SLOT * i:HEAD + PER_SLOT * (i + 1)]
+        if not present:
+            tensors.append(None)
+            continue
+        dtype, shape, strides = DTYPES[dtype], rest[:ndim], rest[4:4 + ndim]
+        numel = 1
+        for s in shape:
+            numel *= s
+        n = numel * dtype.itemsize
+        tensors.append(torch.as_strided(buf[offset:offset + n].view(dtype), shape, strides))
+        offset += _align(n)
+    return tuple(header[:HEAD]), tensors
+
+
+# --------------------------------------------------------------------------------------
+# 3. Links: a ring of D flat buffers per link, so that packing, sending and the receiver's
+# compute overlap. The sender reuses a buffer once its previous send completed (at most D
+# sends in flight); the receiver keeps D-1 receives posted ahead of the message it is
+# working on, so the next batches arrive while it computes.
+class Link:
+    def __init__(self, peer: int, nbytes: int, slots: int, device, depth: int, watch: "Watch"):
+        self.peer, self.slots, self.watch = peer, slots, watch
+        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(depth)]
+        self.pending = deque()   # (buffer index, work) in message order
+        self.count = 0           # messages sent or receives posted so far
+
+    # sending side
+    def send(self, head: tuple, tensors: list):
+        if len(self.pending) == len(self.buffers):
+            self.watch.wait(self.pending.popleft()[1], self.peer, "sending to")
+        i = self.count % len(self.buffers)
+        pack(self.buffers[i], head, tensors)
+        self.pending.append((i, self.watch.call(dist.isend, self.buffers[i], self.peer)))
+        self.count += 1
+
+    def flush(self):
+        while self.pending:
+            self.watch.wait(self.pending.popleft()[1], self.peer, "sending to")
+
+    # receiving side: `expect(n)` announces n more messages; `recv` returns the next one,
+    # viewed in its buffer, which is reused (for a receive posted ahead) at the next call
+    def expect(self, n: int):
+        self.expected = n
+
+    def recv(self) -> tuple[tuple, list]:
+        while self.expected and len(self.pending) < len(self.buffers):   # all buffers are free now
+            i = self.count % len(self.buffers)
+            self.pending.append((i, self.watch.call(dist.irecv, self.buffers[i], self.peer)))
+            self.count += 1
+            self.expected -= 1
+        i, work = self.pending.popleft()
+        self.watch.wait(work, self.peer, "receiving from")
+        return unpack(self.buffers[i], self.slots)
+
+
+# --------------------------------------------------------------------------------------
+# 4. The stage's step: modules a..b of one batch
+def stage_step(net: ContSupNet, modules: range, h, x, y, image, module_inputs: list, train: bool,
+               bf16: bool, seconds: list | None = None):
+    """For each module k: its input (the image for module 0, else supply(k-1): the previous
+    output, detached, plus context), then forward + local loss + backward (train) or the
+    forward alone (eval, no grad). `module_inputs` holds the inputs of modules before
+    `modules` (None where not needed) and grows. Returns the last output (detached) and the
+    losses. As local_learning_step, cut by rank; `seconds[k]` accumulates each module's time."""
+    losses = []
+    like = x if x is not None else h   # x is None where no encoder of this rank reads the image
+    with torch.set_grad_enabled(train):
+        for k in modules:
+            t0 = time.perf_counter()
+            if k == 0:
+                h_in = x
+            else:
+                with autocast(like, bf16):
+                    h_in = net.supply(k - 1, h, x, module_inputs)   # h.detach() + context
+                h = None
+            module_inputs.append(h_in.detach())
+            if train:
+                h, loss = module_step(net, k, h_in, like, y, image, bf16)
+                losses.append(loss)
+            else:
+                with autocast(like, bf16):
+                    h = net.blocks[k](h_in)
+                    if k == net.k - 1:
+                        h = net.classifier(h)
+            h_in = None
+            if seconds is not None:
+                seconds[k] += time.perf_counter() - t0
+    return h.detach(), losses
+
+
+# --------------------------------------------------------------------------------------
+# 5. Faults. Every wait on a peer during the epochs has a deadline (--rank-timeout); a rank
+# that stops answering makes the others stop with one line naming it and its epoch. A dead
+# rank's sockets close, so its neighbours notice at once; a hung one is noticed when a send
+# or receive to it times out, or at the epoch's end, when a monitored barrier names the
+# ranks that did not arrive. Which rank is to blame is agreed in the rendezvous store: the
+# first rank to see a failure records it (the ranks behind a dead rank's neighbours notice
+# only when those exit, and read the record). The setup (data, memory, profiling on rank 0)
+# waits under the longer SETUP_TIMEOUT_S.
+FAILED_KEY = "contsup/failed"
+SETUP_TIMEOUT_S = 1800.0
+
+
+class Watch:
+    def __init__(self, rank: int, world: int, timeout_s: float):
+        self.rank, self.world, self.timeout = rank, world, datetime.timedelta(seconds=timeout_s)
+        self.epoch = None
+        # the epoch-end gather and barrier run on gloo, also when the links are NCCL
+        self.control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        try:
+            self.store = dist.distributed_c10d._get_default_store()
+        except Exception:  # no store: blame the peer
+            self.store = None
+
+    def barrier(self):
+        """All ranks reached the epoch's end within the timeout, or the missing ones are named."""
+        if self.world == 1:
+            return
+        try:
+            dist.monitored_barrier(group=self.control, timeout=self.timeout, wait_all_ranks=True)
+        except Exception as e:
+            missing = re.findall(r"[Rr]anks? (\d+)[\d, ]* failed", str(e)) if self.rank == 0 else ["0"]
+            self.fail(int(missing[0]) if missing else None, f"barrier failed ({type(e).__name__})")
+
+    def wait(self, work, peer: int, doing: str):
+        try:
+            ok = work.wait(self.timeout)
+        except Exception as e:  # closed connection, timeout inside the backend...
+            self.fail(peer, f"{doing} rank {peer} failed ({type(e).__name__})")
+        if ok is False:
+            self.fail(peer, f"{doing} rank {peer} timed out after {self.timeout.total_seconds():.0f} s")
+
+    def call(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs), a failure in it blamed on the peer (args[1] of isend/irecv)."""
+        peer = args[1] if fn in (dist.isend, dist.irecv) else None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            self.fail(peer, f"{fn.__name__} failed ({type(e).__name__})")
+
+    def fail(self, peer: int | None, detail: str):
+        if peer is None and self.world == 2:
+            peer = 1 - self.rank
+        mine = f"{peer if peer is not None else '?'} {'setup' if self.epoch is None else self.epoch}"
+        blamed = mine
+        if self.store is not None:
+            try:
+                self.store.set_timeout(datetime.timedelta(seconds=5))
+                blamed = self.store.compare_set(FAILED_KEY, "", mine).decode()
+                if blamed == "":
+                    blamed = mine
+            except Exception:   # the store lives on a rank that is gone: blame our peer
+                pass
+        rank, epoch = blamed.split()
+        when = "before the first epoch" if epoch == "setup" else f"during epoch {epoch}"
+        raise RankFailure(f"rank {rank} died or hung {when} (seen by rank {self.rank}: {detail}); "
+                          f"the last checkpoint is intact: rerun the same command to resume")
+
+
+def _test_hooks(rank: int, epoch: int):
+    """The fault hooks; under torchrun only in its first attempt, so that a restart gets through."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    if os.environ.get(DIE_ENV) == f"{rank}:{epoch}":
+        os._exit(1)
+    if os.environ.get(HANG_ENV) == f"{rank}:{epoch}":
+        time.sleep(10 ** 6)
+
+
+# --------------------------------------------------------------------------------------
+# 6. One rank's part of the run: its modules, optimizer and links, and one epoch of batches
+class Stage:
+    def __init__(self, net: ContSupNet, cfg: TrainConfig, bounds: list[int], rank: int, world: int,
+                 max_batch: int, depth: int, watch: Watch):
+        self.net, self.cfg, self.bounds, self.rank, self.watch = net, cfg, bounds, rank, watch
+        self.first, self.last = rank == 0, rank == world - 1
+        self.modules = range(bounds[rank], bounds[rank + 1])
+        # this rank's parameters (their indices in the whole model's order) and optimizer
+        self.names = [n for n, _ in net.named_parameters()]
+        self.mine = [i for i, n in enumerate(self.names) if module_of(n, net.k) in self.modules]
+        params = list(net.parameters())
+        self.optimizer = make_optimizer([params[i] for i in self.mine], cfg)
+        self.state_keys = {n for n in net.state_dict() if module_of(n, net.k) in self.modules}
+        device = next(net.parameters()).device
+        self.inbound = self.outbound = None
+        if not self.first:
+            self.slots_in = link_slots(net, bounds, rank - 1)
+            self.inbound = Link(rank - 1, message_bytes(net, bounds, rank - 1, max_batch), len(self.slots_in),
+                                device, depth, watch)
+        if not self.last:
+            self.slots_out = link_slots(net, bounds, rank)
+            self.outbound = Link(rank + 1, message_bytes(net, bounds, rank, max_batch), len(self.slots_out),
+                                 device, depth, watch)
+
+    def run_epoch(self, epoch: int, lr: float, source, n_train: int, n_eval: int) -> dict:
+        """n_train training batches, then n_eval test batches, through this rank's modules.
+        Rank 0 takes them from `source` ((kind, x, y, image) each), the others from the link.
+        Returns this rank's numbers: its modules' mean losses, the errors (last rank), the
+        images seen and the wall-clock times: start, end of each training batch (`ends`), last end."""
+        net, cfg, watch = self.net, self.cfg, self.watch
+        watch.epoch = epoch
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if not self.first:
+            self.inbound.expect(n_train + n_eval)
+        seen, wrong, loss_sum, test_wrong, test_total, ends = 0, 0, 0.0, 0, 0, []
+        t0 = t1 = time.time()
+        for i in range(n_train + n_eval):
+            if self.first:
+                kind, x, y, image = next(source)
+                x, h, module_inputs = to_format(x, cfg.channels_last), None, []
+                head = (kind, epoch, i if kind == TRAIN else i - n_train, len(y))
+            else:
+                head, tensors = self.inbound.recv()
+                got = dict(zip(self.slots_in, tensors))
+                kind, x, y, image, h = head[0], got.get("x"), got["y"], got.get("image"), got.get("h")
+                a = self.bounds[self.rank]
+                module_inputs = [x] + [got.get(("in", m)) for m in range(1, a)]
+                assert head[1] == epoch, f"rank {self.rank} expected a batch of epoch {epoch}, got header {head}"
+            train = kind == TRAIN
+            net.train(train)
+            out, losses = stage_step(net, self.modules, h, x, y, image, module_inputs, train, cfg.bf16)
+            if self.outbound is not None:   # before the optimizer step: the next rank starts sooner
+                have = {"h": out, "y": y, "x": x, "image": image}
+                self.outbound.send(head, [have[s] if isinstance(s, str) else module_inputs[s[1]]
+                                          for s in self.slots_out])
+            if train:
+                if losses and not torch.isfinite(torch.stack(losses)).all():  # as train.train: before the step
+                    stop_diverged(Path(cfg.out_dir), torch.stack(losses), epoch, head[2], lr, net.k,
+                                  first=self.bounds[self.rank] + 1)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                seen += len(y)
+                loss_sum = loss_sum + torch.stack(losses) * len(y)   # as train.train sums them
+                if self.last:
+                    wrong += (out.argmax(1) != y).sum()
+                t1 = time.time()
+                ends.append(t1)
+            elif self.last:
+                test_wrong += (out.argmax(1) != y).sum().item()        # as train.evaluate counts
+                test_total += len(y)
+            out = h = x = image = module_inputs = None
+        if self.outbound is not None:
+            self.outbound.flush()
+        return {"losses": (loss_sum / seen).tolist() if seen else [], "seen": seen, "t0": t0, "t1": t1, "ends": ends,
+                "train_error": 100.0 * float(wrong) / seen if self.last and seen else None,
+                "test_error": 100.0 * test_wrong / test_total if self.last and test_total else None}
+
+    def optimizer_part(self) -> dict:
+        """This rank's optimizer state, keyed by the parameters' indices in the whole model."""
+        state = self.optimizer.state_dict()
+        return _to_cpu({"state": {self.mine[i]: s for i, s in state["state"].items()},
+                        "group": {k: v for k, v in state["param_groups"][0].items() if k != "params"}})
+
+
+# --------------------------------------------------------------------------------------
+# 7. The run: setup, the epochs, metrics and checkpoint assembly on rank 0
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: torch.device, timeout_s: float) -> bool:
+    """Join the process group torchrun describes (env), or make a world of one; True if we
+    made it (and so tear it down)."""
+    if dist.is_initialized():
+        return False
+    timeout = datetime.timedelta(seconds=max(timeout_s, SETUP_TIMEOUT_S))   # p2p waits use timeout_s
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        # Keys of each torchrun attempt apart: a restart must not read the last one's addresses.
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        store = dist.PrefixStore(f"contsup/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    else:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                timeout=timeout)
+    return True
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    device = pick_device(cfg.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def _broadcast(watch: Watch, obj=None):
+    """rank 0's `obj` on every rank."""
+    box = [obj]
+    watch.call(dist.broadcast_object_list, box, src=0, group=watch.control)
+    return box[0]
+
+
+def _local_optimizer_state(state: dict, indices: list[int]) -> dict:
+    """The part of a whole-model optimizer state_dict for the parameters `indices` (global)."""
+    group = {k: v for k, v in state["param_groups"][0].items() if k != "params"}
+    return {"state": {i: state["state"][g] for i, g in enumerate(indices) if g in state["state"]},
+            "param_groups": [group | {"params": list(range(len(indices)))}]}
+
+
+def _whole_optimizer_state(parts: list[dict], n_params: int) -> dict:
+    """The single-process optimizer state_dict from the ranks' (state keyed by global index)."""
+    state = {g: s for part in parts for g, s in part["state"].items()}
+    return {"state": dict(sorted(state.items())), "param_groups": [parts[0]["group"] | {"params": list(range(n_params))}]}
+
+
+def _to_cpu(obj):
+    if torch.is_tensor(obj):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    return obj
+
+
+def train_pipelined(cfg: TrainConfig, resume: bool = False, progress: bool = True, split: list[int] | None = None,
+                    depth: int = DEPTH, timeout_s: float = TIMEOUT_S) -> dict:
+    """train.train, with the modules split over the ranks of the process group (torchrun's,
+    or a world of one). Rank 0 reads data and writes the run folder; returns the result on
+    every rank. `split`: modules per rank (default: balanced by measured step time)."""
+    if depth < 1 or timeout_s <= 0:
+        raise UsageError("--pipeline-depth must be >= 1 and --rank-timeout > 0")
+    device = _device(cfg)
+    made_group = init_distributed(device, timeout_s)
+    try:
+        return _run(cfg, resume, progress, split, depth, timeout_s, device)
+    except RankFailure:
+        made_group = False   # tearing down a group with a lost peer may wait for it forever
+        raise
+    finally:
+        if made_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg, resume, progress, split, depth, timeout_s, device) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    watch = Watch(rank, world, timeout_s)
+    first = rank == 0
+
+    # Rank 0 opens the run folder; every rank learns the outcome (and the checkpoint).
+    opened = None
+    if first:
+        try:
+            opened = open_run(cfg, resume)
+        except UsageError as e:
+            opened = str(e)
+    opened = _broadcast(watch, opened)
+    if isinstance(opened, str):
+        raise UsageError(opened)
+    ckpt, result = opened
+    if result is not None:
+        return result
+
+    # Every rank builds the whole model from the seed (so the same initial weights) and
+    # keeps training only its own parts.
+    if device.type == "cpu" and cfg.reuse_cpu_memory:
+        reuse_freed_cpu_memory()
+    torch.manual_seed(cfg.seed)
+    net = prepare_model(ContSupNet(cfg.model_config()), cfg, device)
+    recipe = tables.DATA_RECIPES[cfg.dataset]
+    if world > net.k:
+        raise UsageError(f"{world} ranks but only K={net.k} modules; use at most {net.k} ranks")
+    if split is not None and len(split_from_sizes(list(split), net.k)) - 1 != world:   # before any file is written
+        raise UsageError(f"--split {','.join(map(str, split))} is for {len(split)} ranks, but there are {world}; "
+                         f"give one number per rank")
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        torch.set_rng_state(ckpt["torch_rng"])
+
+    # Rank 0: data, run folder, memory, the split; then everyone learns the split and the
+    # number of batches per epoch.
+    plan = None
+    if first:
+        data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.train_subset)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        train_loader = DeviceLoader(data.train_x, data.train_y, recipe, cfg.batch_size, True, device, gen)
+        test_loader = DeviceLoader(data.test_x, data.test_y, recipe, max(cfg.batch_size, 256), False, device)
+        if ckpt is not None:
+            gen.set_state(ckpt["data_rng"])
+        start_epoch, best, memory = prepare_run_folder(cfg, ckpt, lambda: first_step_memory(net, data, cfg, device))
+        if split is not None:
+            bounds, seconds = split_from_sizes(list(split), net.k), None
+        elif world == 1:
+            bounds, seconds = [0, net.k], None
+        else:
+            x, y = next(iter(DeviceLoader(data.train_x, data.train_y, recipe, cfg.batch_size, False, device)))
+            image = denormalize(x, recipe) if cfg.reconstruct else None
+            seconds = profile_modules(net, to_format(x, cfg.channels_last), y, image, cfg.bf16)
+            bounds = balanced_split(seconds, world)
+        plan = {"bounds": bounds, "seconds": seconds, "batches": (len(train_loader), len(test_loader)),
+                "max_batch": max(cfg.batch_size, 256), "start_epoch": start_epoch}
+    plan = _broadcast(watch, plan)
+    bounds, (n_train, n_eval) = plan["bounds"], plan["batches"]
+    if cfg.torch_compile:
+        compile_model(net)
+
+    stage = Stage(net, cfg, bounds, rank, world, plan["max_batch"], depth, watch)
+    if ckpt is not None:
+        stage.optimizer.load_state_dict(_local_optimizer_state(ckpt["optimizer"], stage.mine))
+
+    epochs = range(plan["start_epoch"], cfg.epochs)
+    if first:
+        epochs = tqdm(epochs, desc=Path(cfg.out_dir).name, disable=not progress, initial=plan["start_epoch"],
+                      total=cfg.epochs)
+    for epoch in epochs:
+        _test_hooks(rank, epoch)
+        lr = learning_rate(epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs)
+        source = None
+        if first:
+            source = itertools.chain(((TRAIN, x, y, denormalize(x, recipe) if cfg.reconstruct else None)
+                                      for x, y in train_loader), ((EVAL, x, y, None) for x, y in test_loader))
+        numbers = stage.run_epoch(epoch, lr, source, n_train, n_eval)
+
+        # The pipe is drained: rank 0 gathers the epoch's numbers and the ranks' parts.
+        part = numbers | {"model": _to_cpu({n: v for n, v in net.state_dict().items() if n in stage.state_keys}),
+                          "optimizer": stage.optimizer_part()}
+        parts = [None] * world if first else None
+        watch.barrier()
+        watch.call(dist.gather_object, part, parts, dst=0, group=watch.control)
+        if first:
+            test_error = parts[-1]["test_error"]
+            if test_error < best[0]:
+                best = (test_error, epoch)
+            seconds = max(p["t1"] for p in parts) - min(p["t0"] for p in parts)
+            row = metrics_row(epoch, lr, parts[-1]["train_error"], test_error,
+                              [v for p in parts for v in p["losses"]], seconds, parts[0]["seen"])
+            append_metrics(cfg, row)
+            whole = {n: next(p["model"][n] for p in parts if n in p["model"]) for n in net.state_dict()}
+            optimizer = _whole_optimizer_state([p["optimizer"] for p in parts], len(stage.names))
+            _atomic_save(checkpoint(whole, optimizer, epoch, cfg, gen, best, memory), Path(cfg.out_dir) / "ckpt.pt")
+            epochs.set_postfix(test_error=f"{test_error:.2f}%")
+
+    result = None
+    if first:
+        result = finish_run(cfg, net, best, memory, device, world_size=world, stages=bounds)
+    return _broadcast(watch, result)
+

@@ -1,0 +1,225 @@
+"""The pipelined trainer: bit-equal to the single-process one, interchangeable checkpoints,
+a dead or hung rank named by the others, the messages, and the stage split.
+
+Ranks run as real processes of `python -m contsup train` with the environment torchrun
+gives them (gloo on CPU), one thread each; the single-process references run here, also
+with one thread, so that every kernel sums in the same order.
+"""
+import itertools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import contsup.train as train_module
+from contsup import pipeline
+from contsup.cli import main
+from contsup.errors import UsageError
+from contsup.model import ContSupNet, ModelConfig
+from contsup.train import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING_KEYS = {"epoch_seconds", "images_per_s"}
+# K=4 on the smoke-sized digits8: R1E with softmax heads; R2 with contrast heads and
+# reconstruction (under --split 2,2 the context at cut 1, on rank 1, encodes the inputs of
+# modules 1 and 0, both made on rank 0).
+CASES = {"R1E": dict(mode="R1E"), "R2": dict(mode="R2", loss="contrast", reconstruct=True)}
+
+
+def _cfg(out, case, **kw):
+    return TrainConfig(dataset="digits8", arch="resnet32", k=4, epochs=2, warmup_epochs=1, batch_size=32, lr=0.05,
+                       train_subset=64, out_dir=str(out), device="cpu", seed=1, **CASES[case], **kw)
+
+
+def _argv(cfg: TrainConfig) -> list[str]:
+    args = ["train", "--dataset", cfg.dataset, "-k", str(cfg.k), "--mode", cfg.mode, "--loss", cfg.loss,
+            "--epochs", str(cfg.epochs), "--warmup-epochs", str(cfg.warmup_epochs), "--batch-size",
+            str(cfg.batch_size), "--lr", str(cfg.lr), "--train-subset", str(cfg.train_subset), "--out", cfg.out_dir,
+            "--device", "cpu", "--seed", str(cfg.seed), "--no-progress"]
+    return args + (["--reconstruct"] if cfg.reconstruct else [])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cfg: TrainConfig, world: int, *extra: str, env: dict | None = None) -> list[subprocess.Popen]:
+    """Start the ranks as torchrun would."""
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        e = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                          "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)} | (env or {})
+        procs.append(subprocess.Popen([sys.executable, "-m", "contsup", *_argv(cfg), *extra], env=e,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def _launch(cfg: TrainConfig, world: int, *extra: str, env: dict | None = None, timeout: float = 120):
+    """Run the ranks to the end; returns (exit codes, stderr texts, seconds)."""
+    procs, t0 = _start(cfg, world, *extra, env=env), time.monotonic()
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    return [p.returncode for p in procs], [err for _, err in outputs], time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, one_thread):
+    """The single-process runs, trained once."""
+    root = tmp_path_factory.mktemp("reference")
+    for case in CASES:
+        train(_cfg(root / case, case), progress=False)
+    return {case: root / case for case in CASES}
+
+
+def _assert_same_run(a: Path, b: Path):
+    ca, cb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (a, b))
+    assert ca["epoch"] == cb["epoch"] and list(ca["model"]) == list(cb["model"])
+    for name, tensor in ca["model"].items():   # every parameter and buffer
+        assert torch.equal(tensor, cb["model"][name]), name
+    oa, ob = ca["optimizer"], cb["optimizer"]
+    assert oa["param_groups"] == ob["param_groups"] and sorted(oa["state"]) == sorted(ob["state"])
+    for i, state in oa["state"].items():
+        assert torch.equal(state["momentum_buffer"], ob["state"][i]["momentum_buffer"]), i
+    assert torch.equal(ca["data_rng"], cb["data_rng"]) and ca["best"] == cb["best"]
+    rows = lambda d: [{k: v for k, v in json.loads(l).items() if k not in TIMING_KEYS}  # noqa: E731
+                      for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows(a) == rows(b) and len(rows(a)) == 2
+
+
+def test_two_ranks_equal_the_single_process_trainer(tmp_path, reference):
+    cfg = _cfg(tmp_path / "run", "R2")
+    codes, errors, _ = _launch(cfg, 2, "--split", "2,2")
+    assert codes == [0, 0], errors
+    _assert_same_run(reference["R2"], tmp_path / "run")
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["world_size"] == 2 and result["stages"] == [0, 2, 4]
+
+
+def test_world_size_one_runs_the_same_path(tmp_path, reference):
+    with pytest.raises(UsageError, match="--split 2,2 is for 2 ranks, but there are 1"):
+        pipeline.train_pipelined(_cfg(tmp_path / "run", "R1E"), progress=False, split=[2, 2])
+    assert not (tmp_path / "run").exists()
+    result = pipeline.train_pipelined(_cfg(tmp_path / "run", "R1E"), progress=False)
+    assert result["world_size"] == 1 and result["stages"] == [0, 4]
+    _assert_same_run(reference["R1E"], tmp_path / "run")
+
+
+def test_a_dead_rank_is_named_and_the_checkpoint_resumes_single_process(tmp_path, reference):
+    cfg = _cfg(tmp_path / "run", "R2")
+    codes, errors, seconds = _launch(cfg, 2, "--split", "1,3", "--rank-timeout", "30",
+                                     env={pipeline.DIE_ENV: "1:1"})
+    assert codes == [1, 1], errors
+    assert seconds < 60, seconds
+    lines = errors[0].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("contsup: error: rank 1 died or hung during epoch 1"), errors[0]
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["epoch"] == 0
+    # The 2-rank run's checkpoint resumes single-process, and with another G (1), and both
+    # end where the reference did.
+    shutil.copytree(tmp_path / "run", tmp_path / "again")
+    train(cfg, resume=True, progress=False)
+    _assert_same_run(reference["R2"], tmp_path / "run")
+    pipeline.train_pipelined(_cfg(tmp_path / "again", "R2"), resume=True, progress=False)
+    _assert_same_run(reference["R2"], tmp_path / "again")
+
+
+def test_a_hung_rank_is_named_within_the_timeout(tmp_path):
+    cfg = _cfg(tmp_path / "run", "R1E")
+    procs = _start(cfg, 2, "--split", "2,2", "--rank-timeout", "5", env={pipeline.HANG_ENV: "1:1"})
+    try:
+        _, err = procs[0].communicate(timeout=90)
+        assert procs[0].returncode == 1
+        assert err.strip().splitlines()[-1].startswith("contsup: error: rank 1 died or hung during epoch 1"), err
+        assert procs[1].poll() is None   # the hung rank itself never notices
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["epoch"] == 0
+
+
+def test_a_single_process_checkpoint_resumes_pipelined(tmp_path, reference, monkeypatch):
+    cfg = _cfg(tmp_path / "run", "R1E")
+    real_evaluate, calls = train_module.evaluate, []
+
+    def dying_evaluate(*args):   # stop in epoch 1, after epoch 0's checkpoint
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args)
+
+    monkeypatch.setattr(train_module, "evaluate", dying_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)
+    codes, errors, _ = _launch(cfg, 2, "--resume")   # the split balanced by measured step times
+    assert codes == [0, 0], errors
+    _assert_same_run(reference["R1E"], tmp_path / "run")
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["world_size"] == 2 and len(result["stages"]) == 3
+
+
+# --------------------------------------------------------------------------------------
+def test_balanced_split_minimises_the_slowest_stage():
+    gen = torch.Generator().manual_seed(0)
+    for k, g in [(4, 2), (6, 3), (8, 4), (5, 5), (7, 1)]:
+        seconds = torch.rand(k, generator=gen).tolist()
+        bounds = pipeline.balanced_split(seconds, g)
+        assert bounds[0] == 0 and bounds[-1] == k and all(a < b for a, b in zip(bounds, bounds[1:]))
+        slowest = lambda bs: max(sum(seconds[a:b]) for a, b in zip(bs, bs[1:]))  # noqa: E731
+        best = min(slowest([0, *c, k]) for c in itertools.combinations(range(1, k), g - 1))
+        assert slowest(bounds) == best
+    assert pipeline.balanced_split([1, 1, 1, 5], 2) == [0, 3, 4]
+    # a cut that is slow to send across is avoided: [1, 1 | 1, 5] instead
+    assert pipeline.balanced_split([1, 1, 1, 5], 2, cut_seconds=[0, 0, 0, 9]) == [0, 2, 4]
+    p = pipeline.predicted_speedup([1, 1, 1, 5], [0, 3, 4])
+    assert p["stage_seconds"] == [3, 5] and p["speedup"] == 8 / 5 and p["bubble"] == pytest.approx(0.2)
+    assert pipeline.predicted_speedup([1, 1], [0, 1, 2], batches=3)["speedup"] == pytest.approx(6 / 4)
+
+
+def test_links_carry_what_later_ranks_need():
+    net = ContSupNet(ModelConfig(dataset="digits8", k=4, mode="R2", reconstruct=True, loss_scales=(1, 1, 1, 1)))
+    # modules [0], [1], [2, 3]: cut 1 (module 2) reads the inputs of modules 1 and 0 (the image)
+    bounds = [0, 1, 2, 4]
+    assert pipeline.link_slots(net, bounds, 0) == ["h", "y", "x", "image"]
+    assert pipeline.link_slots(net, bounds, 1) == ["h", "y", "x", "image", ("in", 1)]
+    r1 = ContSupNet(ModelConfig(dataset="digits8", k=4, mode="R1"))   # cut 1 encodes module 1's input
+    assert pipeline.link_slots(r1, [0, 2, 4], 0) == ["h", "y", ("in", 1)]
+    assert pipeline.link_slots(ContSupNet(ModelConfig(dataset="digits8", k=4, mode="R0")), [0, 2, 4], 0) == ["h", "y"]
+    owners = {pipeline.module_of(n, 4) for n in net.state_dict()}
+    assert owners == {0, 1, 2, 3} and pipeline.module_of("context.0.image.net.0.0.weight", 4) == 1
+
+
+def test_messages_keep_values_dtypes_and_memory_format():
+    x = torch.randn(3, 5, 4, 4).contiguous(memory_format=torch.channels_last)
+    tensors = [x, torch.arange(3), None, torch.randn(3, 2, 4, 4).to(torch.bfloat16)]
+    buf = torch.empty(4096, dtype=torch.uint8)
+    pipeline.pack(buf, (pipeline.EVAL, 7, 2, 3), tensors)
+    head, out = pipeline.unpack(buf, len(tensors))
+    assert head == (pipeline.EVAL, 7, 2, 3) and out[2] is None
+    for a, b in zip(tensors, out):
+        if a is not None:
+            assert torch.equal(a, b) and a.dtype == b.dtype and a.stride() == b.stride()
+
+
+def test_describe_prints_the_split_and_its_speedup(capsys, one_thread):
+    assert main(["describe", "--dataset", "digits8", "-k", "4", "--batch-size", "8", "--no-memory",
+                 "--stages", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "balanced: modules per rank [" in out and "predicted speed-up" in out
+    assert main(["describe", "--dataset", "digits8", "-k", "2", "--no-memory", "--stages", "3"]) == 2
