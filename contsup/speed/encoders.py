@@ -194,7 +194,8 @@ class _EncoderChainFn(torch.autograd.Function):
     where the pool shrinks the map, the pooled ReLU mask and the pooled mask * x_hat are
     (they give BN's weight and bias gradients), and the backward recomputes the last conv
     in batch slices (once more for BN's gradients where the pool keeps the resolution and
-    the batch is cut into several slices)."""
+    the batch is cut into several slices). A 1x1 last conv's z exists only slice by slice,
+    also in the forward (its BN statistics come from its input's covariance)."""
 
     @staticmethod
     def forward(ctx, x, modules, side, lean, chunks, *params):
