@@ -36,6 +36,8 @@ against the ReLU output (a bool mask times a float tensor costs three times as m
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -108,10 +110,34 @@ def _bn_batch_stats(bn: nn.BatchNorm2d, mean, var, count: int):
     return mean, (var + bn.eps).rsqrt()
 
 
-def _bn_relu(z, mean, invstd, weight, bias):
-    """relu(batch_norm(z)) with the given batch statistics, as a new tensor."""
-    scale = invstd * weight
-    return torch.addcmul((bias - mean * scale).view(SHAPE), z, scale.view(SHAPE)).relu_()
+@dataclass
+class _Layer:
+    """One conv+BN+ReLU layer of an encoder chain, as `_EncoderChainFn` keeps it from the
+    forward to the backward: its modules (hyper-parameters, BN's running statistics), its
+    parameters, and what this step saved of it."""
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d
+    weight: torch.Tensor                # conv.weight
+    gamma: torch.Tensor                 # bn.weight
+    beta: torch.Tensor                  # bn.bias
+    z: torch.Tensor | None = None       # the pre-BN conv output; None where the backward recomputes it
+    mean: torch.Tensor | None = None    # BN's batch mean of z
+    invstd: torch.Tensor | None = None  # BN's batch 1/std of z
+
+    def relu_out(self):
+        """The layer's output relu(bn(z)), rebuilt from the saved z."""
+        return _bn_relu(self.z, self)
+
+
+# The tensors of a _Layer, in the order they go through ctx.save_for_backward (None allowed):
+# saved there, autograd checks that no parameter changed in place before the backward.
+_SAVED = ("weight", "gamma", "beta", "z", "mean", "invstd")
+
+
+def _bn_relu(z, layer: _Layer):
+    """relu(batch_norm(z)) with the layer's batch statistics, as a new tensor."""
+    scale = layer.invstd * layer.gamma
+    return torch.addcmul((layer.beta - layer.mean * scale).view(SHAPE), z, scale.view(SHAPE)).relu_()
 
 
 def _relu_backward_(g, relu_out):
@@ -119,19 +145,19 @@ def _relu_backward_(g, relu_out):
     return torch.ops.aten.threshold_backward.grad_input(g, relu_out, 0.0, grad_input=g)
 
 
-def _bn_reductions(g, z, mean, invstd, weight):
+def _bn_reductions(g, z, layer: _Layer):
     """(Σ g * x_hat, Σ g) per channel: BatchNorm's weight and bias gradients."""
     _, g_weight, g_bias = torch.ops.aten.native_batch_norm_backward(
-        g, z, weight, None, None, mean, invstd, True, 0.0, [False, True, True])
+        g, z, layer.gamma, None, None, layer.mean, layer.invstd, True, 0.0, [False, True, True])
     return g_weight, g_bias
 
 
-def _bn_input_grad_(g, z, mean, invstd, weight, g_weight, g_bias, count: int):
+def _bn_input_grad_(g, z, layer: _Layer, g_weight, g_bias, count: int):
     """dL/dz of BatchNorm (training) from g = dL/d(output), written into g:
     invstd * weight * (g - mean(g) - x_hat * mean(g * x_hat)), as g*k1 + z*k2 + k3."""
-    k1 = invstd * weight
-    k2 = -k1 * invstd * g_weight / count
-    k3 = -k1 * g_bias / count - k2 * mean
+    k1 = layer.invstd * layer.gamma
+    k2 = -k1 * layer.invstd * g_weight / count
+    k3 = -k1 * g_bias / count - k2 * layer.mean
     return g.mul_(k1.view(SHAPE)).addcmul_(z, k2.view(SHAPE)).add_(k3.view(SHAPE))
 
 
@@ -156,136 +182,133 @@ def _conv_backward(conv: nn.Conv2d, grad, x, weight, need_input: bool):
     return g_in, g_w
 
 
+def _joined(chunks):
+    """The batch chunks as one tensor (a single chunk is not copied); None when there are none."""
+    return None if not chunks else chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+
+
 class _EncoderChainFn(torch.autograd.Function):
+    """The encoder chain, training mode. Saved: the input x and, per layer (`_Layer`), its
+    pre-BN conv output z and BN batch mean and 1/std. The ReLU outputs are not saved: the
+    backward rebuilds each from its z. With `lean` the last layer's z is not saved either:
+    where the pool shrinks the map, the pooled ReLU mask and the pooled mask * x_hat are
+    (they give BN's weight and bias gradients), and the backward recomputes the last conv
+    in batch slices (once more for BN's gradients where the pool keeps the resolution and
+    the batch is cut into several slices). A 1x1 last conv's z exists only slice by slice,
+    also in the forward (its BN statistics come from its input's covariance)."""
+
     @staticmethod
-    def forward(ctx, x, layers, side, lean, chunks, *params):
-        # params: (conv.weight, bn.weight, bn.bias) per layer
-        ctx.layers, ctx.side, ctx.lean, ctx.chunks = layers, side, lean, chunks
-        h, saved, stats = x, [], []
-        n = len(layers)
-        for i, (conv, bn) in enumerate(layers[:n - 1] if lean else layers):
-            z = _conv(conv, h, params[3 * i])
-            out, mean, invstd = _bn_train_forward(z, bn)
-            stats += [mean, invstd]
+    def forward(ctx, x, modules, side, lean, chunks, *params):
+        # params: (conv.weight, bn.weight, bn.bias) per layer, flat, so that autograd sees them
+        flat = iter(params)
+        layers = [_Layer(conv, bn, next(flat), next(flat), next(flat)) for conv, bn in modules]
+        last = layers[-1]
+        h = x
+        for layer in layers[:-1] if lean else layers:
+            layer.z = _conv(layer.conv, h, layer.weight)
+            out, layer.mean, layer.invstd = _bn_train_forward(layer.z, layer.bn)
             h = out.relu_()
-            saved.append(z)
+        p_mask = p_mx = None   # lean, pooled: the pooled ReLU mask and mask * x_hat of the last layer
         if not lean:
             pooled = pool_to(h, side)
         else:  # output (and, where pooled, pooled ReLU mask and mask * x_hat) chunk by chunk
-            conv, bn = layers[-1]
-            w, B = params[-3], h.shape[0]
+            conv, w, B = last.conv, last.weight, h.shape[0]
             step = _chunk_size(B, chunks, conv, h)
             pointwise = conv.kernel_size == conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
             if pointwise:  # z is only ever made in chunks
                 z_of = lambda s: _conv(conv, h[s:s + step], w)  # noqa: E731
-                mean, invstd = _bn_train_stats_1x1(h, w, step, bn)
+                last.mean, last.invstd = _bn_train_stats_1x1(h, w, step, last.bn)
             else:          # computed once, sliced
                 z = _conv(conv, h, w)
                 z_of = lambda s: z[s:s + step]  # noqa: E731
-                mean, invstd = _bn_train_stats(z_of, B, step, bn)
-            stats += [mean, invstd]
-            gamma, beta = params[-2].view(SHAPE), params[-1].view(SHAPE)
-            ctx.pooled_stats = side < h.shape[-1]
+                last.mean, last.invstd = _bn_train_stats(z_of, B, step, last.bn)
+            gamma, beta = last.gamma.view(SHAPE), last.beta.view(SHAPE)
+            pooled_stats = side < h.shape[-1]
             parts = ([], [], [])
             for s in range(0, B, step):
-                if not ctx.pooled_stats:  # the output is the ReLU output itself
-                    parts[0].append(_bn_relu(z_of(s), mean, invstd, params[-2], params[-1]))
+                if not pooled_stats:  # the output is the ReLU output itself
+                    parts[0].append(_bn_relu(z_of(s), last))
                     continue
-                xc = z_of(s).sub_(mean.view(SHAPE)).mul_(invstd.view(SHAPE))   # x_hat
+                xc = z_of(s).sub_(last.mean.view(SHAPE)).mul_(last.invstd.view(SHAPE))   # x_hat
                 t = torch.addcmul(beta, xc, gamma).relu_()
                 parts[0].append(pool_to(t, side))
                 mask = t.gt_(0)
                 parts[1].append(pool_to(mask, side))
                 parts[2].append(pool_to(mask.mul_(xc), side))
                 del t, mask, xc
-            pooled, *pooled_stats = (p[0] if len(p) == 1 else torch.cat(p) for p in parts if p)
-            saved += pooled_stats
+            pooled, p_mask, p_mx = (_joined(p) for p in parts)
             z = z_of = parts = None
         del h
-        ctx.save_for_backward(x, *saved, *stats, *params)
+        ctx.modules, ctx.lean, ctx.chunks = modules, lean, chunks
+        ctx.save_for_backward(x, p_mask, p_mx, *(getattr(layer, name) for layer in layers for name in _SAVED))
         return pooled
 
     @staticmethod
     def backward(ctx, g_out):
-        layers, side, lean, n = ctx.layers, ctx.side, ctx.lean, len(ctx.layers)
-        tensors = ctx.saved_tensors
-        x = tensors[0]
-        n_z = n - 1 if lean else n
-        zs = list(tensors[1:1 + n_z])
-        pos = 1 + n_z
-        pooled_stats = tensors[pos:pos + 2] if lean and ctx.pooled_stats else None   # (p_mask, p_mx)
-        pos += 2 if pooled_stats else 0
-        stats = tensors[pos:pos + 2 * n]
-        params = tensors[pos + 2 * n:]
-        grads = [None] * (3 * n)
+        x, p_mask, p_mx, *saved = ctx.saved_tensors
+        flat = iter(saved)
+        layers = [_Layer(conv, bn, **{name: next(flat) for name in _SAVED}) for conv, bn in ctx.modules]
+        grads = [None] * len(layers)   # (conv.weight, bn.weight, bn.bias) gradients per layer
         need_x = ctx.needs_input_grad[0]
 
-        def bn_args(i):  # (mean, invstd, weight) of layer i
-            return stats[2 * i], stats[2 * i + 1], params[3 * i + 1]
-
-        def relu_out(i):  # the ReLU output of layer i, rebuilt from its saved z
-            return _bn_relu(zs[i], *bn_args(i), params[3 * i + 2])
-
         # The last layer: pool, ReLU and BN backward, then its conv.
-        conv_l = layers[-1][0]
-        w_l = params[3 * (n - 1)]
-        h_in = x if n == 1 else relu_out(n - 2)   # input of the last conv
-        need_in = n > 1 or need_x
-        if not lean:
-            z = zs[-1]
-            r = relu_out(n - 1)
+        last = layers[-1]
+        h_in = x if len(layers) == 1 else layers[-2].relu_out()   # input of the last conv
+        need_in = len(layers) > 1 or need_x
+        if not ctx.lean:
+            z = last.z
+            r = last.relu_out()
             g_t = _relu_backward_(pool_to_backward(g_out, r), r)
             del r
-            g_gamma, g_beta = _bn_reductions(g_t, z, *bn_args(n - 1))
-            g_z = _bn_input_grad_(g_t, z, *bn_args(n - 1), g_gamma, g_beta, z.numel() // z.shape[1])
-            g_h, g_w = _conv_backward(conv_l, g_z, h_in, w_l, need_in)
+            g_gamma, g_beta = _bn_reductions(g_t, z, last)
+            g_z = _bn_input_grad_(g_t, z, last, g_gamma, g_beta, z.numel() // z.shape[1])
+            g_h, g_w = _conv_backward(last.conv, g_z, h_in, last.weight, need_in)
             del g_z, g_t
         else:  # recompute the last conv in batch chunks
             B = h_in.shape[0]
-            step = _chunk_size(B, ctx.chunks, conv_l, h_in)
+            step = _chunk_size(B, ctx.chunks, last.conv, h_in)
 
             def chunk_grad(s):  # (z, dL/d(BN output)) of one chunk
-                z = _conv(conv_l, h_in[s:s + step], w_l)
-                r = _bn_relu(z, *bn_args(n - 1), params[-1])
+                z = _conv(last.conv, h_in[s:s + step], last.weight)
+                r = _bn_relu(z, last)
                 return z, _relu_backward_(pool_to_backward(g_out[s:s + step], r), r)
 
             kept = None
-            if pooled_stats:  # the BN reductions from the pooled mask and mask * x_hat
-                p_mask, p_mx = pooled_stats
+            if p_mask is not None:  # the BN reductions from the pooled mask and mask * x_hat
                 g_beta = (g_out * p_mask).sum((0, 2, 3))
                 g_gamma = (g_out * p_mx).sum((0, 2, 3))
-            else:             # one more recompute of the last conv for them (kept if one slice)
+            else:                   # one more recompute of the last conv for them (kept if one slice)
                 g_gamma, g_beta = 0, 0
                 for s in range(0, B, step):
                     z, g_t = chunk_grad(s)
-                    gg, gb = _bn_reductions(g_t, z, *bn_args(n - 1))
+                    gg, gb = _bn_reductions(g_t, z, last)
                     g_gamma, g_beta = g_gamma + gg, g_beta + gb
                     kept = (z, g_t) if step == B else None
                     del z, g_t
-            g_w = torch.zeros_like(w_l)
+            g_w = torch.zeros_like(last.weight)
             g_h = torch.empty_like(h_in) if need_in else None
             count = None
             for s in range(0, B, step):
                 z, g_t = kept or chunk_grad(s)
                 kept = None
                 count = count or B * z.shape[2] * z.shape[3]
-                g_z = _bn_input_grad_(g_t, z, *bn_args(n - 1), g_gamma, g_beta, count)
-                gi, gw = _conv_backward(conv_l, g_z, h_in[s:s + step], w_l, need_in)
+                g_z = _bn_input_grad_(g_t, z, last, g_gamma, g_beta, count)
+                gi, gw = _conv_backward(last.conv, g_z, h_in[s:s + step], last.weight, need_in)
                 g_w += gw
                 if need_in:
                     g_h[s:s + step] = gi
                 del z, g_t, g_z, gi, gw
-        grads[3 * (n - 1):3 * n] = [g_w, g_gamma, g_beta]
+        grads[-1] = (g_w, g_gamma, g_beta)
         # Earlier layers: ReLU, BN and conv backward from the saved z's.
-        for i in range(n - 2, -1, -1):
-            z = zs[i]
-            g_h = _relu_backward_(g_h, h_in)      # h_in is layer i's ReLU output
-            g_gamma, g_beta = _bn_reductions(g_h, z, *bn_args(i))
-            g_z = _bn_input_grad_(g_h, z, *bn_args(i), g_gamma, g_beta, z.numel() // z.shape[1])
-            h_in = x if i == 0 else relu_out(i - 1)
-            g_h, g_w = _conv_backward(layers[i][0], g_z, h_in, params[3 * i], i > 0 or need_x)
-            grads[3 * i:3 * i + 3] = [g_w, g_gamma, g_beta]
-        return (g_h if need_x else None, None, None, None, None, *grads)
+        for i in range(len(layers) - 2, -1, -1):
+            layer, z = layers[i], layers[i].z
+            g_h = _relu_backward_(g_h, h_in)      # h_in is this layer's ReLU output
+            g_gamma, g_beta = _bn_reductions(g_h, z, layer)
+            g_z = _bn_input_grad_(g_h, z, layer, g_gamma, g_beta, z.numel() // z.shape[1])
+            h_in = x if i == 0 else layers[i - 1].relu_out()
+            g_h, g_w = _conv_backward(layer.conv, g_z, h_in, layer.weight, i > 0 or need_x)
+            grads[i] = (g_w, g_gamma, g_beta)
+        return (g_h if need_x else None, None, None, None, None, *(g for per_layer in grads for g in per_layer))
 
 
 def encoder_chain(x, layers, side: int, lean: bool = False, chunks: int = 8):
