@@ -68,7 +68,7 @@ def _bn_train_stats(z_of, n: int, step: int, bn: nn.BatchNorm2d):
     """Batch mean and 1/std of z, with BatchNorm's running-stat update, without its output.
     z_of(s) gives z's batch rows s:s+step (sliced or recomputed); each chunk's mean and
     centred sum of squares are merged exactly (Chan et al.), so the whole z never has to
-    exist at once (and torch.var_mean over (0, 2, 3) is ~5x slower on a CPU)."""
+    exist at once (and torch.var_mean over (0, 2, 3) is several times slower on a CPU)."""
     count, mean, m2 = 0, 0.0, 0.0
     for s in range(0, n, step):
         z = z_of(s)

@@ -281,8 +281,8 @@ def reuse_freed_cpu_memory() -> bool:
     By default glibc serves every block over 32 MB (most activations of a batch-256 step)
     from a fresh mmap and unmaps it on free, so each new tensor's pages fault in, zeroed by
     the kernel, on first touch: in the context encoders that can cost as much as the op that
-    fills the tensor (ResNet-32 K=16 R1E step at batch 256 on 2 cores: 70-200 k page faults
-    and 2.6-2.8 s without, 6-8 k and 2.4 s with). Here no block comes from mmap and the
+    fills the tensor (`benchmarks/bench_step.py --no-reuse-memory` measures the difference;
+    tests/test_performance.py counts the page faults). Here no block comes from mmap and the
     heap is trimmed only past 2 GB free, so the memory of one step is reused by the next.
     PyTorch's CPU tuning guide gets the same effect by preloading jemalloc or tcmalloc.
     No effect (False) where the C library is not glibc.

@@ -95,8 +95,8 @@ COUNT_BATCHES = (2, 4, 8)                      # the tiny batches f(B) = d + a*B
 def _counting():
     """FlopCounterMode on one thread with oneDNN off. The count is the same either way (it
     is taken from the aten ops and their shapes), but the time is not: oneDNN builds a
-    kernel for every new shape, and on a shared 2-core CPU the OpenMP threads of a busy
-    neighbour made counting the smoke profile 10x slower (70 s -> over 10 min)."""
+    kernel for every new shape, and on a shared CPU the OpenMP threads of a busy neighbour
+    made counting many times slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -50,7 +50,6 @@ class Budget:
 
 # Per profile, sized for a 2-core CPU and four ResNet-32 runs: 32x32 inputs (digits, CIFAR
 # size) cost 16x more per decoder step than 8x8 ones (digits8), which get their own budgets.
-# Measured (shared 2-core CPU, 8x8): smoke ~15 s, quick ~50 s for the four runs.
 BUDGETS = {
     "smoke": Budget(n_train=96, n_test=64, decoder_steps=20, decoder_batch=16, probe_steps=50, layer_stride=3),
     "quick": Budget(n_train=256, n_test=200, decoder_steps=60, probe_steps=100),

@@ -24,16 +24,16 @@ How the grid is executed:
 - The runs wait in one shared queue, longest first, so that the last runs to finish are
   short ones and no slot idles while another still has a long run ahead. The order is
   `run_cost`: for `paper`, the FLOP count of `estimate.run_flops`; for quick and smoke,
-  whose 87 runs it takes minutes of CPU to count, the proxy `proxy_cost` (epochs x
+  whose runs it takes minutes of CPU to count, the proxy `proxy_cost` (epochs x
   training images x conv/linear layers one step runs: at 8x8 pixels a layer's cost is
   mostly its fixed per-call overhead, whatever its width).
 - `paper` executes one notebook per run, saved as `<out>/runs/<name>/02_train.ipynb`
-  (3 s of kernel start are nothing next to 160 GPU epochs). `quick` and `smoke` execute
+  (a kernel's start-up is nothing next to 160 GPU epochs). `quick` and `smoke` execute
   one notebook per *chunk* of the queue, saved as `<out>/notebooks/02_train-<NN>.ipynb`: a
   free slot takes runs from the head of the queue until they cost 1/(2 x slots) of what
   is left (guided self-scheduling): large chunks of the long runs first, single short runs
-  at the end, about twenty kernel starts for the quick profile's 87 runs on two slots
-  instead of 87. With one slot the whole queue is one notebook. `--notebook-per run|chunk`
+  at the end: a few dozen kernel starts for the quick profile instead of one per run.
+  With one slot the whole queue is one notebook. `--notebook-per run|chunk`
   overrides either default.
 - `--shard I/N` trains a fixed 1/N of the runs: sorted by cost (ties by name) and dealt
   1..N, N..1, 1..N, ..., so the parts are balanced and the same on every machine. N
@@ -129,9 +129,8 @@ def check_kernel(kernel_name: str = KERNEL) -> None:
 def kernel_environment(threads: int | None = None) -> dict:
     """The environment of a notebook process and of its kernel: this very copy of contsup on
     PYTHONPATH (installed or not), and OpenMP threads that sleep instead of spinning while
-    they wait. On a shared 2-core machine, spinning torch threads of two busy processes
-    slowed a training step ~80x (10 vs 840 images/s, ResNet-32 on 8x8 digits);
-    OMP_WAIT_POLICY=PASSIVE avoids it. With `threads`, that many OpenMP threads (processes
+    they wait: on a shared machine, spinning torch threads of two busy processes slow each
+    other's small steps by orders of magnitude, and OMP_WAIT_POLICY=PASSIVE avoids it. With `threads`, that many OpenMP threads (processes
     side by side share the cores). A value the user has set is kept. A copy: os.environ
     itself is never changed."""
     env = dict(os.environ)
