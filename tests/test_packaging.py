@@ -71,6 +71,10 @@ def test_published_notebook_loses_papermills_additions(tmp_path):
     assert [c["source"] for c in out["cells"]] == ["k = 4", "print(k)"]
     assert "papermill" not in out["metadata"] and "papermill" not in out["cells"][1]["metadata"]
     assert out["cells"][1]["outputs"][0]["text"] == "8\n"   # the outputs stay
+    publish.write({**nb, "cells": [{"cell_type": "code", "metadata": {}, "source": "print(path)", "outputs": [
+        {"output_type": "stream", "name": "stdout", "text": ["/home/me/contsup/figures/a.png\n"]}]}]},
+        tmp_path / "z.ipynb", root="/home/me/contsup")
+    assert json.loads((tmp_path / "z.ipynb").read_text())["cells"][0]["outputs"][0]["text"] == ["figures/a.png\n"]
     big = {**nb, "cells": nb["cells"] + [{"cell_type": "code", "metadata": {}, "source": "",
                                           "outputs": [{"output_type": "stream", "name": "stdout",
                                                        "text": "x" * 2_100_000}]}]}

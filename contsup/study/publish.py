@@ -21,18 +21,32 @@ RUN_NOW = ("00_walkthrough.ipynb", "02_train.ipynb")          # executed with th
 FROM_REPRODUCE = ("01_information_motivation.ipynb", "03_tables.ipynb", "04_figures.ipynb")
 
 
-def clean(nb: dict) -> dict:
-    """The notebook without papermill's injected parameters and bookkeeping metadata."""
+def _relative(text, root: str):
+    """Text outputs with the checkout's own path left out (`/home/x/contsup/figures/a.png`
+    -> `figures/a.png`): the committed notebook names no machine's folders."""
+    if isinstance(text, list):
+        return [_relative(t, root) for t in text]
+    return text.replace(root + "/", "").replace(root, ".") if isinstance(text, str) else text
+
+
+def clean(nb: dict, root: str | None = None) -> dict:
+    """The notebook without papermill's injected parameters and bookkeeping metadata (and,
+    given the checkout's `root`, without that path in its text outputs)."""
     cells = [c for c in nb["cells"] if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
     for c in cells:
         c.get("metadata", {}).pop("papermill", None)
         c.get("metadata", {}).pop("execution", None)
+        for o in c.get("outputs", []) if root else []:
+            if "text" in o:
+                o["text"] = _relative(o["text"], root)
+            if "text/plain" in o.get("data", {}):
+                o["data"]["text/plain"] = _relative(o["data"]["text/plain"], root)
     meta = {k: v for k, v in nb.get("metadata", {}).items() if k != "papermill"}
     return {**nb, "cells": cells, "metadata": meta}
 
 
-def write(nb: dict, path: Path) -> None:
-    text = json.dumps(clean(nb), indent=1, ensure_ascii=False) + "\n"
+def write(nb: dict, path: Path, root: str | None = None) -> None:
+    text = json.dumps(clean(nb, root), indent=1, ensure_ascii=False) + "\n"
     if len(text.encode()) > MAX_BYTES:
         raise UsageError(f"{path.name} would be {len(text.encode()) / 1e6:.1f} MB with its outputs "
                          f"(limit {MAX_BYTES / 1e6:.0f} MB); not published")
@@ -58,6 +72,6 @@ def publish(executed_dir: Path, notebooks_dir: Path, execute) -> list[Path]:
         if any(o.get("output_type") == "error" for c in nb["cells"] for o in c.get("outputs", [])):
             print(f"note: {name} ended in an error; the committed copy is left as it is")
             continue
-        write(nb, notebooks_dir / name)
+        write(nb, notebooks_dir / name, str(Path(notebooks_dir).resolve().parent))
         written.append(notebooks_dir / name)
     return written
