@@ -8,6 +8,7 @@ JSON output is strict (jsonio): no NaN/Infinity literals.
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 import os
 import sys
 
@@ -109,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_kwargs(args) -> dict:
-    keys = ("dataset", "arch", "k", "mode", "loss", "head", "reconstruct", "loss_scales", "balanced", "widen")
-    return {key: getattr(args, key) for key in keys}
+    """The ModelConfig fields, as the command line gave them (every one is a flag)."""
+    from .model import ModelConfig
+    return {f.name: getattr(args, f.name) for f in fields(ModelConfig)}
 
 
 def cmd_train(args) -> int:

@@ -14,6 +14,8 @@ from .errors import UsageError
 # --------------------------------------------------------------------------------------
 # Networks (SPEC §3). Blocks per stage of the CIFAR ResNets; widths are 16/32/64.
 KS = (2, 4, 8, 16)                  # the numbers of local modules the paper's tables compare
+ABLATION_MODES = ("R0", "E", "R1", "R1E")                        # Table 1, Figure 5
+RESIDUAL_MODES = ("R0", "E", "R1", "R2", "R4", "R8", "R16")       # Table 4: how far back the context reaches
 BLOCKS_PER_STAGE = {"resnet32": 5, "resnet110": 18}
 STAGE_WIDTHS = (16, 32, 64)
 # Backbone parameter counts with 10 classes (SPEC §8), checked by a test.

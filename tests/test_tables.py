@@ -94,3 +94,14 @@ def test_backbone_parameter_counts(arch):
     net = ContSupNet(ModelConfig(arch=arch, k=1, mode="R0"))
     assert net.parts()["backbone"] == tables.BACKBONE_PARAMS[arch]
     assert net.parts()["local_heads"] == net.parts()["context_encoders"] == 0
+
+
+def test_mode_lists_are_the_papers():
+    """Table 1 / Figure 5 compare no context, the image, the last module's input and both;
+    Table 4 lengthens the residual context R1..R16 (SPEC §6). Every entry is a valid mode at
+    K=16, and Table 4's residual lengths double."""
+    from contsup.model import parse_mode
+    assert tables.ABLATION_MODES == ("R0", "E", "R1", "R1E")
+    assert [parse_mode(m, 16).n for m in tables.RESIDUAL_MODES] == [0, 0, 1, 2, 4, 8, 16]
+    assert [parse_mode(m, 16).image for m in tables.RESIDUAL_MODES] == [False, True] + [False] * 5
+    assert tables.KS == (2, 4, 8, 16)

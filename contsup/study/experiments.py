@@ -80,7 +80,7 @@ def _group_specs(group: str) -> list[Spec]:
         return [_e2e("cifar10", "resnet32"), _e2e("cifar10", "resnet110"),
                 _e2e("svhn", "resnet110"), _e2e("stl10", "resnet110")]
     if group == "table1":
-        return [r32(16, mode) for mode in ("R0", "E", "R1", "R1E")]
+        return [r32(16, mode) for mode in tables.ABLATION_MODES]
     if group == "table2":
         return [r32(k, mode, loss) for mode in ("E", "R1E") for loss in ("contrast", "softmax") for k in KS]
     if group == "table3":
@@ -103,12 +103,12 @@ def _group_specs(group: str) -> list[Spec]:
     if group == "figure5":
         # As in the authors' command.sh: the contrast variants are E/R1/R1E (R0's reference
         # lines are the softmax greedy baseline and GDL = R0 + reconstruction).
-        modes = ("R0", "E", "R1", "R1E")
+        modes = tables.ABLATION_MODES
         return ([r32(k, m) for m in modes for k in KS]
                 + [r32(k, m, reconstruct=True) for m in modes for k in KS]
                 + [r32(k, m, "contrast") for m in modes[1:] for k in KS])
     if group == "table4":
-        modes = ("R0", "E", "R1", "R2", "R4", "R8", "R16")
+        modes = tables.RESIDUAL_MODES
         return [r32(k, m) for k in (8, 16) for m in modes if parse_mode(m, 16).n <= k]
     if group == "motivation":
         return [_e2e("cifar10", "resnet32")] + [r32(MOTIVATION_K, m) for m in ("R0", "E", "R1E")]

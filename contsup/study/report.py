@@ -132,7 +132,7 @@ def table1(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_er
     columns = [(ours, "test error (%)"), (ours, "best error (%)"), (ours, "peak activation (MB)"),
                (ours, "context params"), (ref, "test error (%)"), (CONTSUP_SLOT, "test error (%)")]
     rows = {}
-    for mode in ("E2E", "R0", "E", "R1", "R1E"):
+    for mode in ("E2E", *tables.ABLATION_MODES):
         sel = _sel(base, k=1) if mode == "E2E" else _sel(base, k=16, mode=mode, loss="softmax")
         ref_method = {"E2E": "E2E", "R0": "Greedy SL"}.get(mode)
         rows[mode] = [_mean(sel, metric), _mean(sel, "best_error"), _mean(sel, "peak_activation_MB"),
@@ -230,7 +230,7 @@ def table4(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_er
 
 # --------------------------------------------------------------------------------------
 # The headline: Table 1 over seeds
-HEADLINE_METHODS = ["E2E", "R0", "E", "R1", "R1E"]
+HEADLINE_METHODS = ["E2E", *tables.ABLATION_MODES]
 
 
 def headline_runs(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_error") -> pd.DataFrame:
@@ -522,17 +522,17 @@ def figure5(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: s
     plt, sns = _plt()
     dataset = pick_dataset(df, "cifar10", dataset)
     base = _sel(df, dataset=dataset, arch="resnet32", balanced=False) if dataset else df.iloc[0:0]
-    runs = _sel(base, mode=["R0", "E", "R1", "R1E"], k=list(KS))
+    runs = _sel(base, mode=list(tables.ABLATION_MODES), k=list(KS))
     order = ["softmax", "softmax + reconstruction", "contrast", "contrast + reconstruction"]
     present = sorted({_variant(r) for _, r in runs.iterrows()}, key=lambda v: order.index(v) if v in order else 99)
     variants = [v for v in order[:3]] + [v for v in present if v not in order[:3]]
     e2e = _mean(_sel(base, k=1), metric)
     fig, axes = plt.subplots(1, len(variants), figsize=(4.3 * len(variants), 4), squeeze=False, sharey=True)
-    colors = dict(zip(["R0", "E", "R1", "R1E"], sns.color_palette("deep", 4)))
+    colors = dict(zip(tables.ABLATION_MODES, sns.color_palette("deep", 4)))
     refs = {"softmax": "Greedy SL", "softmax + reconstruction": "InfoPro softmax", "contrast": "InfoPro contrast"}
     for ax, variant in zip(axes[0], variants):
         sel = runs[[(_variant(r) == variant) for _, r in runs.iterrows()]] if not runs.empty else runs
-        for mode in ["R0", "E", "R1", "R1E"]:
+        for mode in tables.ABLATION_MODES:
             pts = _sel(sel, mode=mode).groupby("k")[metric].mean()
             if pts.empty:
                 continue
