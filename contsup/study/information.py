@@ -44,7 +44,7 @@ class Budget:
     layer_stride: int = 1       # study every n-th layer (the input and the last layer always)
     threads: int | None = 1     # CPU threads while fitting (None: leave torch's setting). These
                                 # convs are too small to gain from more, and oversubscribed
-                                # threads on a shared CPU cost 10x or more.
+                                # threads on a shared CPU cost many times more.
     seed: int = 0
 
 
