@@ -66,7 +66,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml  # papermill's own parameter format (a dependency of papermill)
 from tqdm.auto import tqdm
 
 from .. import jsonio, tables
@@ -145,6 +144,7 @@ def execute(notebook: Path, output: Path, parameters: dict, env: dict | None = N
     """Run a notebook with papermill in a child process (working directory: the notebook's
     folder; environment: `env`, else `kernel_environment()`); None on success, else the
     one-line error. `started(process)` is called with the child once it runs."""
+    import yaml  # papermill's own parameter format (it comes with papermill, not with `train`'s needs)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.unlink(missing_ok=True)  # an earlier execution's error must not pass for this one's
     fd, params = tempfile.mkstemp(prefix="contsup-parameters-", suffix=".yaml")
