@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import contsup.train as train_module
 from contsup import pipeline
 from contsup.cli import main
 from contsup.errors import UsageError
@@ -154,17 +153,9 @@ def test_a_hung_rank_is_named_within_the_timeout(tmp_path):
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["epoch"] == 0
 
 
-def test_a_single_process_checkpoint_resumes_pipelined(tmp_path, reference, monkeypatch):
+def test_a_single_process_checkpoint_resumes_pipelined(tmp_path, reference, interrupt_in_second_evaluation):
     cfg = _cfg(tmp_path / "run", "R1E")
-    real_evaluate, calls = train_module.evaluate, []
-
-    def dying_evaluate(*args):   # stop in epoch 1, after epoch 0's checkpoint
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*args)
-
-    monkeypatch.setattr(train_module, "evaluate", dying_evaluate)
+    interrupt_in_second_evaluation()   # stop in epoch 1, after epoch 0's checkpoint
     with pytest.raises(KeyboardInterrupt):
         train(cfg, progress=False)
     codes, errors, _ = _launch(cfg, 2, "--resume")   # the split balanced by measured step times

@@ -72,23 +72,15 @@ def _metrics(out):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, interrupt_in_second_evaluation):
     straight = train(_cfg(tmp_path / "straight"), progress=False)
 
     # Kill the second run during epoch 1's evaluation: epoch 1 trained, not yet checkpointed.
-    real_evaluate, calls = train_module.evaluate, []
-
-    def dying_evaluate(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_evaluate(*args)
-
-    monkeypatch.setattr(train_module, "evaluate", dying_evaluate)
+    restore = interrupt_in_second_evaluation()
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(tmp_path / "resumed"), progress=False)
     assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["epoch"] == 0
-    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    restore()
     resumed = train(_cfg(tmp_path / "resumed"), resume=True, progress=False)
 
     assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "straight")
