@@ -264,11 +264,7 @@ def check_model_fields(cfg) -> None:
 class ContSupNet(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        recipe = tables.check_dataset(cfg.dataset)
-        if cfg.loss not in LOSSES:
-            raise UsageError(f"unknown loss '{cfg.loss}'; choose one of: {', '.join(LOSSES)}")
-        if cfg.k < 1:
-            raise UsageError(f"K must be >= 1 (1 = end-to-end), got {cfg.k}")
+        recipe = tables.DATA_RECIPES[cfg.dataset]   # cfg's fields were checked when it was made
         self.cfg, self.k = cfg, cfg.k
         self.cuts = tables.cut_points(cfg.arch, cfg.k, cfg.balanced, cfg.dataset)
         self.mode = parse_mode(cfg.mode, cfg.k)
