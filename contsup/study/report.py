@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import torch
-
 from .. import tables
+from ..data import random_batch
 from ..errors import UsageError
 from ..model import ContSupNet, ModelConfig
 from ..speed.memory import measure_step_memory
@@ -342,11 +341,8 @@ def memory_table(cfgs, results: dict):
             if cfg.k == 1:
                 e2e[key] = results[name]["peak_activation_bytes"]
             else:
-                recipe = tables.DATA_RECIPES[cfg.dataset]
                 device = pick_device(cfg.device)
-                gen = torch.Generator().manual_seed(0)
-                x = torch.randn(cfg.batch_size, 3, recipe.image_size, recipe.image_size, generator=gen)
-                y = torch.randint(0, recipe.num_classes, (cfg.batch_size,), generator=gen)
+                x, y, _ = random_batch(cfg.dataset, cfg.batch_size)
                 net = ContSupNet(ModelConfig(arch=cfg.arch, k=1, mode="R0", dataset=cfg.dataset)).to(device)
                 e2e[key] = measure_step_memory(net, x.to(device), y.to(device))["peak_activation_bytes"]
         rows.append({"run": name, "training": "this run",
