@@ -333,3 +333,13 @@ def test_figure4_keeps_legend_off_the_data_and_labels_apart(tmp_path):
         assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     assert "noise: E2E did not train" in fig.axes[1].get_title()
     plt.close(fig)
+
+
+def test_notebook_02_default_folder_is_named_after_the_run():
+    import shutil
+    from pathlib import Path
+    jobs = runs.notebook_jobs(dict(dataset="digits8", arch="resnet32", k=4, mode="R1E", epochs=1), None)
+    try:
+        assert Path(jobs[0].out_dir).name == "digits8-resnet32-K4-R1E-softmax-seed0"
+    finally:
+        shutil.rmtree(Path(jobs[0].out_dir).parent)
