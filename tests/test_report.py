@@ -343,3 +343,13 @@ def test_notebook_02_default_folder_is_named_after_the_run():
         assert Path(jobs[0].out_dir).name == "digits8-resnet32-K4-R1E-softmax-seed0"
     finally:
         shutil.rmtree(Path(jobs[0].out_dir).parent)
+
+
+def test_table_notes_call_nothing_beyond_an_unknown_seed_noise(tmp_path):
+    write_run(tmp_path, dataset="digits8", k=1, mode="R0", final_error=35.4)
+    write_run(tmp_path, dataset="digits8", k=4, mode="R1E", final_error=35.2)
+    df = runs.collect(tmp_path)
+    notes = report.table_notes(report.table2(df), df)
+    assert notes.splitlines() == ["Every entry learned (all below 67.5 % error, chance 90 %).",
+                                  "Seed noise is unknown (no config was trained on several seeds): no difference "
+                                  "from end-to-end can be called beyond it."]

@@ -311,7 +311,7 @@ def noise_margin(df: pd.DataFrame, metric: str = "final_error") -> float:
 def _noise(entries: list[tuple], chance: float, df: pd.DataFrame, metric: str) -> dict:
     """What is noise among `entries` [(label, error, error of its end-to-end run, is_e2e)]:
     end-to-end errors that learned little, local entries that learned little, and local
-    entries that beat end-to-end by more than seed noise (by anything when it is unknown)."""
+    entries that beat end-to-end by more than seed noise (none when it is unknown)."""
     entries = [e for e in entries if not math.isnan(e[1])]
     threshold = LEARNED_LITTLE * chance
     sd, n_configs = seed_sd(df, metric)
@@ -321,7 +321,7 @@ def _noise(entries: list[tuple], chance: float, df: pd.DataFrame, metric: str) -
             "e2e": sorted({round(v, 2) for _, v, _, is_e2e in entries if is_e2e and v >= threshold}),
             "little": [(lab, v) for lab, v, _, is_e2e in entries if v >= threshold and not is_e2e],
             "beats": [(lab, v, ref) for lab, v, ref, is_e2e in entries
-                      if not is_e2e and not math.isnan(ref) and v < ref - (0 if math.isnan(margin) else margin)]}
+                      if not is_e2e and not math.isnan(ref) and v < ref - margin]}  # none when noise is unknown
 
 
 def _notes(n: dict) -> list[str]:
@@ -339,16 +339,18 @@ def _notes(n: dict) -> list[str]:
                    + ", ".join(f"{lab} {v:.1f} %" for lab, v in n["little"]) + ".")
     if n["beats"]:
         noise = (f"seed noise, {n['margin']:.1f} points (2·√2 × the seed sd {n['sd']:.1f} of the "
-                 f"{n['n_configs']} configs trained on several seeds)") if n["n_configs"] else \
-            "zero (seed noise unknown: no config was trained on several seeds)"
+                 f"{n['n_configs']} configs trained on several seeds)")
         out.append(f"{len(n['beats'])} local entries beat end-to-end by more than {noise}: "
                    + ", ".join(f"{lab} {v:.1f} % against {ref:.1f} %" for lab, v, ref in n["beats"])
                    + ". In the paper no local method beats end-to-end: here it means that a run is "
                      "under-trained (often end-to-end), not that local learning is better.")
-    if not out:
-        noise = f"{n['margin']:.1f} points" if n["n_configs"] else "unknown"
-        out.append(f"Every entry learned (all below {n['threshold']:.1f} % error, chance {n['chance']:.0f} %) "
-                   f"and none beats end-to-end by more than seed noise ({noise}).")
+    if not n["n_configs"]:
+        out.append("Seed noise is unknown (no config was trained on several seeds): no difference from "
+                   "end-to-end can be called beyond it.")
+    if not (n["e2e"] or n["little"] or n["beats"]):
+        out.insert(0, f"Every entry learned (all below {n['threshold']:.1f} % error, chance {n['chance']:.0f} %)"
+                   + (f" and none beats end-to-end by more than seed noise ({n['margin']:.1f} points)."
+                      if n["n_configs"] else "."))
     return out
 
 
