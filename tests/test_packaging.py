@@ -81,3 +81,25 @@ def test_published_notebook_loses_papermills_additions(tmp_path):
     with pytest.raises(UsageError, match="2 MB"):
         publish.write(big, tmp_path / "y.ipynb")
     assert not (tmp_path / "y.ipynb").exists()
+
+
+MACHINE_TEXT = [("an absolute path", re.compile(r"(?<![\w.])/(tmp|home|work|root|Users|var/folders)/")),
+                ("an installed package's path", re.compile(r"site-packages")),
+                ("a warning", re.compile(r"\w*Warning:")),
+                ("a terminal escape code", re.compile(r"\x1b|\[A\b"))]
+
+
+def test_committed_notebook_outputs_name_no_machine_and_carry_no_debris():
+    """What a reader sees in the committed notebooks: no machine's folders (temporary run
+    folders, the checkout, site-packages), no warnings, no terminal debris of nested progress
+    bars. Every text output is scanned (streams, text/plain, text/html)."""
+    found = []
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        for i, cell in enumerate(json.loads(path.read_text())["cells"]):
+            for out in cell.get("outputs", []):
+                texts = [out.get("text", "")] + [out.get("data", {}).get(kind, "")
+                                                 for kind in ("text/plain", "text/html", "text/markdown")]
+                text = "".join("".join(t) if isinstance(t, list) else t for t in texts)
+                found += [f"{path.name} cell {i}: {what}: {m.group(0)!r}"
+                          for what, pattern in MACHINE_TEXT for m in [pattern.search(text)] if m]
+    assert not found, "\n".join(found)

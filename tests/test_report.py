@@ -90,7 +90,7 @@ def test_table1_layout_and_references(results):
     assert sources == ["ours (digits)", "paper setting (CIFAR-10 ResNet-32), not comparable", report.CONTSUP_SLOT]
     ours, ref = t[sources[0]], t[sources[1]]
     assert ours.loc["R0", "test error (%)"] == 30.0 and ours.loc["R1E", "test error (%)"] == 20.0
-    assert ours.loc["R1E", "peak activation (MB)"] == pytest.approx(22.0)
+    assert ours.loc["R1E", "peak activation (MiB)"] == pytest.approx(22.0)
     assert math.isnan(ours.loc["R1", "test error (%)"])  # not trained
     assert ref.loc["R0", "test error (%)"] == 24.59 and ref.loc["E2E", "test error (%)"] == 7.37
     assert math.isnan(ref.loc["E", "test error (%)"])  # InfoPro has no context supply
@@ -126,8 +126,8 @@ def test_table4_layout(results):
     t = report.table4(runs.collect(results))
     assert list(t.index) == list(report.TABLE4_MODES)
     ours = t["ours (digits)"]
-    assert list(ours.columns) == ["K=8 error (%)", "K=8 peak activation (MB)", "K=8 paper-counted memory (MB)",
-                                  "K=16 error (%)", "K=16 peak activation (MB)", "K=16 paper-counted memory (MB)"]
+    assert list(ours.columns) == ["K=8 error (%)", "K=8 peak activation (MiB)", "K=8 paper-counted memory (MiB)",
+                                  "K=16 error (%)", "K=16 peak activation (MiB)", "K=16 paper-counted memory (MiB)"]
     assert ours.loc["E", "K=16 error (%)"] == 25.0 and math.isnan(ours.loc["E", "K=8 error (%)"])
     assert ours.loc["E2E", "K=8 error (%)"] == ours.loc["E2E", "K=16 error (%)"] == 10.0
 
@@ -139,11 +139,11 @@ def test_paper_counted_memory_beside_ours_and_missing_in_old_results(results):
     df = runs.collect(results)
     assert df.set_index("run").loc["digits-resnet32-K16-R1-softmax-seed0", "paper_memory_MB"] == pytest.approx(55.0)
     t = report.table4(df)["ours (digits)"]
-    assert t.loc["R1", "K=16 paper-counted memory (MB)"] == pytest.approx(55.0)
-    assert t.loc["R1", "K=16 peak activation (MB)"] == pytest.approx(21.0)
+    assert t.loc["R1", "K=16 paper-counted memory (MiB)"] == pytest.approx(55.0)
+    assert t.loc["R1", "K=16 peak activation (MiB)"] == pytest.approx(21.0)
     shown = report.format_table(report.table4(df))["ours (digits)"]
-    assert shown.loc["E", "K=16 paper-counted memory (MB)"] == report.MISSING  # an old result.json
-    assert shown.loc["R1", "K=16 paper-counted memory (MB)"] == "55.00"
+    assert shown.loc["E", "K=16 paper-counted memory (MiB)"] == report.MISSING  # an old result.json
+    assert shown.loc["R1", "K=16 paper-counted memory (MiB)"] == "55.00"
 
 
 def test_real_cifar_runs_are_labelled_comparable(tmp_path):
@@ -267,3 +267,89 @@ def test_headline_mean_sd_and_what_is_beyond_seed_noise(tmp_path):
 
 def test_seed_noise_needs_two_seeds_a_side(results):
     assert report.seed_noise(runs.collect(results)).empty  # one seed per config: no verdict
+
+
+def _noisy_results(root, e2e_110=75.6):
+    """A quick-profile-like set: ResNet-32 E2E and R0 over three seeds (seed sd 1), a table-2
+    run that beats E2E by far more than that, ResNet-110 whose E2E did not train."""
+    for seed, (e2e, r0) in enumerate(((15.0, 69.0), (16.0, 70.0), (17.0, 71.0))):
+        write_run(root, dataset="digits8", k=1, mode="R0", final_error=e2e, seed=seed)
+        write_run(root, dataset="digits8", k=16, mode="R0", final_error=r0, seed=seed)
+    write_run(root, dataset="digits8", k=16, mode="E", final_error=30.0)
+    write_run(root, dataset="digits8", k=8, mode="E", loss="contrast", final_error=9.0, peak_mb=3.0, paper_mb=11.0)
+    write_run(root, dataset="digits8", k=4, mode="E", loss="contrast", final_error=17.0, peak_mb=4.0, paper_mb=12.0)
+    write_run(root, dataset="digits8", arch="resnet110", k=1, mode="R0", final_error=e2e_110, peak_mb=32.0,
+              paper_mb=52.0)
+    for k, err in ((2, 84.0), (4, 61.0)):
+        write_run(root, dataset="digits8", arch="resnet110", k=k, mode="R1E", loss="contrast", reconstruct=True,
+                  loss_scales=tables.LOSS_SCALES[("resnet110", "cifar10")][k], final_error=err)
+        write_run(root, dataset="digits8", arch="resnet110", k=k, mode="E", loss="contrast", final_error=err,
+                  peak_mb=20.0 - k, paper_mb=40.0 - k)
+    return runs.collect(root)
+
+
+def test_seed_sd_pools_the_configs_trained_on_several_seeds(tmp_path):
+    df = _noisy_results(tmp_path)
+    sd, n = report.seed_sd(df)
+    assert (round(sd, 6), n) == (1.0, 2)          # E2E 15/16/17 and R0 69/70/71: sd 1 each
+    assert report.noise_margin(df) == pytest.approx(2 * math.sqrt(2))
+    assert report.seed_sd(df[df["seed"] == 0]) == (pytest.approx(np.nan, nan_ok=True), 0)
+
+
+def test_table_notes_name_the_noise_in_words(tmp_path):
+    df = _noisy_results(tmp_path)
+    t = report.all_tables(df)
+    notes3 = report.table_notes(t["table3"], df)
+    assert notes3.startswith("Noise: end-to-end reaches only 75.6 % error here (chance: 90 %)")
+    assert "CIFAR-10/contrast K=2 84.0 %" in notes3            # at or above 67.5 %: learned little
+    assert "CIFAR-10/contrast K=4 61.0 % against 75.6 %" in notes3   # beats E2E by 14.6 > 2.8 points
+    notes2 = report.table_notes(t["table2"], df)
+    assert "E/contrast K=8 9.0 % against 16.0 %" in notes2 and "2.8 points" in notes2
+    assert "K=4 17.0" not in notes2                               # worse than E2E: nothing to say
+    notes1 = report.table_notes(t["table1"], df)
+    assert "learned little: R0 70.0 %" in notes1 and "beat" not in notes1
+    # a table whose every entry learned and none beats E2E says so
+    clean = df[(df["arch"] == "resnet32") & ~((df["k"] == 8) | (df["mode"] == "R0") & (df["k"] == 16))]
+    assert report.table_notes(report.table1(clean), df).startswith("Every entry learned (all below 67.5 %")
+    assert report.table_notes(report.table1(df.iloc[0:0]), df) == ""
+
+
+def test_figure4_keeps_legend_off_the_data_and_labels_apart(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    df = _noisy_results(tmp_path / "r")
+    notes = report.figure4_notes(df)
+    assert notes.splitlines()[1].startswith("ResNet-110: Noise: end-to-end reaches only 75.6 %")
+    report.figure4(df, tmp_path / "fig", show=True)
+    fig = plt.gcf()
+    renderer = fig.canvas.get_renderer()
+    assert all(ax.get_legend() is None for ax in fig.axes) and fig.legends   # one legend, below the panels
+    legend = fig.legends[0].get_window_extent(renderer)
+    for ax in fig.axes:
+        assert legend.y1 <= ax.get_window_extent(renderer).y0 + 1   # nothing of it over an axes
+        boxes = [t.get_window_extent(renderer) for t in ax.texts if t.get_text().startswith(("K=", "E2E"))]
+        assert boxes
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert "noise: E2E did not train" in fig.axes[1].get_title()
+    plt.close(fig)
+
+
+def test_notebook_02_default_folder_is_named_after_the_run():
+    import shutil
+    from pathlib import Path
+    jobs = runs.notebook_jobs(dict(dataset="digits8", arch="resnet32", k=4, mode="R1E", epochs=1), None)
+    try:
+        assert Path(jobs[0].out_dir).name == "digits8-resnet32-K4-R1E-softmax-seed0"
+    finally:
+        shutil.rmtree(Path(jobs[0].out_dir).parent)
+
+
+def test_table_notes_call_nothing_beyond_an_unknown_seed_noise(tmp_path):
+    write_run(tmp_path, dataset="digits8", k=1, mode="R0", final_error=35.4)
+    write_run(tmp_path, dataset="digits8", k=4, mode="R1E", final_error=35.2)
+    df = runs.collect(tmp_path)
+    notes = report.table_notes(report.table2(df), df)
+    assert notes.splitlines() == ["Every entry learned (all below 67.5 % error, chance 90 %).",
+                                  "Seed noise is unknown (no config was trained on several seeds): no difference "
+                                  "from end-to-end can be called beyond it."]

@@ -114,8 +114,9 @@ def load_study(results_dir) -> pd.DataFrame:
 
 def summary(info: pd.DataFrame) -> pd.DataFrame:
     """Per method, the numbers the argument is about: test error; reconstruction PSNR at
-    the input, averaged over the layers after the first cut, and at the last layer; probe
-    accuracy averaged over the first half of the layers and at the last layer."""
+    the input, averaged over the layers after the first cut (the column says "mean"), and at
+    the last layer; probe accuracy averaged over the first half of the layers ("mean") and at
+    the last layer."""
     if info.empty:
         return pd.DataFrame()
     cut_depths = info.loc[(info["is_cut"] == True) & (info["k"] > 1), "depth_fraction"]  # noqa: E712
@@ -127,9 +128,9 @@ def summary(info: pd.DataFrame) -> pd.DataFrame:
         first_half = g[(g["depth_fraction"] > 0) & (g["depth_fraction"] <= 0.5)]
         rows[method] = {"K": int(g["k"].iloc[0]), "test error (%)": g["test_error"].iloc[0],
                         "PSNR input (dB)": g["psnr_db"].iloc[0],
-                        "PSNR after 1st cut (dB)": after["psnr_db"].mean(),
+                        "mean PSNR after 1st cut (dB)": after["psnr_db"].mean(),
                         "PSNR last layer (dB)": g["psnr_db"].iloc[-1],
-                        "probe 1st half (%)": first_half["probe_accuracy"].mean(),
+                        "mean probe, 1st half (%)": first_half["probe_accuracy"].mean(),
                         "probe last layer (%)": g["probe_accuracy"].iloc[-1]}
     out = pd.DataFrame.from_dict(rows, orient="index").rename_axis("method")
     order = [m for m in ("E2E", "GLL (R0)", "ContSup E", "ContSup R1E") if m in out.index]

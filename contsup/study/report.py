@@ -29,7 +29,7 @@ from ..errors import UsageError
 from ..model import ContSupNet, ModelConfig
 from ..speed.memory import measure_step_memory
 from ..train import TrainConfig, pick_device
-from .runs import PAPER_DATASETS, pick_dataset
+from .runs import CONFIG_COLUMNS, PAPER_DATASETS, pick_dataset
 
 KS = tables.KS
 DATASET_NAMES = {"cifar10": "CIFAR-10", "svhn": "SVHN", "stl10": "STL-10"}
@@ -41,7 +41,8 @@ def inventory(df: pd.DataFrame) -> pd.DataFrame:
     """The finished runs at a glance."""
     cols = ["run", "method", "paper_dataset", "dataset", "arch", "k", "loss", "epochs", "final_error", "best_error",
             "peak_activation_MB", "paper_memory_MB", "train_seconds"]
-    return df[cols].sort_values(["paper_dataset", "arch", "k", "method"]).set_index("run")
+    return (df[cols].sort_values(["paper_dataset", "arch", "k", "method"]).set_index("run")
+            .rename(columns={"peak_activation_MB": "peak_activation_MiB", "paper_memory_MB": "paper_memory_MiB"}))
 
 
 # --------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def table1(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_er
     dataset = pick_dataset(df, "cifar10", dataset)
     arch, ref, ours = "resnet32", reference_label(dataset, "cifar10", "resnet32"), ours_label(dataset)
     base = _sel(df, dataset=dataset, arch=arch, reconstruct=False, balanced=False)
-    columns = [(ours, "test error (%)"), (ours, "best error (%)"), (ours, "peak activation (MB)"),
+    columns = [(ours, "test error (%)"), (ours, "best error (%)"), (ours, "peak activation (MiB)"),
                (ours, "context params"), (ref, "test error (%)"), (CONTSUP_SLOT, "test error (%)")]
     rows = {}
     for mode in ("E2E", *tables.ABLATION_MODES):
@@ -205,10 +206,10 @@ def table4(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_er
     gpu = base["cuda_peak_MB"].notna().any()
     columns = []
     for k in (8, 16):
-        columns += [(ours, f"K={k} error (%)"), (ours, f"K={k} peak activation (MB)"),
-                    (ours, f"K={k} paper-counted memory (MB)")]
+        columns += [(ours, f"K={k} error (%)"), (ours, f"K={k} peak activation (MiB)"),
+                    (ours, f"K={k} paper-counted memory (MiB)")]
         if gpu:
-            columns.append((ours, f"K={k} GPU peak (MB)"))
+            columns.append((ours, f"K={k} GPU peak (MiB)"))
     columns += [(ref, f"K={k} error (%)") for k in (8, 16)]
     columns += [(CONTSUP_SLOT, f"K={k} {q}") for k in (8, 16) for q in ("error (%)", "memory")]
     rows = {}
@@ -271,6 +272,128 @@ def seed_noise(df: pd.DataFrame, dataset: str | None = None, metric: str = "fina
     return pd.DataFrame(rows, columns=["comparison", "difference (points)", "2 SE (points)", "beyond noise"])
 
 
+# --------------------------------------------------------------------------------------
+# Which entries are noise: a short profile (quick: three epochs on 8x8 digits) trains some
+# networks too little for their numbers to mean anything, and nothing in a bare table says so.
+LEARNED_LITTLE = 0.75   # an error at or above this fraction of chance's: the run learned little
+
+
+def chance_error(dataset: str | None) -> float:
+    """Test error (%) of guessing: 100 (1 - 1/classes) of the trained data set (10 classes
+    when unknown)."""
+    classes = tables.DATA_RECIPES[dataset].num_classes if dataset in tables.DATA_RECIPES else 10
+    return 100.0 * (1 - 1 / classes)
+
+
+def seed_sd(df: pd.DataFrame, metric: str = "final_error") -> tuple[float, int]:
+    """Seed noise of one run's error: the pooled standard deviation over every config trained
+    with several seeds (identical but for the seed), and how many such configs; (NaN, 0) when
+    no config was trained twice."""
+    keys = [c for c in CONFIG_COLUMNS if c != "seed" and c in df]
+    runs = df.dropna(subset=[metric])
+    if runs.empty:
+        return np.nan, 0
+    groups = runs.astype({k: str for k in keys}).groupby(keys, dropna=False)[metric]
+    var, n = groups.var(ddof=1), groups.count()
+    several = n >= 2
+    if not several.any():
+        return np.nan, 0
+    pooled = float(((n[several] - 1) * var[several]).sum() / (n[several] - 1).sum())
+    return math.sqrt(pooled), int(several.sum())
+
+
+def noise_margin(df: pd.DataFrame, metric: str = "final_error") -> float:
+    """How far two single runs' errors differ by seed noise alone: twice the standard error of
+    a difference, 2·sqrt(2)·seed_sd (about a 95 % interval for normal noise); NaN when unknown."""
+    return 2 * math.sqrt(2) * seed_sd(df, metric)[0]
+
+
+def _noise(entries: list[tuple], chance: float, df: pd.DataFrame, metric: str) -> dict:
+    """What is noise among `entries` [(label, error, error of its end-to-end run, is_e2e)]:
+    end-to-end errors that learned little, local entries that learned little, and local
+    entries that beat end-to-end by more than seed noise (none when it is unknown)."""
+    entries = [e for e in entries if not math.isnan(e[1])]
+    threshold = LEARNED_LITTLE * chance
+    sd, n_configs = seed_sd(df, metric)
+    margin = 2 * math.sqrt(2) * sd
+    return {"entries": entries, "chance": chance, "threshold": threshold, "sd": sd, "n_configs": n_configs,
+            "margin": margin,
+            "e2e": sorted({round(v, 2) for _, v, _, is_e2e in entries if is_e2e and v >= threshold}),
+            "little": [(lab, v) for lab, v, _, is_e2e in entries if v >= threshold and not is_e2e],
+            "beats": [(lab, v, ref) for lab, v, ref, is_e2e in entries
+                      if not is_e2e and not math.isnan(ref) and v < ref - margin]}  # none when noise is unknown
+
+
+def _notes(n: dict) -> list[str]:
+    """The sentences of a `_noise` verdict (none for no entries)."""
+    if not n["entries"]:
+        return []
+    out = []
+    if n["e2e"]:
+        out.append(f"Noise: end-to-end reaches only {', '.join(f'{v:.1f}' for v in n['e2e'])} % error here "
+                   f"(chance: {n['chance']:.0f} %): in this budget the network did not train, so no comparison "
+                   f"with it says anything about the paper's trend.")
+    if n["little"]:
+        out.append(f"{len(n['little'])} of {sum(not e[3] for e in n['entries'])} local entries are at or above "
+                   f"{n['threshold']:.1f} % error ({LEARNED_LITTLE:.0%} of chance) and learned little: "
+                   + ", ".join(f"{lab} {v:.1f} %" for lab, v in n["little"]) + ".")
+    if n["beats"]:
+        noise = (f"seed noise, {n['margin']:.1f} points (2·√2 × the seed sd {n['sd']:.1f} of the "
+                 f"{n['n_configs']} configs trained on several seeds)")
+        out.append(f"{len(n['beats'])} local entries beat end-to-end by more than {noise}: "
+                   + ", ".join(f"{lab} {v:.1f} % against {ref:.1f} %" for lab, v, ref in n["beats"])
+                   + ". In the paper no local method beats end-to-end: here it means that a run is "
+                     "under-trained (often end-to-end), not that local learning is better.")
+    if not n["n_configs"]:
+        out.append("Seed noise is unknown (no config was trained on several seeds): no difference from "
+                   "end-to-end can be called beyond it.")
+    if not (n["e2e"] or n["little"] or n["beats"]):
+        out.insert(0, f"Every entry learned (all below {n['threshold']:.1f} % error, chance {n['chance']:.0f} %)"
+                   + (f" and none beats end-to-end by more than seed noise ({n['margin']:.1f} points)."
+                      if n["n_configs"] else "."))
+    return out
+
+
+def _flag(n: dict) -> str:
+    """The verdict in a few words (a figure panel's subtitle); '' when nothing is noise."""
+    if n["e2e"]:
+        return f"noise: E2E did not train ({n['e2e'][0]:.1f} % error, chance {n['chance']:.0f} %)"
+    parts = [f"{len(n['beats'])} beat E2E beyond seed noise"] if n["beats"] else []
+    parts += [f"{len(n['little'])} learned little (≥ {n['threshold']:.1f} %)"] if n["little"] else []
+    return ("noise: " + ", ".join(parts)) if parts else ""
+
+
+def _ours_dataset(label: str) -> str | None:
+    inside = label[label.find("(") + 1:label.rfind(")")] if "(" in label else ""
+    return inside.split(",")[0].strip() or None
+
+
+def table_notes(table: pd.DataFrame, df: pd.DataFrame, metric: str = "final_error") -> str:
+    """In words, computed from the table's own numbers, which of our entries of `table` (one
+    of table1..table4) are noise: the end-to-end run or local runs at an error within a
+    quarter of chance's (`LEARNED_LITTLE`), and local runs that beat end-to-end by more than
+    seed noise (`noise_margin`, from the configs of `df` trained on several seeds). Else one
+    sentence saying that every entry learned."""
+    import re
+    ours = [c for c in table.columns if str(c[0]).startswith("ours")]
+    if not ours or table.empty:
+        return ""
+    chance = chance_error(_ours_dataset(ours[0][0]))
+    errors = [c for c in ours if c[1] in ("test error (%)", "E2E") or re.fullmatch(r"K=\d+( error \(%\))?", c[1])]
+    e2e_col = next((c for c in ours if c[1] == "E2E"), None)
+    entries = []
+    for row in table.index:
+        name = "/".join(map(str, row)) if isinstance(row, tuple) else str(row)
+        for col in errors:
+            k = "" if col[1] == "test error (%)" else col[1].split(" ")[0]
+            is_e2e = name == "E2E" or col == e2e_col
+            ref = table.loc["E2E", col] if "E2E" in table.index else \
+                (table.loc[row, e2e_col] if e2e_col is not None else np.nan)
+            entries.append(("E2E" if is_e2e else f"{name} {k}".strip(), float(table.loc[row, col]),
+                            float(ref), is_e2e))
+    return "\n".join(_notes(_noise(entries, chance, df, metric)))
+
+
 def headline_figure(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: str = "final_error",
                     show: bool = False) -> list[Path]:
     """Table 1 as bars: mean test error over seeds with a one-standard-deviation error bar,
@@ -313,7 +436,8 @@ def save_tables(tables_: dict[str, pd.DataFrame], out_dir) -> list[Path]:
 # --------------------------------------------------------------------------------------
 # Tables of a list of runs (notebooks/02_train.ipynb)
 def learning_curves(cfgs):
-    """Train and test error per epoch of every run, long format (run, epoch, split, error)."""
+    """Train and test error per epoch of every run, long format (run, epoch, split, error).
+    Epochs count from 0, as in metrics.jsonl, result.json and what `train` prints."""
     import pandas as pd
     rows = []
     for cfg in cfgs:
@@ -323,7 +447,7 @@ def learning_curves(cfgs):
         for line in path.read_text().splitlines():
             m = json.loads(line)
             for split in ("train", "test"):
-                rows.append({"run": Path(cfg.out_dir).name, "epoch": m["epoch"] + 1, "split": split,
+                rows.append({"run": Path(cfg.out_dir).name, "epoch": m["epoch"], "split": split,
                              "error (%)": m[f"{split}_error"]})
     return pd.DataFrame(rows, columns=["run", "epoch", "split", "error (%)"])
 
@@ -346,10 +470,10 @@ def memory_table(cfgs, results: dict):
                 net = ContSupNet(ModelConfig(arch=cfg.arch, k=1, mode="R0", dataset=cfg.dataset)).to(device)
                 e2e[key] = measure_step_memory(net, x.to(device), y.to(device))["peak_activation_bytes"]
         rows.append({"run": name, "training": "this run",
-                     "peak activation (MB)": results[name]["peak_activation_bytes"] / 2**20})
+                     "peak activation (MiB)": results[name]["peak_activation_bytes"] / 2**20})
         if cfg.k > 1:
-            rows.append({"run": name, "training": "end-to-end", "peak activation (MB)": e2e[key] / 2**20})
-    return pd.DataFrame(rows, columns=["run", "training", "peak activation (MB)"])
+            rows.append({"run": name, "training": "end-to-end", "peak activation (MiB)": e2e[key] / 2**20})
+    return pd.DataFrame(rows, columns=["run", "training", "peak activation (MiB)"])
 
 
 def results_table(cfgs, results: dict):
@@ -363,8 +487,8 @@ def results_table(cfgs, results: dict):
             rows.append({"run": name, "error": r["error"]})
             continue
         rows.append({"run": name, "final test error (%)": r["final_error"], "best test error (%)": r["best_error"],
-                     "best epoch": r["best_epoch"] + 1,
-                     "peak activation (MB)": round(r["peak_activation_bytes"] / 2**20, 1),
+                     "best epoch": r["best_epoch"],
+                     "peak activation (MiB)": round(r["peak_activation_bytes"] / 2**20, 1),
                      "parameters": sum(r["params"].values()), "train seconds": round(r["train_seconds"], 1)})
     return pd.DataFrame(rows).set_index("run")
 
@@ -439,14 +563,86 @@ def _k_axis(ax, ks):
 MODE_ORDER = ["R0", "E", "R1", "R1E", "R2", "R4", "R8", "R16"]
 
 
+def _figure4_series(base: pd.DataFrame, arch: str, authors: bool) -> tuple[dict, list]:
+    """Figure 4's series of one arch panel ({label: runs}) and the (mode, loss) pairs of its E* runs."""
+    runs = _sel(base, arch=arch)
+    balanced = _sel(runs, balanced=True)
+    modes = balanced[["mode", "loss"]].drop_duplicates().values.tolist() or [["E", "contrast"]]
+    equal = pd.concat([_sel(runs, balanced=False, mode=m, loss=l) for m, l in modes]).query("k > 1")
+    if authors and arch == "resnet32":
+        return {"E* (equal cuts, authors' ResNet-32)": equal, "E2E": _sel(runs, k=1)}, modes
+    return {"E* (memory-balanced)": balanced, "equal-layer cuts": equal, "E2E": _sel(runs, k=1)}, modes
+
+
+def _figure4_noise(df: pd.DataFrame, dataset: str | None, metric: str, authors: bool) -> dict[str, dict]:
+    """{arch: `_noise` verdict} of Figure 4's panels: every point against the panel's E2E."""
+    dataset = pick_dataset(df, "cifar10", dataset)
+    base = _sel(df, dataset=dataset, reconstruct=False) if dataset else df.iloc[0:0]
+    out = {}
+    for arch in ("resnet32", "resnet110"):
+        series, _ = _figure4_series(base, arch, authors)
+        e2e = _mean(series["E2E"], metric)
+        entries = [("E2E", e2e, e2e, True)] if not math.isnan(e2e) else []
+        for label, sel in series.items():
+            if label != "E2E":
+                entries += [(f"{label.split(' (')[0] if label.startswith('E*') else 'equal cuts'} K={int(k)}",
+                             float(v), e2e, False) for k, v in sel.groupby("k")[metric].mean().items()]
+        if entries:
+            out[arch] = _noise(entries, chance_error(dataset), df, metric)
+    return out
+
+
+def figure4_notes(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_error",
+                  authors: bool = False) -> str:
+    """Which points of Figure 4 are noise, per panel, in words (see `table_notes`)."""
+    return "\n".join(f"{ARCH_NAMES.get(arch, arch)}: " + " ".join(_notes(n))
+                     for arch, n in _figure4_noise(df, dataset, metric, authors).items())
+
+
+def _label_points(ax, points: list[tuple], fontsize: float = 8):
+    """Annotate [(x, y, text, color)] so that no label covers another label or a marker:
+    each takes the first of a few offsets (right/left, above/below, then further out) whose
+    box, estimated from the text's length, is free; else the least covered one."""
+    ax.autoscale_view()
+    to_px = ax.transData.transform
+    scale = ax.figure.dpi / 72                                   # points -> pixels
+    w_char, h = 0.62 * fontsize * scale, 1.25 * fontsize * scale
+    r = 4 * scale                                                # a marker's half size
+    markers = [to_px((x, y)) for line in ax.get_lines() for x, y in line.get_xydata()]
+    taken = [(mx - r, my - r, mx + r, my + r) for mx, my in markers]
+    offsets = [(4, 3), (4, -3), (-4, 3), (-4, -3), (0, 9), (0, -9), (10, 12), (10, -12), (-10, 12), (-10, -12)]
+
+    def overlap(a, b):
+        return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+
+    for x, y, text, color in sorted(points, key=lambda p: (p[0], p[1])):
+        px, py = to_px((x, y))
+        w, best = w_char * len(text), None
+        for dx, dy in offsets:
+            x0 = px + dx * scale - (w if dx < 0 else w / 2 if dx == 0 else 0)
+            y0 = py + dy * scale - (h if dy < 0 else 0)
+            box = (x0, y0, x0 + w, y0 + h)
+            cost = sum(overlap(box, t) for t in taken)
+            if best is None or cost < best[0]:
+                best = (cost, dx, dy, box)
+            if cost == 0:
+                break
+        _, dx, dy, box = best
+        taken.append(box)
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize, color=color,
+                    ha="right" if dx < 0 else "center" if dx == 0 else "left", va="top" if dy < 0 else "bottom")
+
+
 def figure4(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: str = "final_error",
             show: bool = False, authors: bool = False) -> list[Path]:
     """Figure 4: test error vs memory of one training step, one panel per arch:
     memory-balanced cuts (E*) against equal-layer cuts of the same mode/loss, and E2E.
-    Points are labelled with K. Each series is drawn twice: filled at the peak activation
-    memory of our (lean) step, hollow and dashed at the training memory as the paper counts
-    it (parameters + gradients + momentum + the authors' plain encoders' activations), the
-    one comparable with the paper's axis.
+    Points are labelled with K (placed where they cover no other label or point). Each series
+    is drawn twice: filled at the peak activation memory of our (lean) step, hollow and dashed
+    at the training memory as the paper counts it (parameters + gradients + momentum + the
+    authors' plain encoders' activations), the one comparable with the paper's axis. The
+    legend sits below the panels, off the data; a panel whose points are noise says so under
+    its title (`figure4_notes` gives the sentences).
 
     E* follows the paper's text: memory-balanced cuts for both archs (group `figure4`).
     `authors=True` draws it as the authors' command.sh trains it (group `figure4-authors`):
@@ -456,19 +652,14 @@ def figure4(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: s
     dataset = pick_dataset(df, "cifar10", dataset)
     base = _sel(df, dataset=dataset, reconstruct=False) if dataset else df.iloc[0:0]
     archs = [a for a in ("resnet32", "resnet110") if (base["arch"] == a).any()] or ["resnet32"]
-    fig, axes = plt.subplots(1, len(archs), figsize=(5.2 * len(archs), 4.2), squeeze=False)
+    noise = _figure4_noise(df, dataset, metric, authors)
+    fig, axes = plt.subplots(1, len(archs), figsize=(5.2 * len(archs), 4.4), squeeze=False)
     palette = {"E* (memory-balanced)": "C3", "E* (equal cuts, authors' ResNet-32)": "C3",
                "equal-layer cuts": "C0", "E2E": "k"}
+    handles, to_label = {}, []
     for ax, arch in zip(axes[0], archs):
-        runs = _sel(base, arch=arch)
-        balanced = _sel(runs, balanced=True)
-        modes = balanced[["mode", "loss"]].drop_duplicates().values.tolist() or [["E", "contrast"]]
-        equal = pd.concat([_sel(runs, balanced=False, mode=m, loss=l) for m, l in modes]).query("k > 1")
-        if authors and arch == "resnet32":
-            series = {"E* (equal cuts, authors' ResNet-32)": equal, "E2E": _sel(runs, k=1)}
-        else:
-            series = {"E* (memory-balanced)": balanced, "equal-layer cuts": equal, "E2E": _sel(runs, k=1)}
-        drawn = False
+        series, modes = _figure4_series(base, arch, authors)
+        labels = []
         for label, sel in series.items():
             if sel.empty:
                 continue
@@ -482,17 +673,18 @@ def figure4(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: s
                 ax.plot(paper["paper_memory_MB"], paper[metric], "*" if e2e else "o--", color=palette[label],
                         markerfacecolor="none", markersize=14 if e2e else 7,
                         label=f"{label}, paper-counted memory")
-            for _, p in pts.iterrows():
-                ax.annotate(f"K={int(p['k'])}" if p["k"] > 1 else "E2E", (p["peak_activation_MB"], p[metric]),
-                            textcoords="offset points", xytext=(4, 4), fontsize=8, color=palette[label])
-            drawn = True
+            labels += [(p["peak_activation_MB"], p[metric], f"K={int(p['k'])}" if p["k"] > 1 else "E2E",
+                        palette[label]) for _, p in pts.iterrows()]
         mode_text = ", ".join(f"{m}/{l}" for m, l in modes)
-        ax.set_title(f"{ARCH_NAMES.get(arch, arch)} on {dataset or '—'} ({mode_text})", fontsize=10)
-        ax.set_xlabel("memory of one training step (MB)")
+        flag = _flag(noise[arch]) if arch in noise else ""
+        ax.set_title(f"{ARCH_NAMES.get(arch, arch)} on {dataset or '—'} ({mode_text})"
+                     + (f"\n{flag}" if flag else ""), fontsize=10, color="C3" if flag else "k")
+        ax.set_xlabel("memory of one training step (MiB)")
         ax.set_ylabel("test error (%)")
-        if drawn:
-            ax.legend(fontsize=7)
-            if balanced.empty and not (authors and arch == "resnet32"):
+        if labels:
+            to_label.append((ax, labels))
+            handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+            if _sel(base, arch=arch, balanced=True).empty and not (authors and arch == "resnet32"):
                 ax.text(0.5, 0.02, "no memory-balanced (E*) runs yet", ha="center", va="bottom",
                         transform=ax.transAxes, fontsize=9, color="0.4")
         else:
@@ -502,6 +694,12 @@ def figure4(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: s
             "trains ResNet-32 E* on equal cuts: group figure4-authors)")
     fig.suptitle(f"Figure 4: error vs memory. {cuts}.\nFilled: our peak activations; hollow: training "
                  f"memory as the paper counts it", fontsize=10)
+    fig.tight_layout()  # the panels' final size first: the labels are placed in pixels
+    for ax, labels in to_label:
+        _label_points(ax, labels)
+    if handles:  # below the panels, off every point
+        fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=2, fontsize=8, frameon=False)
     return _save(fig, figures_dir, "figure4_authors_memory_vs_error" if authors else "figure4_memory_vs_error",
                  show)
 
@@ -566,8 +764,8 @@ def table4_chart(df: pd.DataFrame, figures_dir, dataset: str | None = None, metr
     modes = [m for m in TABLE4_MODES[1:] if (agg["mode"] == m).any()] if not agg.empty else []
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     e2e = _sel(base, k=1)
-    panels = [(metric, "test error (%)"), ("peak_activation_MB", "our peak activations (MB)"),
-              ("paper_memory_MB", "training memory, paper's count (MB)")]
+    panels = [(metric, "test error (%)"), ("peak_activation_MB", "our peak activations (MiB)"),
+              ("paper_memory_MB", "training memory, paper's count (MiB)")]
     for ax, (col, label) in zip(axes, panels):
         if agg.empty or agg[col].isna().all():
             _note(ax, "no finished runs for Table 4 yet" if agg.empty else "not recorded by these runs")

@@ -45,7 +45,8 @@ COLUMNS = ["run", "run_dir", "paper_dataset", "paper_arch", "groups", "method", 
 # Training a list of runs (notebooks/02_train.ipynb)
 def notebook_jobs(config: dict, out_dir: str | None, runs: list | None = None) -> list[TrainConfig]:
     """The configs a 02_train execution trains: the `runs` handed in by `reproduce`, else
-    the single `config` in `out_dir` (None: a fresh temporary folder)."""
+    the single `config` in `out_dir` (None: a folder named after the run, `run_name`, in a
+    fresh temporary folder: what the notebook shows is the run's name, not a temporary path)."""
     if runs:
         if not isinstance(runs, (list, tuple)):
             raise UsageError(f"runs must be a list of config dicts, got {type(runs).__name__}")
@@ -57,8 +58,11 @@ def notebook_jobs(config: dict, out_dir: str | None, runs: list | None = None) -
                 where = c.get("out_dir") if isinstance(c, dict) else None
                 raise UsageError(f"runs[{i}]{f' ({where})' if where else ''}: {e}") from None
         return jobs
-    out_dir = out_dir or tempfile.mkdtemp(prefix="contsup-02_train-")
-    return [TrainConfig.from_dict({**config, "out_dir": out_dir})]
+    cfg = TrainConfig.from_dict({**config, "out_dir": out_dir or "."})
+    if out_dir is None:
+        cfg = TrainConfig.from_dict({**config, "out_dir": str(Path(tempfile.mkdtemp(prefix="contsup-02_train-"))
+                                                             / experiments.run_name(cfg))})
+    return [cfg]
 
 
 def train_jobs(cfgs, progress: bool = True) -> dict[str, dict]:
