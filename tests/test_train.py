@@ -142,8 +142,9 @@ def test_diverging_run_stops_at_first_bad_step_and_keeps_the_checkpoint(tmp_path
     monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **kw: optimizer_steps.append(1)
                         or real_optimizer_step(self, *a, **kw))
     out = tmp_path / "run"
+    # check_every=1: the check is read before every optimizer step, so the bad step is never applied
     cfg = TrainConfig(dataset="digits8", arch="resnet32", k=4, mode="R1E", epochs=3, warmup_epochs=0,
-                      batch_size=64, train_subset=256, out_dir=str(out), device="cpu")
+                      batch_size=64, train_subset=256, out_dir=str(out), device="cpu", check_every=1)
     ckpt_bytes = {}
     real_save = train_module._atomic_save
 
