@@ -309,8 +309,9 @@ def train_epoch(net: ContSupNet, loader: DeviceLoader, optimizer, cfg: TrainConf
     Nothing in a step waits for the device: the loader's data and constants are on the
     device from the epoch's start (DeviceLoader), the divergence check stays there and is
     read every `cfg.check_every` steps and once after the last step (DivergenceWatch), and
-    the step bar reads the running losses at most every half second. That last read also
-    makes the caller's clock honest: the device has finished the epoch when this returns.
+    the step bar reads the running losses at most every half second. The read after the
+    last step also makes the caller's clock honest: the device has finished the epoch when
+    this returns.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
