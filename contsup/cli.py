@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-channels-last", action="store_true", help="keep NCHW activations (default: NHWC)")
     t.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
     t.add_argument("--no-cudnn-benchmark", action="store_true", help="CUDA: don't let cuDNN pick algorithms")
+    t.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (cuDNN, cuBLAS, torch): bit for bit on CUDA too, slower")
+    t.add_argument("--check-every", type=int, default=50,
+                   help="read the divergence check from the device every N steps (and at each epoch's end)")
     t.add_argument("--compile", action="store_true", help="torch.compile the modules (slow first epoch)")
     t.add_argument("--no-reuse-cpu-memory", action="store_true",
                    help="CPU: leave glibc's malloc as it is (default: freed activations are reused, not unmapped)")
@@ -123,7 +127,11 @@ def cmd_train(args) -> int:
                       train_subset=args.train_subset, out_dir=out, device=args.device, seed=args.seed,
                       context_impl=args.context_impl, channels_last=not args.no_channels_last, bf16=args.bf16,
                       cudnn_benchmark=not args.no_cudnn_benchmark, torch_compile=args.compile,
-                      reuse_cpu_memory=not args.no_reuse_cpu_memory)
+                      reuse_cpu_memory=not args.no_reuse_cpu_memory, deterministic=args.deterministic,
+                      check_every=args.check_every)
+    if cfg.deterministic:  # before anything touches CUDA: cuBLAS reads it once (train.use_deterministic)
+        from .train import CUBLAS_WORKSPACE_CONFIG
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.pipeline:
         from .pipeline import RankFailure, train_pipelined
         try:  # under torchrun a run always resumes its checkpoint (--max-restarts restarts it)

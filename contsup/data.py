@@ -211,9 +211,11 @@ def _stats(recipe: DataRecipe, device) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
-def normalize(x_uint8: torch.Tensor, recipe: DataRecipe) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> float32 (x/255 - mean)/std, what ToTensor+Normalize compute."""
-    mean, std = _stats(recipe, x_uint8.device)
+def normalize(x_uint8: torch.Tensor, recipe: DataRecipe, stats=None) -> torch.Tensor:
+    """uint8 [B,3,H,W] -> float32 (x/255 - mean)/std, what ToTensor+Normalize compute.
+    `stats`: (mean, std) already on x's device (DeviceLoader.stats); else they are made here,
+    which on CUDA is a host->device copy: a training loop passes them."""
+    mean, std = stats if stats is not None else _stats(recipe, x_uint8.device)
     # in place on the one new float tensor: the same arithmetic, a third of the allocations
     return x_uint8.float().div_(255).sub_(mean).div_(std)
 
@@ -231,24 +233,43 @@ def random_batch(dataset: str, batch: int, reconstruct: bool = False, seed: int 
     return x, y, image
 
 
-def denormalize(x: torch.Tensor, recipe: DataRecipe) -> torch.Tensor:
-    """Normalised floats back to images in [0,1] (the reconstruction target)."""
-    mean, std = _stats(recipe, x.device)
+def denormalize(x: torch.Tensor, recipe: DataRecipe, stats=None) -> torch.Tensor:
+    """Normalised floats back to images in [0,1] (the reconstruction target); `stats` as in
+    `normalize`."""
+    mean, std = stats if stats is not None else _stats(recipe, x.device)
     # clamp only removes float round-off: an augmented image is always inside [0,1]
     return (x * std + mean).clamp_(0, 1)
 
 
 # --------------------------------------------------------------------------------------
 # The training data path.
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """t on `device` by a copy the host does not wait for: from pinned memory when the device
+    is CUDA (pinning needs the CUDA runtime, absent under the tests' fake CUDA tensors)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 class DeviceLoader:
     """Batches of (normalised float32 images, int64 labels) from uint8 data on `device`.
 
     train=True reshuffles every epoch and applies the recipe's random crop (after padding
     by recipe.pad, reflect or zero) and horizontal flip, as torchvision's RandomCrop and
     RandomHorizontalFlip do, but for the whole batch at once. Every random number comes
-    from `generator`, a CPU torch.Generator, so a run repeats bit for bit on any device
-    and resumes exactly when the caller restores the generator's state.
+    from `generator`, a CPU torch.Generator, so the batches are the same on every device,
+    and a run resumes exactly where it stopped when the caller restores the generator's
+    state (the training itself repeats bit for bit on a CPU, and on CUDA with
+    --deterministic: train.TrainConfig.deterministic).
     train=False yields the data in order, only normalised.
+
+    No batch waits on the host: when an epoch starts, `draw_epoch` draws all its random
+    numbers (the permutation, then per batch the offsets dy, dx and the flips: the order in
+    which drawing batch by batch takes them, so the generator's stream and state are those
+    of one draw per batch) and moves them to the device in one non-blocking copy; mean and
+    std are on the device from the start (`stats`). A batch is then slices and gathers of
+    device tensors.
     """
 
     def __init__(self, images_uint8: torch.Tensor, labels: torch.Tensor, recipe: DataRecipe,
@@ -258,11 +279,14 @@ class DeviceLoader:
         assert recipe.pad < min(images_uint8.shape[2:]), "reflect padding needs pad < image size"
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise UsageError(f"batch size must be a positive integer, got {batch_size!r}")
+        if recipe.pad_mode not in ("reflect", "constant"):
+            raise UsageError(f"unknown pad_mode '{recipe.pad_mode}'; choose reflect or constant")
         # Once, up front: uint8 is 4x smaller than float and every batch is then a gather.
         self.images = images_uint8.to(device)
         self.labels = labels.to(device=device, dtype=torch.int64)
         self.recipe, self.batch_size, self.train = recipe, batch_size, train
         self.device, self.drop_last = torch.device(device), drop_last
+        self.stats = _stats(recipe, self.device)   # (mean, std) on the device, for normalize/denormalize
         # None follows torch.manual_seed, like a plain DataLoader with shuffle=True.
         self.generator = generator if generator is not None else torch.default_generator
 
@@ -271,20 +295,41 @@ class DeviceLoader:
         return n // b if self.drop_last else -(-n // b)
 
     def __iter__(self):
-        n = len(self.images)
+        b = self.batch_size
         if not self.train:
-            for i in range(0, len(self) * self.batch_size, self.batch_size):
-                yield normalize(self.images[i:i + self.batch_size], self.recipe), self.labels[i:i + self.batch_size]
+            for i in range(0, len(self) * b, b):
+                yield normalize(self.images[i:i + b], self.recipe, self.stats), self.labels[i:i + b]
             return
-        order = torch.randperm(n, generator=self.generator)
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size].to(self.device)
-            x = self.augment(self.images[idx])
-            yield normalize(x, self.recipe), self.labels[idx]
+        order, dy, dx, flip = self.draw_epoch()
+        for i in range(0, len(order), b):
+            idx = order[i:i + b]
+            x = self.augment(self.images[idx], dy[i:i + b], dx[i:i + b], flip[i:i + b])
+            yield normalize(x, self.recipe, self.stats), self.labels[idx]
 
-    def augment(self, x: torch.Tensor) -> torch.Tensor:
+    def draw_epoch(self):
+        """The epoch's training order [n] and, per image in that order, dy, dx [n,1] (int64)
+        and flip [n,1] (bool), on the device: drawn on the CPU generator in the order batch
+        by batch drawing takes them, then moved in one copy."""
+        b, gen = self.batch_size, self.generator
+        order = torch.randperm(len(self.images), generator=gen)[:len(self) * b]  # drop_last drops the tail
+        draws = [self._draw(len(order[i:i + b])) for i in range(0, len(order), b)] or [self._draw(0)]
+        dy, dx, flip = (torch.cat(d) for d in zip(*draws))
+        packed = to_device(torch.stack([order[:, None], dy, dx, flip.long()]), self.device)  # [4,n,1]
+        return packed[0, :, 0], packed[1], packed[2], packed[3].bool()
+
+    def _draw(self, b: int):
+        """One batch's crop offsets and flips [b,1] from the CPU generator, in this order."""
+        p, gen = self.recipe.pad, self.generator
+        dy = torch.randint(0, 2 * p + 1, (b, 1), generator=gen)
+        dx = torch.randint(0, 2 * p + 1, (b, 1), generator=gen)
+        flip = (torch.rand(b, 1, generator=gen) < 0.5) if self.recipe.flip else torch.zeros(b, 1, dtype=torch.bool)
+        return dy, dx, flip
+
+    def augment(self, x: torch.Tensor, dy=None, dx=None, flip=None) -> torch.Tensor:
         """Random crop of the padded image and random flip, per image, in one gather.
 
+        dy, dx ([b,1] ints in 0..2*pad) and flip ([b,1] bool) on x's device, as `draw_epoch`
+        gives them; without them they are drawn here for this batch.
         The batch is padded once (uint8; 'reflect' mirrors without repeating the edge, as
         np.pad/torchvision; 'constant' pads zeros); then, for every output pixel, we compute
         which padded pixel it shows: output row i of an image with vertical offset dy
@@ -292,15 +337,9 @@ class DeviceLoader:
         right to left when flipped.
         """
         b, c, h, w = x.shape
-        p, gen = self.recipe.pad, self.generator
-        dy = torch.randint(0, 2 * p + 1, (b, 1), generator=gen).to(self.device)
-        dx = torch.randint(0, 2 * p + 1, (b, 1), generator=gen).to(self.device)
-        if self.recipe.flip:
-            flip = (torch.rand(b, 1, generator=gen) < 0.5).to(self.device)
-        else:
-            flip = torch.zeros(b, 1, dtype=torch.bool, device=self.device)
-        if self.recipe.pad_mode not in ("reflect", "constant"):
-            raise UsageError(f"unknown pad_mode '{self.recipe.pad_mode}'; choose reflect or constant")
+        p = self.recipe.pad
+        if dy is None:
+            dy, dx, flip = (to_device(t, self.device) for t in self._draw(b))
         # Pad the batch (uint8, one pass), then read each crop from it: padded row i+dy, and
         # padded column j+dx, read right to left when flipped.
         x = F.pad(x, (p, p, p, p), mode=self.recipe.pad_mode)

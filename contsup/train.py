@@ -37,6 +37,7 @@ class TrainConfig(ModelConfig):
     channels_last: bool = True      # NHWC activations: faster convolutions on CPU and GPU alike
     bf16: bool = False              # bfloat16 autocast for the forward passes (weights stay fp32)
     cudnn_benchmark: bool = True    # let cuDNN time and pick its fastest algorithms (CUDA only)
+    deterministic: bool = False     # deterministic algorithms, cuDNN and cuBLAS: bit for bit on CUDA (see use_deterministic)
     torch_compile: bool = False     # torch.compile every module, head, encoder and decoder
     reuse_cpu_memory: bool = True   # CPU: keep glibc from unmapping freed activations (memory.reuse_freed_cpu_memory)
     # optimisation; None = the paper's value for the dataset (tables.DATA_RECIPES)
@@ -51,6 +52,13 @@ class TrainConfig(ModelConfig):
     out_dir: str = "runs/default"
     device: str = "auto"
     seed: int = 0
+    # How often (in steps) the trainer reads the divergence check from the device; it also
+    # reads it at every epoch's end, before the metrics line and the checkpoint. A read waits
+    # for the device to catch up with the host, so on CUDA it ends the host's running ahead:
+    # once every 50 steps that stall is spread over 50 steps, while a run that diverges
+    # wastes at most 49 steps, which never reach a checkpoint. (CIFAR-10 at the paper's batch
+    # of 1024 has 49 steps an epoch: one read per epoch.) 1 = before every optimizer step.
+    check_every: int = 50
 
     def __post_init__(self):
         """Every field's type and range, so that a bad value from the CLI, a notebook
@@ -71,9 +79,11 @@ class TrainConfig(ModelConfig):
         if self.train_subset is not None:
             self.train_subset = check_int("train_subset", self.train_subset, 1)
         self.seed = check_int("seed", self.seed, 0, 2**63 - 1)  # what torch.manual_seed takes
+        self.check_every = check_int("check_every", self.check_every, 1)
         for name in ("data_root", "out_dir", "device"):
             setattr(self, name, check_str(name, getattr(self, name)))
-        for name in ("download", "channels_last", "bf16", "cudnn_benchmark", "torch_compile", "reuse_cpu_memory"):
+        for name in ("download", "channels_last", "bf16", "cudnn_benchmark", "deterministic", "torch_compile",
+                     "reuse_cpu_memory"):
             check_bool(name, getattr(self, name))
 
     def model_config(self) -> ModelConfig:
@@ -148,14 +158,62 @@ def make_optimizer(net, cfg: TrainConfig):
                            weight_decay=s.weight_decay)
 
 
+# cuBLAS's deterministic workspace setting (see use_deterministic).
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"
+
+
+def use_deterministic(on: bool) -> None:
+    """Deterministic kernels, process-wide (the run's config decides, on or off):
+    torch.use_deterministic_algorithms, cudnn.deterministic, and cudnn.benchmark off (its
+    timing picks algorithms by the clock). On a CPU the trainer is bit for bit without it;
+    on CUDA, atomics-based kernels (convolution backward algorithms, index/scatter sums)
+    make two runs, or a run and its resume, differ in the last bits unless it is on.
+
+    cuBLAS needs CUBLAS_WORKSPACE_CONFIG=:4096:8 before its first call in the process: the
+    CLI (`cli.cmd_train`) sets it before anything touches CUDA, and this function sets it
+    too (unless already set), which is in time when the process has not yet run a matmul
+    on the GPU (a fresh process or notebook kernel: `train` calls this before the model is
+    built on the device). Ops that have no deterministic CUDA kernel then raise instead of
+    running: `check_deterministic` refuses the configurations that reach them."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    if on:
+        torch.backends.cudnn.benchmark = False
+
+
+def check_deterministic(net: ContSupNet, cfg: TrainConfig, device) -> None:
+    """With `deterministic` on CUDA, refuse what PyTorch can only run nondeterministically
+    (it raises there under torch.use_deterministic_algorithms): the backward of bilinear
+    upsampling (the --reconstruct decoders) and of adaptive average pooling to a side > 1
+    (the plain context encoders: --context-impl plain, and --compile, which runs them; the
+    lean and fused encoders pool with avg_pool2d, whose backward is deterministic, and a
+    1x1 adaptive pool is a mean)."""
+    if not (cfg.deterministic and device.type == "cuda"):
+        return
+    if cfg.reconstruct:
+        raise UsageError("--deterministic on CUDA cannot train --reconstruct: PyTorch's bilinear upsampling "
+                         "has no deterministic CUDA backward; drop one of the two")
+    pools = [m for m in net.context.modules() if isinstance(m, torch.nn.AdaptiveAvgPool2d)
+             and m.output_size not in (1, (1, 1))]
+    if pools and (cfg.context_impl == "plain" or cfg.torch_compile):
+        raise UsageError("--deterministic on CUDA needs the lean or fused context encoders: the plain ones "
+                         "(--context-impl plain, --compile) pool adaptively, which has no deterministic CUDA "
+                         "backward; use --context-impl lean without --compile")
+
+
 def prepare_model(net: ContSupNet, cfg: TrainConfig, device) -> ContSupNet:
     """Move `net` to the device in the memory format `cfg` asks for, with the context
-    encoders run the way `cfg.context_impl` says (the same function each way)."""
+    encoders run the way `cfg.context_impl` says (the same function each way), and the
+    kernels deterministic or not as `cfg.deterministic` says (checked first, see there)."""
+    check_deterministic(net, cfg, device)
+    use_deterministic(cfg.deterministic)   # before the model reaches the device
     net = set_context_impl(net.to(device), cfg.context_impl)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and not cfg.deterministic
     return net
 
 
@@ -176,36 +234,108 @@ def to_format(x, channels_last: bool):
 # --------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(net: ContSupNet, loader, channels_last: bool = False, bf16: bool = False) -> float:
-    """Test error in %, BN in eval mode, context included."""
+    """Test error in %, BN in eval mode, context included. The count of errors stays on the
+    device until the end: one read for the whole test set."""
     net.eval()
     wrong = total = 0
     for x, y in loader:
         x = to_format(x, channels_last)
         with autocast(x, bf16):
             logits = net(x)
-        wrong += (logits.argmax(1) != y).sum().item()
+        wrong = wrong + (logits.argmax(1) != y).sum()
         total += len(y)
-    return 100.0 * wrong / total
+    return 100.0 * int(wrong) / total
 
 
 def _module_name(module: int, k: int) -> str:
     return f"the final classifier (module {module} of {k})" if module == k else f"local module {module} of {k}"
 
 
-def stop_diverged(out: Path, losses, epoch: int, step: int, lr: float, k: int, first: int = 1):
+def stop_diverged(out: Path, losses, epoch: int, step: int, lr: float, k: int, first: int = 1,
+                  applied: bool = False):
     """Write `error.json` for a step whose loss is not finite and raise DivergedError.
-    Called before optimizer.step(): the weights, the checkpoint and metrics.jsonl stay as
-    the last good epoch left them. `losses` are those of modules first, first+1, ... (from 1)."""
+    `applied`: whether optimizer.step() already took that step (it was found by a later
+    check, see DivergenceWatch); either way the checkpoint and metrics.jsonl stay as the
+    last good epoch left them. `losses` are those of modules first, first+1, ... (from 1)."""
     values = [float(v) for v in losses.float().cpu()]
     index = next(i for i, v in enumerate(values) if not math.isfinite(v))  # the first: later ones follow it
     module = first + index
+    stopped = "at the next check (--check-every), before saving it" if applied else "before applying it"
     message = (f"the loss of {_module_name(module, k)} is {values[index]} at epoch {epoch}, step {step} "
-               f"(lr {lr:.3g}); stopped before applying it. Lower --lr or warm up (--warmup-epochs)"
+               f"(lr {lr:.3g}); stopped {stopped}. Lower --lr or warm up (--warmup-epochs)"
                + (" in a new --out" if (out / "ckpt.pt").exists() else ""))  # a checkpoint holds the config
     error = DivergedError(message, epoch, step, module, jsonio.finite_or_none(values))
     _atomic_save(error.as_dict() | {"lr": lr, "module_name": _module_name(module, k)}, out / "error.json",
                  as_json=True)
     raise error
+
+
+class DivergenceWatch:
+    """The divergence check of one epoch, kept on the device: `record(losses)` after each
+    step notes, without reading anything back to the host, whether every step so far had
+    finite losses, how many steps came before the first that did not (its index), and that
+    step's losses. `check` reads one flag, which waits for the device (call it every
+    `check_every` steps and at the epoch's end); if a step went bad it writes error.json and
+    raises DivergedError naming that first step, its epoch and module (`stop_diverged`).
+    Steps after the first bad one may have reached the weights (NaN by then): the run stops
+    before its next checkpoint, so ckpt.pt and metrics.jsonl keep the last good epoch."""
+
+    def __init__(self, n_losses: int, device):
+        self.ok = torch.ones((), dtype=torch.bool, device=device)
+        self.good_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.first_bad = torch.zeros(n_losses, device=device)
+
+    def record(self, losses: torch.Tensor) -> None:
+        finite = torch.isfinite(losses).all()
+        self.first_bad = torch.where(self.ok & ~finite, losses.float(), self.first_bad)
+        self.ok &= finite
+        self.good_steps += self.ok
+
+    def check(self, out: Path, epoch: int, lr: float, k: int, step: int | None = None, first: int = 1) -> None:
+        """Raise if a recorded step went bad. `step`: the step about to be applied by the
+        optimizer (None: after the epoch's last); `first`: the module of losses[0] (from 1)."""
+        if bool(self.ok):
+            return
+        bad = int(self.good_steps)
+        stop_diverged(out, self.first_bad, epoch, bad, lr, k, first, applied=bad != step)
+
+
+def train_epoch(net: ContSupNet, loader: DeviceLoader, optimizer, cfg: TrainConfig, epoch: int, lr: float,
+                progress: bool = False) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """One epoch of training steps at `lr`, as `train` runs it: batch -> local-learning step
+    -> optimizer. Returns (images seen, wrong predictions, summed losses [K]), the last two
+    on the device.
+
+    Nothing in a step waits for the device: the loader's data and constants are on the
+    device from the epoch's start (DeviceLoader), the divergence check stays there and is
+    read every `cfg.check_every` steps and once after the last step (DivergenceWatch), and
+    the step bar reads the running losses at most every half second. The read after the
+    last step also makes the caller's clock honest: the device has finished the epoch when
+    this returns.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    net.train()
+    out, watch = Path(cfg.out_dir), DivergenceWatch(net.k, loader.device)
+    seen, wrong, loss_sum = 0, 0, 0.0
+    shown = time.perf_counter()  # when the step bar's running losses were last shown
+    with tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress) as steps:
+        for step, (x, y) in enumerate(steps):
+            image = denormalize(x, loader.recipe, loader.stats) if cfg.reconstruct else None
+            logits, losses = local_learning_step(net, to_format(x, cfg.channels_last), y, image, cfg.bf16)
+            watch.record(losses)
+            if (step + 1) % cfg.check_every == 0:   # a non-finite loss is caught before it is applied
+                watch.check(out, epoch, lr, net.k, step)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seen += len(y)
+            wrong = wrong + (logits.argmax(1) != y).sum()
+            loss_sum = loss_sum + losses * len(y)
+            if progress and time.perf_counter() - shown > 0.5:  # reading the losses syncs: not every step
+                steps.set_postfix(loss=" ".join(f"{v:.3f}" for v in (loss_sum / seen).tolist()), refresh=False)
+                shown = time.perf_counter()
+    watch.check(out, epoch, lr, net.k)
+    return seen, wrong, loss_sum
 
 
 # --------------------------------------------------------------------------------------
@@ -249,9 +379,12 @@ def read_run_json(path: Path) -> dict:
 
 
 # Where a run lives and how fast it runs may change between its start and its resume;
-# nothing else may (bf16 changes the rounding, so it stays).
+# nothing else may (bf16 changes the rounding, so it stays). `deterministic` may: like
+# cudnn_benchmark it picks among kernels computing the same function, and a run moved to
+# another GPU model is not bit for bit anyway; a bit-exact resume needs it on in both parts.
+# `check_every` only decides when a divergence is noticed.
 MAY_CHANGE_ON_RESUME = {"out_dir", "device", "data_root", "download", "channels_last", "cudnn_benchmark",
-                        "torch_compile", "reuse_cpu_memory", "context_impl"}
+                        "deterministic", "torch_compile", "reuse_cpu_memory", "context_impl", "check_every"}
 
 
 def _config_json(cfg: TrainConfig) -> dict:
@@ -339,11 +472,19 @@ def prepare_run_folder(cfg: TrainConfig, ckpt: dict | None, measure_memory) -> t
 
 
 def first_step_memory(net: ContSupNet, data, cfg: TrainConfig, device) -> dict:
-    """measure_step_memory on the first (unshuffled) training batch."""
+    """measure_step_memory on the first (unshuffled) training batch. It runs with
+    torch.use_deterministic_algorithms off (restored after): it measures on copies, and its
+    reference step runs the plain encoders, whose adaptive pool has no deterministic CUDA
+    backward (check_deterministic)."""
     recipe = tables.DATA_RECIPES[cfg.dataset]
     x, y = next(iter(DeviceLoader(data.train_x, data.train_y, recipe, cfg.batch_size, False, device)))
     image = denormalize(x, recipe) if cfg.reconstruct else None
-    return measure_step_memory(net, to_format(x, cfg.channels_last), y, image, cfg.bf16)
+    strict, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        return measure_step_memory(net, to_format(x, cfg.channels_last), y, image, cfg.bf16)
+    finally:
+        torch.use_deterministic_algorithms(strict, warn_only=warn_only)
 
 
 def checkpoint(model_state: dict, optimizer_state: dict, epoch: int, cfg: TrainConfig, data_rng, best,
@@ -418,27 +559,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
                   initial=start_epoch, total=cfg.epochs)
     for epoch in epochs:
         lr = learning_rate(epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        net.train()
-        t0, seen, wrong, loss_sum = time.perf_counter(), 0, 0, 0.0
-        shown = t0  # when the step bar's running losses were last shown
-        with tqdm(train_loader, desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress) as steps:
-            for step, (x, y) in enumerate(steps):
-                image = denormalize(x, recipe) if cfg.reconstruct else None
-                logits, losses = local_learning_step(net, to_format(x, cfg.channels_last), y, image, cfg.bf16)
-                # A non-finite loss has non-finite gradients: stop before they reach the weights.
-                # The one device sync per step; which module it was is found only on failure.
-                if not torch.isfinite(losses).all():
-                    stop_diverged(out, losses, epoch, step, lr, net.k)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                seen += len(y)
-                wrong += (logits.argmax(1) != y).sum()
-                loss_sum = loss_sum + losses * len(y)
-                if progress and time.perf_counter() - shown > 0.5:  # reading the losses syncs: not every step
-                    steps.set_postfix(loss=" ".join(f"{v:.3f}" for v in (loss_sum / seen).tolist()), refresh=False)
-                    shown = time.perf_counter()
+        t0 = time.perf_counter()
+        seen, wrong, loss_sum = train_epoch(net, train_loader, optimizer, cfg, epoch, lr, progress)
         train_time = time.perf_counter() - t0
         test_error = evaluate(net, test_loader, cfg.channels_last, cfg.bf16)
         if test_error < best[0]:

@@ -327,3 +327,30 @@ def test_same_seed_same_batches_and_exact_resume():
     resumed = torch.Generator()
     resumed.set_state(state)
     assert same(epochs(resumed, 1)[0], a[1])
+
+
+@pytest.mark.parametrize("name, batch, drop_last", [("cifar10", 128, False), ("svhn", 100, True), ("cifar10", 500, True)])
+def test_epoch_draws_are_those_of_drawing_batch_by_batch(name, batch, drop_last):
+    """The loader draws an epoch's random numbers when it starts (one copy to the device),
+    in the order drawing batch by batch takes them: the permutation, then per batch dy, dx
+    and the flips. So the batches, and the generator's state after the epoch (what a
+    checkpoint stores), are those of drawing per batch, as earlier versions of the loader
+    did and as every stored result was made."""
+    r = DATA_RECIPES[name]
+    x, y = torch.from_numpy(rand_u8(300, 3, 32, 32, seed=3)), torch.arange(300)
+    gen = torch.Generator().manual_seed(4)
+    loader = D.DeviceLoader(x, y, r, batch, True, "cpu", gen, drop_last=drop_last)
+    ours = list(loader)
+    ref_gen = torch.Generator().manual_seed(4)
+    order = torch.randperm(300, generator=ref_gen)
+    expected = []
+    for i in range(len(loader)):
+        idx = order[i * batch:(i + 1) * batch]
+        b, p = len(idx), r.pad
+        dy = torch.randint(0, 2 * p + 1, (b, 1), generator=ref_gen)
+        dx = torch.randint(0, 2 * p + 1, (b, 1), generator=ref_gen)
+        flip = torch.rand(b, 1, generator=ref_gen) < 0.5 if r.flip else torch.zeros(b, 1, dtype=torch.bool)
+        expected.append((D.normalize(loader.augment(x[idx], dy, dx, flip), r), y[idx]))
+    assert len(ours) == len(expected) == (300 // batch if drop_last else -(-300 // batch))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(ours, expected))
+    assert torch.equal(gen.get_state(), ref_gen.get_state())

@@ -142,8 +142,9 @@ def test_diverging_run_stops_at_first_bad_step_and_keeps_the_checkpoint(tmp_path
     monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **kw: optimizer_steps.append(1)
                         or real_optimizer_step(self, *a, **kw))
     out = tmp_path / "run"
+    # check_every=1: the check is read before every optimizer step, so the bad step is never applied
     cfg = TrainConfig(dataset="digits8", arch="resnet32", k=4, mode="R1E", epochs=3, warmup_epochs=0,
-                      batch_size=64, train_subset=256, out_dir=str(out), device="cpu")
+                      batch_size=64, train_subset=256, out_dir=str(out), device="cpu", check_every=1)
     ckpt_bytes = {}
     real_save = train_module._atomic_save
 
@@ -177,6 +178,45 @@ def test_diverging_run_stops_at_first_bad_step_and_keeps_the_checkpoint(tmp_path
     assert (again.value.epoch, again.value.step, len(steps)) == (1, e.step, e.step + 1)
     assert (out / "ckpt.pt").read_bytes() == ckpt_bytes[0]
 
+
+
+def test_divergence_read_every_n_steps_names_the_same_first_bad_step(tmp_path, monkeypatch):
+    """With the check read every 50 steps (the default: in an epoch of 4 steps, at its end
+    only, after the optimizer took the bad step and the NaN steps after it), a run that
+    diverges in epoch 1 names the same first bad step, module and losses as one checked
+    before every step, and keeps epoch 0's checkpoint byte for byte."""
+    from contsup.errors import DivergedError
+    monkeypatch.setattr(train_module, "learning_rate", lambda epoch, *args: 0.05 if epoch == 0 else 1e6)
+    ckpt_bytes = {}
+    real_save = train_module._atomic_save
+
+    def save_and_remember(obj, path, as_json=False):
+        real_save(obj, path, as_json)
+        if path.name == "ckpt.pt":
+            ckpt_bytes[path.parent.name] = path.read_bytes()
+
+    monkeypatch.setattr(train_module, "_atomic_save", save_and_remember)
+    errors = {}
+    for every in (1, 50):
+        out = tmp_path / f"every{every}"
+        cfg = TrainConfig(dataset="digits8", arch="resnet32", k=4, mode="R1E", epochs=3, warmup_epochs=0,
+                          batch_size=64, train_subset=256, out_dir=str(out), device="cpu", check_every=every)
+        with pytest.raises(DivergedError) as failure:
+            train(cfg, progress=False)
+        errors[every] = failure.value
+        assert (out / "ckpt.pt").read_bytes() == ckpt_bytes[out.name]      # epoch 0's, untouched
+        assert torch.load(out / "ckpt.pt", weights_only=True)["epoch"] == 0
+        assert [r["epoch"] for r in _metrics(out)] == [0]
+        assert sorted(_strict_json_files(out)) == ["config.json", "error.json", "metrics.jsonl"]
+    exact, late = errors[1], errors[50]
+    assert (late.epoch, late.step, late.module, late.losses) == (exact.epoch, exact.step, exact.module, exact.losses)
+    assert "stopped at the next check (--check-every)" in str(late) and "before applying it" in str(exact)
+    record = json.loads((tmp_path / "every50" / "error.json").read_text())
+    assert (record["epoch"], record["step"], record["module"], record["losses"]) == \
+        (late.epoch, late.step, late.module, late.losses)
+    a = torch.load(tmp_path / "every1" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "every50" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(t, b[name]) for name, t in a.items())
 
 def test_step_progress_bar_and_quiet_runs(tmp_path, capsys):
     cfg = lambda name, **kw: TrainConfig(dataset="digits8", arch="resnet32", k=2, mode="R1E", epochs=1,  # noqa: E731

@@ -28,9 +28,10 @@ huge parameter therefore never shows up in the peak, not even through its gradie
 `reuse_freed_cpu_memory` is about speed, not measurement: it keeps glibc's malloc from
 handing large freed blocks back to the OS (see there).
 
-`cuda_peak_bytes` is the device's own number (`torch.cuda.max_memory_allocated`), which also
-contains allocator rounding, workspaces, and whatever the step allocates for parameters'
-gradients.
+`cuda_peak_bytes` is the device's own number (`torch.cuda.max_memory_allocated`) for a step
+that starts, as the tracker's and as a training step, with no parameter gradients: it counts
+what the tracker counts plus the parameters' gradients, cuDNN/cuBLAS workspaces and the
+allocator's rounding.
 """
 from __future__ import annotations
 
@@ -261,12 +262,20 @@ def peak_activation_bytes(step_fn, exclude, inputs=()) -> int:
     return t.peak_bytes
 
 
-def cuda_peak_bytes(step_fn, device) -> int | None:
+def cuda_peak_bytes(step_fn, device, params=()) -> int | None:
     """torch.cuda.max_memory_allocated during step_fn(), minus what was allocated before it
-    (parameters, the data, ...); None when `device` is not a CUDA device."""
+    (parameters, the data, optimizer state, ...); None when `device` is not a CUDA device.
+
+    The gradients of `params` (the stepped model's parameters) are cleared first, set to None
+    as the trainer's optimizer.zero_grad(set_to_none=True) leaves them, so the step allocates
+    them and the peak includes them. The number is then activations (what
+    `peak_activation_bytes` counts) + the parameters' gradients + workspaces + the
+    allocator's rounding: compare it with peak_activation_bytes + the gradients' bytes."""
     device = torch.device(device) if device is not None else None
     if device is None or device.type != "cuda" or not torch.cuda.is_available():
         return None
+    for p in params:
+        p.grad = None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
@@ -301,7 +310,7 @@ def measure_step_memory(net, x, y, image=None, bf16: bool = False) -> dict:
 
     - `peak_activation_bytes`: peak activation bytes of the path that runs (the net's own
       encoders' implementation; device-independent: the tracker above), and `cuda_peak_bytes`:
-      torch.cuda.max_memory_allocated on CUDA (else None);
+      torch.cuda.max_memory_allocated on CUDA (else None), which includes the gradients;
     - `paper_memory_bytes`: training memory as the paper counts it on a GPU, the sum of
       `paper_memory_parts`: parameters + their gradients + the optimizer state (SGD's one
       momentum buffer per parameter) + the peak activations of the authors' plain encoders
@@ -317,7 +326,7 @@ def measure_step_memory(net, x, y, image=None, bf16: bool = False) -> dict:
         return probe, step, peak_activation_bytes(step, exclude=[probe], inputs=inputs)
 
     probe, step, peak = measure(None)
-    cuda_peak = cuda_peak_bytes(step, x.device)
+    cuda_peak = cuda_peak_bytes(step, x.device, probe.parameters())  # the tracker's step left .grad
     swapped = any(isinstance(m, EncoderChain) for m in net.modules())   # lean or fused encoders
     plain_peak = measure("plain")[2] if swapped else peak
     trained = [p for p in net.parameters() if p.requires_grad]
