@@ -5,8 +5,8 @@ Python's json writes float('nan') as the literal `NaN` (and inf as `Infinity`), 
 JSON: browsers, jq and strict parsers refuse the whole file. Here a non-finite float becomes
 null, and `allow_nan=False` makes any value that slipped through an error instead of a bad file.
 
-A file is replaced atomically (`write_atomic`: `<name>.tmp`, flushed to disk, renamed over
-it) and a JSON-lines file grows by whole lines (`append_line`). Either fails in one OSError
+A file is replaced atomically (`write_atomic`: `<name>.<pid>-<thread>.tmp`, flushed to disk,
+renamed over it) and a JSON-lines file grows by whole lines (`append_line`). Either fails in one OSError
 naming the file, whatever went wrong (disk full, file-size limit, a signal), and leaves the
 file as it was: no .tmp, no half line.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from pathlib import Path
 
 
@@ -55,9 +56,10 @@ def _write_error(path, e: OSError) -> OSError:
 def write_atomic(path, data: bytes | str) -> None:
     """Replace `path` with `data` all at once: readers, a crash or a kill see the old file or
     the new one. On any failure (an OSError such as a full disk, or a KeyboardInterrupt from a
-    signal) the .tmp is removed; an OSError is raised again as one line naming `path`."""
+    signal) the .tmp is removed; an OSError is raised again as one line naming `path`. The .tmp
+    is the writer's own (pid and thread in its name): two writers never write into one."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)

@@ -245,19 +245,21 @@ CHECKPOINT_FIELDS = {"model": _DICT, "optimizer": _DICT, "epoch": _COUNT, "confi
 CHECKPOINT_KEYS = tuple(CHECKPOINT_FIELDS)
 RESULT_FIELDS = {"final_error": _NUMBER, "best_error": _NUMBER, "best_epoch": _COUNT, "epochs": _COUNT,
                  "peak_activation_bytes": _NUMBER, "train_seconds": _NUMBER, "config": _DICT}
+RESULT_OPTIONAL = {"paper_memory_bytes": _NUMBER}   # null or missing in results of older versions
 METRICS_FIELDS = {"epoch": _COUNT, "test_error": _NUMBER, "epoch_seconds": _NUMBER}
 MOVE_AWAY = "move it (or its whole run folder) away, or use another --out"
 
 
-def check_fields(what: str, record, spec: dict, fix: str = MOVE_AWAY) -> None:
+def check_fields(what: str, record, spec: dict, fix: str = MOVE_AWAY, optional: dict | None = None) -> None:
     """Refuse `record` (read from the file `what`) in one line naming the first field of
-    `spec` it lacks or holds with the wrong type."""
+    `spec` it lacks or holds with the wrong type (of `optional`: holds, if not None)."""
     if not isinstance(record, dict):
         raise UsageError(f"{what} holds a {type(record).__name__}, not a dict of fields; {fix}")
-    for name, (ok, kind) in spec.items():
-        if name not in record:
+    for name, (ok, kind) in [*spec.items(), *(optional or {}).items()]:
+        required = name in spec
+        if required and name not in record:
             raise UsageError(f"{what} has no '{name}' ({kind}); {fix}")
-        if not ok(record[name]):
+        if (required or record.get(name) is not None) and not ok(record[name]):
             value = repr(record[name]) if not isinstance(record[name], dict) else "a dict"
             raise UsageError(f"{what}: '{name}' is {value[:40]}, not {kind}; {fix}")
 
@@ -366,7 +368,7 @@ def check_same_config(cfg: TrainConfig, stored: dict, path: Path) -> None:
 def finished_result(cfg: TrainConfig, path: Path) -> dict:
     """The result.json of a finished run of `cfg`, checked field by field; reads, never writes."""
     result = read_run_json(path)
-    check_fields(str(path), result, RESULT_FIELDS)
+    check_fields(str(path), result, RESULT_FIELDS, optional=RESULT_OPTIONAL)
     check_same_config(cfg, result["config"], path)
     config_path = path.parent / "config.json"
     if config_path.exists():
@@ -385,7 +387,8 @@ def open_run(cfg: TrainConfig, resume: bool, lock: ExitStack) -> tuple[dict | No
     a read-only folder will do), it first takes the run folder's lock into `lock`, the
     caller's ExitStack, which holds it until the caller closes the stack: after result.json
     is written, or on any exit. Another live writer: RunFolderBusy, one line naming it,
-    nothing touched. A refused folder may keep the `.lock` file; no run file is touched."""
+    nothing touched. Refused after taking the lock: the lock file (and a new --out folder)
+    is removed again; the stamp in an existing `.lock` says who took it last."""
     cfg.model_config()
     pick_device(cfg.device)
     out = Path(cfg.out_dir)
@@ -436,7 +439,8 @@ def prepare_run_folder(cfg: TrainConfig, ckpt: dict | None, measure_memory) -> t
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES:
-        (out / (name + ".tmp")).unlink(missing_ok=True)
+        for tmp in out.glob(f"{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
     metrics_path = out / "metrics.jsonl"
     if ckpt is not None:
         start_epoch = ckpt["epoch"] + 1

@@ -5,7 +5,7 @@ in the case's own tmp folder (a copy of one tiny finished run, fake datasets in 
 on-disk formats from test_data.py, stray files where folders should be). Each case checks:
 the exit status, exactly one stderr line starting with `contsup: error:` (at most 200
 characters, not counting paths the user typed), no traceback, and that the whole tmp
-folder tree (names and bytes) is unchanged, but for run folders' `.lock` files (see `tree`). A few cases run `python -m contsup` in a real
+folder tree (names and bytes) is unchanged, but for the stamp in a run folder's `.lock` (see `tree`). A few cases run `python -m contsup` in a real
 process; the notebook parameters of 02_train are checked through `notebook_jobs` and one
 papermill execution.
 """
@@ -247,6 +247,8 @@ CASES = [
          also(finished, edit_json("run/result.json", config=DELETE))),
     Case("resume-result-best-epoch-null", TRAIN + ["--resume"], "'best_epoch' is None, not an integer >= 0",
          also(finished, edit_json("run/result.json", best_epoch=None))),
+    Case("resume-result-paper-memory-a-string", TRAIN + ["--resume"], "'paper_memory_bytes' is 'big', not a number",
+         also(finished, edit_json("run/result.json", paper_memory_bytes="big"))),
     Case("resume-ckpt-epoch-a-string", TRAIN + ["--resume"], "ckpt.pt: 'epoch' is '0', not an integer >= 0",
          also(unfinished, edit_checkpoint(epoch="0"))),
     Case("resume-ckpt-best-none", TRAIN + ["--resume"], "ckpt.pt: 'best' is None, not [error, epoch]",
@@ -320,13 +322,10 @@ CASES = [
 
 def tree(root: Path) -> dict:
     """Every folder and file under root: relative name -> bytes (None for a folder). A run
-    folder's `.lock` is not a run file (runlock: it says who took the lock last): a command
-    refused after taking the lock may create or restamp it, with the folder it needs; so
-    `.lock` files, and folders holding nothing else, are left out."""
-    def lock_only(p):
-        return p.is_dir() and [q.name for q in p.iterdir()] == [".lock"]
-    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))
-            if p.name != ".lock" and not lock_only(p)}
+    folder's `.lock` counts by its name only: it says who took the lock last (runlock), and
+    a command refused after taking the lock restamps it."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else "lock" if p.name == ".lock" else p.read_bytes())
+            for p in sorted(root.rglob("*"))}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

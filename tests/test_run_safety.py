@@ -124,6 +124,53 @@ def test_a_second_writer_gets_one_line_naming_the_holder_and_touches_nothing(ref
     assert main(["train", *TINY, "--out", str(run), "--resume"]) == 0
 
 
+def test_a_failed_block_leaves_no_lock_and_no_folder(tmp_path):
+    with pytest.raises(KeyError), run_lock(tmp_path / "a" / "b" / "run"):
+        raise KeyError("refused")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(KeyError), run_lock(tmp_path / "run"):
+        raise KeyError("refused")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["config.json"]
+
+
+def test_a_waiter_locks_the_new_file_when_the_holder_removes_its_own(tmp_path, monkeypatch):
+    """The holder's block fails and removes the lock file it made, while a blocking taker has
+    it open: the taker must not keep a lock on the removed file (two holders at once)."""
+    import threading
+    from contsup import runlock
+    folder, opened, held, release = tmp_path / "run", threading.Event(), threading.Event(), threading.Event()
+    real_flock = runlock.fcntl.flock
+
+    def flock(fd, op):
+        if threading.current_thread() is not threading.main_thread():
+            opened.set()   # the waiter has the (soon removed) file open
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(runlock.fcntl, "flock", flock)
+
+    def waiter():
+        with run_lock(folder, blocking=True):
+            held.set()
+            release.wait()
+
+    with pytest.raises(KeyError), run_lock(folder):
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        assert opened.wait(WAIT_S)
+        raise KeyError("refused")
+    assert held.wait(WAIT_S)
+    try:
+        assert runlock.is_locked(folder)   # the file at <folder>/.lock is the one the waiter holds
+        with pytest.raises(runlock.RunFolderBusy):
+            with run_lock(folder):
+                pass
+    finally:
+        release.set()
+        thread.join()
+
+
 def test_two_train_commands_on_one_folder(reference, tmp_path, capsys):
     """The second identical command, and a --resume, while the first trains: refused with its pid;
     the first finishes with one line per epoch and its own train_seconds."""
@@ -228,7 +275,7 @@ def test_a_signal_during_a_checkpoint_write_leaves_the_old_file_and_no_tmp(tmp_p
 
     def fsync_then_signal(fd):  # the new bytes are in ckpt.pt.tmp, not yet renamed
         real_fsync(fd)
-        assert (tmp_path / "ckpt.pt.tmp").exists()
+        assert len(list(tmp_path.glob("ckpt.pt.*.tmp"))) == 1
         os.kill(os.getpid(), signal.SIGTERM)
         for _ in range(10**6):
             pass
@@ -251,9 +298,11 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(interrupted, caps
     assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.startswith(f"contsup: error: cannot write {ckpt} (File too large); it was left as it was")
     assert ckpt.read_bytes() == before and not list(interrupted.glob("*.tmp"))
-    # room again: --resume trains epoch 1 once more (its line from the failed attempt is dropped)
+    # room again: --resume trains epoch 1 once more (its line from the failed attempt is dropped),
+    # and removes what a writer killed mid-write (SIGKILL) could not
+    (interrupted / "ckpt.pt.999-1.tmp").write_bytes(before[:100])
     assert main(["train", *TINY, "--out", str(interrupted), "--resume"]) == 0
-    assert epochs_of(interrupted) == [0, 1]
+    assert epochs_of(interrupted) == [0, 1] and not list(interrupted.glob("*.tmp"))
 
 
 @pytest.mark.parametrize("error", [errno.ENOSPC, errno.EDQUOT])
