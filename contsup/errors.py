@@ -51,8 +51,11 @@ class Stopped(KeyboardInterrupt):
     (143 for SIGTERM), as a shell reports a process the signal killed."""
 
     def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(signum)   # (pickles as itself)
         self.signum = signum
+
+    def __str__(self):
+        return signal.Signals(self.signum).name
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)

@@ -260,10 +260,12 @@ def test_a_stop_signal_is_a_keyboard_interrupt_with_its_exit_status(signum):
     previous = signal.getsignal(signum)
     with pytest.raises(KeyboardInterrupt) as e:   # what every Ctrl-C cleanup already catches
         with stop_on_signals():
-            os.kill(os.getpid(), signum)
-            for _ in range(10**6):   # the handler runs between two bytecodes of this thread
-                pass
+            try:
+                signal.raise_signal(signum)   # to this thread: its handler runs as the call returns
+            finally:   # cleanup after the first: a second signal does not cut it short
+                signal.raise_signal(signum)
     assert isinstance(e.value, Stopped) and exit_status(e.value) == 128 + signum
+    assert str(e.value) == signal.Signals(signum).name
     assert signal.getsignal(signum) == previous   # put back on the way out
 
 
@@ -276,9 +278,7 @@ def test_a_signal_during_a_checkpoint_write_leaves_the_old_file_and_no_tmp(tmp_p
     def fsync_then_signal(fd):  # the new bytes are in ckpt.pt.tmp, not yet renamed
         real_fsync(fd)
         assert len(list(tmp_path.glob("ckpt.pt.*.tmp"))) == 1
-        os.kill(os.getpid(), signal.SIGTERM)
-        for _ in range(10**6):
-            pass
+        signal.raise_signal(signal.SIGTERM)
 
     monkeypatch.setattr(os, "fsync", fsync_then_signal)
     with pytest.raises(Stopped), stop_on_signals():
