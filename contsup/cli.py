@@ -1,19 +1,23 @@
 """Command line: `python -m contsup train|describe|download ...`.
 
 Every bad input ends in one line on stderr naming the valid choices (or the fix), and exit
-status 2; a training run that diverges (non-finite loss) ends in one line naming where, and
-an error of the file system itself (disk full...) in one line, both with exit status 1.
-JSON output is strict (jsonio): no NaN/Infinity literals.
+status 2 (a run folder another run writes is one: its holder is named); a training run that
+diverges (non-finite loss) ends in one line naming where, and an error of the file system
+itself (disk full...) in one line, both with exit status 1. SIGTERM and SIGHUP stop a run
+as Ctrl-C does (errors.stop_on_signals), in one line, exit status 128 + the signal; the last
+checkpoint stays for --resume. Output never fails on the terminal's encoding. JSON output
+is strict (jsonio): no NaN/Infinity literals.
 """
 from __future__ import annotations
 
 import argparse
 from dataclasses import fields
+import io
 import os
 import sys
 
 from . import jsonio, tables
-from .errors import DivergedError, UsageError
+from .errors import DivergedError, Stopped, UsageError, exit_status, stop_on_signals
 from .study import reproduce
 
 
@@ -65,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-root", default="data")
     t.add_argument("--download", action="store_true", help="fetch the dataset with torchvision if missing")
     t.add_argument("--train-subset", type=int, default=None, help="train on the first N images only")
-    t.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<arch>-K<k>-<mode>-<loss>)")
+    t.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<arch>-K<k>-<mode>-<loss>, "
+                                                "then every other setting that is not the default, e.g. -seed1)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     t.add_argument("--seed", type=int, default=0)
@@ -120,11 +125,11 @@ def _model_kwargs(args) -> dict:
 
 
 def cmd_train(args) -> int:
-    from .train import TrainConfig, open_run, train
-    out = args.out if args.out is not None else f"runs/{args.dataset}-{args.arch}-K{args.k}-{args.mode}-{args.loss}"
+    from .train import TrainConfig, run_name, train
     cfg = TrainConfig(**_model_kwargs(args), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       warmup_epochs=args.warmup_epochs, data_root=args.data_root, download=args.download,
-                      train_subset=args.train_subset, out_dir=out, device=args.device, seed=args.seed,
+                      train_subset=args.train_subset, out_dir=args.out if args.out is not None else "runs/default",
+                      device=args.device, seed=args.seed,
                       context_impl=args.context_impl, channels_last=not args.no_channels_last, bf16=args.bf16,
                       cudnn_benchmark=not args.no_cudnn_benchmark, torch_compile=args.compile,
                       reuse_cpu_memory=not args.no_reuse_cpu_memory, deterministic=args.deterministic,
@@ -132,6 +137,9 @@ def cmd_train(args) -> int:
     if cfg.deterministic:  # before anything touches CUDA: cuBLAS reads it once (train.use_deterministic)
         from .train import CUBLAS_WORKSPACE_CONFIG
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+    if args.out is None:   # every setting that is not the default is in the name: no two configs share it
+        cfg.out_dir = os.path.join("runs", run_name(cfg))
+    out = cfg.out_dir
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.pipeline:
         from .pipeline import RankFailure, train_pipelined
         try:  # under torchrun a run always resumes its checkpoint (--max-restarts restarts it)
@@ -144,9 +152,6 @@ def cmd_train(args) -> int:
         if int(os.environ.get("RANK", "0")) != 0:
             return 0
     else:
-        # train() checks the same first; here before the note, so that a bad input is one line, nothing else
-        if args.resume and open_run(cfg, resume=True) == (None, None):
-            print(f"contsup: note: nothing to resume in {out} (no ckpt.pt); starting a fresh run", file=sys.stderr)
         result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"{out}: test error {result['final_error']:.2f}% (best {result['best_error']:.2f}% "
           f"at epoch {result['best_epoch']}), peak activation memory "
@@ -242,23 +247,41 @@ COMMANDS = {"train": cmd_train, "describe": cmd_describe, "download": cmd_downlo
             "estimate": cmd_estimate}
 
 
+def readable_output() -> None:
+    """Output never fails on the terminal's encoding (PYTHONIOENCODING=ascii, a C locale): what
+    it cannot show is written as an escape (\\xe9), not raised as UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, io.UnsupportedOperation):  # not a TextIOWrapper: leave it
+            pass
+
+
 def main(argv=None) -> int:
-    try:
-        parser = build_parser()
-        args, extra = parser.parse_known_args(argv)
-        if extra:  # named with the subcommand whose --help lists the valid flags
-            parser.subcommands[args.command].error(
-                f"unrecognized arguments: {' '.join(extra)}")
-        return COMMANDS[args.command](args)
-    except UsageError as e:
-        print(f"contsup: error: {e}", file=sys.stderr)
-        return 2
-    except DivergedError as e:  # valid input, a run gone wrong: not a usage error
-        print(f"contsup: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # the file system said no (disk full, a file vanished...): one line, not a traceback
-        print(f"contsup: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("contsup: interrupted; rerun the same command with --resume to continue", file=sys.stderr)
-        return 130
+    """Run one command; every way it can end is one line on stderr (if any) and an exit status."""
+    readable_output()
+    command = None
+    with stop_on_signals():   # SIGTERM, SIGHUP -> Stopped, a KeyboardInterrupt, in the main thread
+        try:
+            parser = build_parser()
+            args, extra = parser.parse_known_args(argv)
+            command = args.command
+            if extra:  # named with the subcommand whose --help lists the valid flags
+                parser.subcommands[args.command].error(
+                    f"unrecognized arguments: {' '.join(extra)}")
+            return COMMANDS[args.command](args)
+        except UsageError as e:
+            print(f"contsup: error: {e}", file=sys.stderr)
+            return 2
+        except DivergedError as e:  # valid input, a run gone wrong: not a usage error
+            print(f"contsup: error: {e}", file=sys.stderr)
+            return 1
+        except OSError as e:  # the file system said no (disk full, a file vanished...): one line, not a traceback
+            print(f"contsup: error: {e.strerror if e.filename is None and e.strerror else e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as e:  # Ctrl-C, or a signal (Stopped)
+            what = f"stopped by {e}" if isinstance(e, Stopped) else "interrupted"
+            then = ("; the last checkpoint is kept: rerun the same command with --resume to continue"
+                    if command == "train" else "")
+            print(f"contsup: {what}{then}", file=sys.stderr)
+            return exit_status(e)

@@ -4,13 +4,18 @@ A bad input (a wrong name, a number out of range, a file where a folder should b
 a `UsageError` whose one-line message names the fix; the CLI prints it and exits 2. The
 checks below are shared by the configs (so the Python API and the notebooks get them too)
 and by the command line. A run that goes wrong on valid input (a non-finite loss) raises
-`DivergedError`; the CLI prints its one line and exits 1.
+`DivergedError`; the CLI prints its one line and exits 1. A scheduler's SIGTERM (SLURM,
+`timeout`, a preemption) or a closed terminal's SIGHUP becomes `Stopped` (`stop_on_signals`),
+a KeyboardInterrupt: the run stops as after Ctrl-C, keeping its last checkpoint.
 """
 from __future__ import annotations
 
 import math
 import numbers
 import os
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -38,6 +43,52 @@ class DivergedError(RuntimeError):
     def as_dict(self) -> dict:
         return {"error": str(self), "epoch": self.epoch, "step": self.step, "module": self.module,
                 "losses": self.losses}
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal asked the process to stop. A KeyboardInterrupt, so that everything that
+    cleans up after Ctrl-C cleans up after it too; `signum` makes the exit status 128 + signum
+    (143 for SIGTERM), as a shell reports a process the signal killed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)   # (pickles as itself)
+        self.signum = signum
+
+    def __str__(self):
+        return signal.Signals(self.signum).name
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def stop_on_signals(signals=STOP_SIGNALS):
+    """While the block runs, the first of `signals` to arrive raises `Stopped` in the main
+    thread (where Python runs signal handlers), wherever it is: in a step, in a checkpoint
+    write (which then removes its .tmp and leaves the previous file whole). Any later one
+    is ignored while the process unwinds, so that cleanup is not cut short. The previous
+    handlers come back at the end. Called outside the main thread: changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = []
+
+    def stop(signum, frame):
+        if not stopping:
+            stopping.append(signum)
+            raise Stopped(signum)
+
+    previous = {s: signal.signal(s, stop) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+def exit_status(interrupt: KeyboardInterrupt) -> int:
+    """128 + the signal that stopped the process: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + getattr(interrupt, "signum", signal.SIGINT)
 
 
 FLAGS = {"out_dir": "--out", "k": "-k"}  # where a field's flag is not its name

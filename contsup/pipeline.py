@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+from contextlib import ExitStack
 import itertools
 import os
 import re
@@ -561,7 +562,8 @@ def train_pipelined(cfg: TrainConfig, resume: bool = False, progress: bool = Tru
     device = _device(cfg)
     made_group = init_distributed(device, timeout_s)
     try:
-        return _run(cfg, resume, progress, split, depth, timeout_s, device)
+        with ExitStack() as lock:   # rank 0 holds the run folder's lock for the whole run (open_run takes it)
+            return _run(cfg, resume, progress, split, depth, timeout_s, device, lock)
     except RankFailure:
         made_group = False   # tearing down a group with a lost peer may wait for it forever
         raise
@@ -570,7 +572,7 @@ def train_pipelined(cfg: TrainConfig, resume: bool = False, progress: bool = Tru
             dist.destroy_process_group()
 
 
-def _run(cfg, resume, progress, split, depth, timeout_s, device) -> dict:
+def _run(cfg, resume, progress, split, depth, timeout_s, device, lock: ExitStack) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     watch = Watch(rank, world, timeout_s)
     first = rank == 0
@@ -579,7 +581,7 @@ def _run(cfg, resume, progress, split, depth, timeout_s, device) -> dict:
     opened = None
     if first:
         try:
-            opened = open_run(cfg, resume)
+            opened = open_run(cfg, resume, lock)
         except UsageError as e:
             opened = str(e)
     opened = _broadcast(watch, opened)

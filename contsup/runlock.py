@@ -4,7 +4,11 @@
 who holds it (pid, host, since when) into that file. The kernel releases the lock when the
 holder's process ends in any way, a crash or SIGKILL included, so a stale lock file never
 blocks a rerun: only a live holder does. A second writer gets `RunFolderBusy`, a UsageError
-whose one line names the holder (the CLI: exit 2), and has touched nothing but the lock file.
+whose one line names the holder (the CLI: exit 2), and has touched nothing. A block that
+fails leaves no trace of the lock: the lock file and the folders that `run_lock` created
+for it are removed (a refused `train` into a new --out leaves no empty folder). Removing a
+lock file is safe because every taker checks, once it holds the lock, that the file it
+locked is still the one at `<folder>/.lock`, and locks the new one otherwise.
 
 flock is advisory and per open file: it protects run folders from contsup processes on one
 machine, and on network file systems that support it (NFSv4, Lustre with `flock`); where the
@@ -53,24 +57,55 @@ def describe_holder(holder: dict) -> str:
 def run_lock(folder, blocking: bool = False):
     """Hold `<folder>/.lock` exclusively for the `with` block; `folder` is created if missing.
     Not blocking (the default): raise RunFolderBusy at once if another process holds it.
-    Blocking: wait until it is free (used by a `reproduce` that waits for another one's run)."""
+    Blocking: wait until it is free (used by a `reproduce` that waits for another one's run).
+    If the block raises, the lock file and the folders created for it are removed."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    path = folder / LOCK_NAME
+    made = [p for p in (folder, *folder.parents) if not p.exists()]   # innermost first
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        made_file = not path.exists()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
         except BlockingIOError:
+            os.close(fd)
             holder = read_holder(folder)
             raise RunFolderBusy(f"{folder} is in use by {describe_holder(holder)} (another contsup run "
                                 f"writes it); wait for it to finish, or use another --out", holder) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _is_file_at(fd, path):
+            break
+        os.close(fd)   # its holder removed it while we waited: lock the file there now
+    try:
         stamp = (f"pid={os.getpid()} host={socket.gethostname()} "
                  f"since={time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n").encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, stamp, 0)
         yield
+    except BaseException:
+        if made_file:   # still held: a waiter sees the file gone and locks a new one
+            path.unlink(missing_ok=True)
+            for p in made:   # innermost first; one that is not empty stays, and so do its parents
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+        raise
     finally:
-        os.close(fd)  # releases the lock; the file stays (removing it would race a waiting writer)
+        os.close(fd)  # releases the lock; the file stays after a block that ended well
+
+
+def _is_file_at(fd: int, path: Path) -> bool:
+    """Whether the open file `fd` is the one `path` names now."""
+    try:
+        there = os.stat(path)
+    except FileNotFoundError:
+        return False
+    here = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def is_locked(folder) -> bool:

@@ -4,14 +4,25 @@ One run = one `TrainConfig`. Its folder holds `config.json`, `metrics.jsonl` (on
 epoch), `ckpt.pt` (everything resume needs, written atomically every epoch) and, once
 finished, `result.json`; a run stopped by a non-finite loss leaves `error.json` instead.
 All JSON is strict (jsonio): no NaN/Infinity literals.
+
+One writer per run folder: `train` holds the folder's lock (runlock.run_lock, taken by
+`open_run`) from before it reads the folder until result.json is written, and any exit
+releases it; a second writer is refused in one line naming the holder. A finished run
+resumed is only read: no lock, nothing written (a read-only folder will do). Every file is
+written whole (jsonio.write_atomic, jsonio.append_line): a full disk, a file-size limit or
+a signal leaves the previous checkpoint and no .tmp. Every file read back is checked field
+by field (`check_fields`): a damaged or hand-edited one is named in one line with its field.
 """
 from __future__ import annotations
 
 import difflib
+import io
 import json
 import math
-import os
+import numbers
+import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -22,6 +33,7 @@ from . import jsonio, tables
 from .data import DeviceLoader, denormalize, load_dataset
 from .errors import DivergedError, UsageError, check_bool, check_float, check_int, check_str, check_writable_folder
 from .model import ContSupNet, ModelConfig, check_model_fields
+from .runlock import run_lock
 from .speed.encoders import CONTEXT_IMPLS, set_context_impl
 from .speed.memory import measure_step_memory, reuse_freed_cpu_memory
 from .step import autocast, local_learning_step
@@ -340,27 +352,59 @@ def train_epoch(net: ContSupNet, loader: DeviceLoader, optimizer, cfg: TrainConf
 
 # --------------------------------------------------------------------------------------
 def _atomic_save(obj, path: Path, as_json: bool = False):
-    tmp = path.with_name(path.name + ".tmp")
+    """`obj` into `path` whole or not at all (jsonio.write_atomic). A checkpoint is serialised
+    in memory first: a full disk then fails as the OSError of a plain write, not as torch's
+    RuntimeError from inside its zip writer, and leaves no .tmp."""
     if as_json:
-        tmp.write_text(jsonio.dumps(obj, indent=2))
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+        jsonio.save(path, obj)
+        return
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    jsonio.write_atomic(path, buffer.getbuffer())
 
 
-CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "config", "data_rng", "torch_rng", "best", "memory")
+# What the files of a run folder must hold: field -> (test, what it must be).
+_NUMBER = (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number")
+_COUNT = (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0, "an integer >= 0")
+_DICT = (lambda v: isinstance(v, dict), "a dict")
+_TENSOR = (torch.is_tensor, "a tensor")
+_BEST = (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and _NUMBER[0](v[0])
+         and isinstance(v[1], numbers.Integral) and not isinstance(v[1], bool), "[error, epoch]")
+CHECKPOINT_FIELDS = {"model": _DICT, "optimizer": _DICT, "epoch": _COUNT, "config": _DICT, "data_rng": _TENSOR,
+                     "torch_rng": _TENSOR, "best": _BEST, "memory": _DICT}
+CHECKPOINT_KEYS = tuple(CHECKPOINT_FIELDS)
+RESULT_FIELDS = {"final_error": _NUMBER, "best_error": _NUMBER, "best_epoch": _COUNT, "epochs": _COUNT,
+                 "peak_activation_bytes": _NUMBER, "train_seconds": _NUMBER, "config": _DICT}
+RESULT_OPTIONAL = {"paper_memory_bytes": _NUMBER}   # null or missing in results of older versions
+METRICS_FIELDS = {"epoch": _COUNT, "test_error": _NUMBER, "epoch_seconds": _NUMBER}
+MOVE_AWAY = "move it (or its whole run folder) away, or use another --out"
+
+
+def check_fields(what: str, record, spec: dict, fix: str = MOVE_AWAY, optional: dict | None = None) -> None:
+    """Refuse `record` (read from the file `what`) in one line naming the first field of
+    `spec` it lacks or holds with the wrong type (of `optional`: holds, if not None)."""
+    if not isinstance(record, dict):
+        raise UsageError(f"{what} holds a {type(record).__name__}, not a dict of fields; {fix}")
+    for name, (ok, kind) in [*spec.items(), *(optional or {}).items()]:
+        required = name in spec
+        if required and name not in record:
+            raise UsageError(f"{what} has no '{name}' ({kind}); {fix}")
+        if (required or record.get(name) is not None) and not ok(record[name]):
+            value = repr(record[name]) if not isinstance(record[name], dict) else "a dict"
+            raise UsageError(f"{what}: '{name}' is {value[:40]}, not {kind}; {fix}")
 
 
 def load_checkpoint(path: Path, keys=("model", "config")) -> dict:
-    """The checkpoint, which must hold `keys` (resuming needs all of CHECKPOINT_KEYS)."""
+    """The checkpoint, which must hold `keys` with the right types (resuming needs all of
+    CHECKPOINT_KEYS)."""
+    fix = "move it away to start the run over"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        error = None if isinstance(ckpt, dict) and all(k in ckpt for k in keys) \
-            and isinstance(ckpt["config"], dict) else "not a checkpoint of this trainer"
     except Exception as e:  # any unreadable file: name it and the way out
-        error = type(e).__name__
-    if error:
-        raise UsageError(f"checkpoint {path} is unreadable ({error}); move it away to start the run over")
+        raise UsageError(f"checkpoint {path} is unreadable ({type(e).__name__}); {fix}") from None
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in ("model", "config")):
+        raise UsageError(f"checkpoint {path} is unreadable (not a checkpoint of this trainer); {fix}")
+    check_fields(f"checkpoint {path}", ckpt, {k: CHECKPOINT_FIELDS[k] for k in keys}, fix)
     return ckpt
 
 
@@ -373,9 +417,29 @@ def read_run_json(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         error = type(e).__name__
     if error:
-        raise UsageError(f"{path} is unreadable ({error}); move it (or its whole run folder) away, "
-                         f"or use another --out")
+        raise UsageError(f"{path} is unreadable ({error}); {MOVE_AWAY}")
     return value
+
+
+def read_metrics(path: Path) -> list[tuple[str, dict]]:
+    """metrics.jsonl's (line, row) pairs. A last line cut short by a kill while it was written
+    is dropped (its epoch has no checkpoint yet: resume trains it again); any other line that
+    is not a row is named in one line."""
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is unreadable (UnicodeDecodeError); {MOVE_AWAY}") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise UsageError(f"{path} line {n} is not JSON; {MOVE_AWAY}") from None
+        check_fields(f"{path} line {n}", row, METRICS_FIELDS)
+        rows.append((line, row))
+    return rows
 
 
 # Where a run lives and how fast it runs may change between its start and its resume;
@@ -391,13 +455,9 @@ def _config_json(cfg: TrainConfig) -> dict:
     return json.loads(jsonio.dumps(asdict(cfg)))  # tuples -> lists, as they come back from disk
 
 
-def _epoch_of(line: str) -> float:
-    """The epoch of a metrics line; a line cut short by a kill while it was written counts as
-    after the checkpoint (it is written before the checkpoint of its epoch), so it is dropped."""
-    try:
-        return json.loads(line)["epoch"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
+def _defaults(dataset: str) -> dict:
+    """The config of a run that sets nothing but its dataset (whose recipe fills batch size and lr)."""
+    return _config_json(TrainConfig(dataset=dataset))
 
 
 def config_diff(cfg: TrainConfig, stored: dict) -> list[str]:
@@ -405,8 +465,27 @@ def config_diff(cfg: TrainConfig, stored: dict) -> list[str]:
     how fast it runs (MAY_CHANGE_ON_RESUME); a key newer than the stored run counts with its
     default."""
     now = _config_json(cfg)
-    then = _config_json(TrainConfig(dataset=cfg.dataset)) | stored
+    then = _defaults(cfg.dataset) | stored
     return sorted(k for k in set(now) | set(then) if k not in MAY_CHANGE_ON_RESUME and then.get(k) != now.get(k))
+
+
+def run_name(cfg: TrainConfig) -> str:
+    """The default run folder name: `<dataset>-<arch>-K<k>-<mode>-<loss>`, then every other
+    field that differs from its default (the seed included), as `<field><value>`, in the
+    config's order: two configs that may not share a folder (config_diff) never share a name.
+    The fields that may change on resume (where and how fast it runs) are left out.
+        digits8-resnet32-K4-R1E-softmax-epochs2-batch_size64-train_subset128-seed1"""
+    now, default = _config_json(cfg), _defaults(cfg.dataset)
+    parts = [cfg.dataset, cfg.arch, f"K{cfg.k}", cfg.mode, cfg.loss]
+    for name, value in now.items():
+        if name in {"dataset", "arch", "k", "mode", "loss"} | MAY_CHANGE_ON_RESUME or value == default.get(name):
+            continue
+        if isinstance(value, bool):
+            parts.append(name if value else f"no_{name}")
+        else:
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            parts.append(f"{name}{text}".replace("/", "_").replace(" ", ""))
+    return "-".join(parts)
 
 
 def check_same_config(cfg: TrainConfig, stored: dict, path: Path) -> None:
@@ -419,33 +498,55 @@ def check_same_config(cfg: TrainConfig, stored: dict, path: Path) -> None:
                          f"use another --out or the same settings")
 
 
-def open_run(cfg: TrainConfig, resume: bool) -> tuple[dict | None, dict | None]:
+def finished_result(cfg: TrainConfig, path: Path) -> dict:
+    """The result.json of a finished run of `cfg`, checked field by field; reads, never writes."""
+    result = read_run_json(path)
+    check_fields(str(path), result, RESULT_FIELDS, optional=RESULT_OPTIONAL)
+    check_same_config(cfg, result["config"], path)
+    config_path = path.parent / "config.json"
+    if config_path.exists():
+        check_same_config(cfg, read_run_json(config_path), config_path)
+    return result
+
+
+def open_run(cfg: TrainConfig, resume: bool, lock: ExitStack) -> tuple[dict | None, dict | None]:
     """What `train` checks before it touches a file: the model's combinations (cut tables,
     mode vs K), the device, --out, and what the run folder holds. Returns (checkpoint,
     result): the checkpoint of an unfinished run to resume, the result of a finished run
     of this very config, or (None, None) for a fresh start. Refuses a folder that holds a
-    run without `resume`, and a run (finished or not) of other settings."""
+    run without `resume`, and a run (finished or not) of other settings.
+
+    Unless it only reads (`resume` of a finished run: nothing is written, nothing locked, so
+    a read-only folder will do), it first takes the run folder's lock into `lock`, the
+    caller's ExitStack, which holds it until the caller closes the stack: after result.json
+    is written, or on any exit. Another live writer: RunFolderBusy, one line naming it,
+    nothing touched. Refused after taking the lock: the lock file (and a new --out folder)
+    is removed again; the stamp in an existing `.lock` says who took it last."""
     cfg.model_config()
     pick_device(cfg.device)
     out = Path(cfg.out_dir)
-    check_writable_folder(out, "--out")
     ckpt_path, result_path, config_path = out / "ckpt.pt", out / "result.json", out / "config.json"
+    if resume and result_path.is_file():   # finished: written once, for good; read without the lock
+        return None, finished_result(cfg, result_path)
+    check_writable_folder(out, "--out")
+    lock.enter_context(run_lock(out))      # from here on, no one else writes the folder
     if ckpt_path.exists() or result_path.exists():
         if not resume:
+            _refuse_other_config(cfg, config_path)
             raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        ckpt = result = None
-        if result_path.exists():
-            result = read_run_json(result_path)
-            if "config" in result:  # (result files of the first versions have none)
-                check_same_config(cfg, result["config"], result_path)
-        else:
-            ckpt = load_checkpoint(ckpt_path, CHECKPOINT_KEYS)
-            check_same_config(cfg, ckpt["config"], ckpt_path)
+        if result_path.exists():   # finished while we waited for the lock
+            return None, finished_result(cfg, result_path)
+        ckpt = load_checkpoint(ckpt_path, CHECKPOINT_KEYS)
+        check_same_config(cfg, ckpt["config"], ckpt_path)
+        if ckpt["epoch"] >= cfg.epochs:
+            raise UsageError(f"checkpoint {ckpt_path}: 'epoch' is {ckpt['epoch']}, past the run's last epoch "
+                             f"{cfg.epochs - 1}; move it away to start the run over")
         if config_path.exists():
             check_same_config(cfg, read_run_json(config_path), config_path)
-        return ckpt, result
+        return ckpt, None
     if config_path.exists() or (out / "metrics.jsonl").exists():  # started, killed before its first checkpoint
         if not resume:
+            _refuse_other_config(cfg, config_path)
             raise UsageError(f"{out} holds a run that stopped before its first checkpoint; pass --resume to "
                              f"start it over or choose another --out")
         if config_path.exists():  # starting over rewrites it: only if it is this run's own
@@ -453,21 +554,35 @@ def open_run(cfg: TrainConfig, resume: bool) -> tuple[dict | None, dict | None]:
     return None, None
 
 
+def _refuse_other_config(cfg: TrainConfig, config_path: Path) -> None:
+    """A fresh start into a folder holding a run: if that run is of another config, say so
+    (--resume would not help)."""
+    if config_path.exists():
+        check_same_config(cfg, read_run_json(config_path), config_path)
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "ckpt.pt", "result.json", "error.json")
+
+
 def prepare_run_folder(cfg: TrainConfig, ckpt: dict | None, measure_memory) -> tuple[int, tuple, dict]:
     """(first epoch, (best error, its epoch), memory) of the run. Resuming: from the checkpoint,
     dropping metric lines of an epoch that finished after it (or was cut short by a kill).
-    New: config.json, an empty metrics.jsonl and `measure_memory()`."""
+    New: config.json, an empty metrics.jsonl and `measure_memory()`. Called with the run
+    folder's lock held: a .tmp left by a writer killed mid-write (SIGKILL) is removed."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        for tmp in out.glob(f"{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
     metrics_path = out / "metrics.jsonl"
     if ckpt is not None:
         start_epoch = ckpt["epoch"] + 1
         if metrics_path.exists():
-            lines = [l for l in metrics_path.read_text().splitlines() if _epoch_of(l) < start_epoch]
-            metrics_path.write_text("".join(l + "\n" for l in lines))
+            lines = [line for line, row in read_metrics(metrics_path) if row["epoch"] < start_epoch]
+            jsonio.write_atomic(metrics_path, "".join(line + "\n" for line in lines))
         return start_epoch, tuple(ckpt["best"]), ckpt["memory"]
     _atomic_save(_config_json(cfg), out / "config.json", as_json=True)
-    metrics_path.write_text("")
+    jsonio.write_atomic(metrics_path, "")
     return 0, (math.inf, -1), measure_memory()
 
 
@@ -503,14 +618,14 @@ def metrics_row(epoch: int, lr: float, train_error: float, test_error: float, lo
 
 
 def append_metrics(cfg: TrainConfig, row: dict) -> None:
-    with (Path(cfg.out_dir) / "metrics.jsonl").open("a") as f:
-        f.write(jsonio.dumps(row) + "\n")
+    """One line more in metrics.jsonl: the whole line or nothing (jsonio.append_line)."""
+    jsonio.append_line(Path(cfg.out_dir) / "metrics.jsonl", row)
 
 
 def finish_run(cfg: TrainConfig, net: ContSupNet, best: tuple, memory: dict, device, **extra) -> dict:
     """Write result.json from the run's metrics and return it."""
     out = Path(cfg.out_dir)
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for _, row in read_metrics(out / "metrics.jsonl")]
     result = {"final_error": rows[-1]["test_error"], "best_error": best[0], "best_epoch": best[1],
               "epochs": cfg.epochs, **memory, "params": net.parts(), "cuts": net.cuts,
               "train_seconds": sum(r["epoch_seconds"] for r in rows), "device": str(device),
@@ -522,10 +637,20 @@ def finish_run(cfg: TrainConfig, net: ContSupNet, best: tuple, memory: dict, dev
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     """Train one configuration; returns (and writes) its result. With `resume`, continue from
     the run folder's checkpoint (or return the result of a finished run of the same config);
-    without, refuse to touch a folder that already holds a run (see `open_run`)."""
-    ckpt, result = open_run(cfg, resume)
-    if result is not None:
-        return result
+    without, refuse to touch a folder that already holds a run (see `open_run`). The run
+    folder's lock is held from before the folder is read until result.json is written."""
+    with ExitStack() as lock:
+        ckpt, result = open_run(cfg, resume, lock)
+        if result is not None:
+            return result
+        if resume and ckpt is None:
+            print(f"contsup: note: nothing to resume in {cfg.out_dir} (no ckpt.pt); starting a fresh run",
+                  file=sys.stderr)
+        return _train(cfg, ckpt, progress)
+
+
+def _train(cfg: TrainConfig, ckpt: dict | None, progress: bool) -> dict:
+    """The run itself, from `ckpt` (None: from scratch), in a folder `open_run` has opened."""
     out = Path(cfg.out_dir)
     ckpt_path = out / "ckpt.pt"
 

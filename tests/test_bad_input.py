@@ -5,10 +5,11 @@ in the case's own tmp folder (a copy of one tiny finished run, fake datasets in 
 on-disk formats from test_data.py, stray files where folders should be). Each case checks:
 the exit status, exactly one stderr line starting with `contsup: error:` (at most 200
 characters, not counting paths the user typed), no traceback, and that the whole tmp
-folder tree (names and bytes) is unchanged. A few cases run `python -m contsup` in a real
+folder tree (names and bytes) is unchanged, but for the stamp in a run folder's `.lock` (see `tree`). A few cases run `python -m contsup` in a real
 process; the notebook parameters of 02_train are checked through `notebook_jobs` and one
 papermill execution.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -121,6 +122,27 @@ def finished_e2e_run_with_truncated_result(t, run):
     truncate(e2e.out_dir / "result.json")
 
 
+DELETE = object()
+
+
+def edit_json(rel, **fields):
+    """Hand-edit a JSON file of the run: set (or, with DELETE, remove) top-level fields."""
+    def setup(t, run):
+        path = t / rel
+        record = json.loads(path.read_text())
+        record.update(fields)
+        path.write_text(json.dumps({k: v for k, v in record.items() if v is not DELETE}))
+    return setup
+
+
+def edit_checkpoint(**fields):
+    def setup(t, run):
+        path = t / "run" / "ckpt.pt"
+        ckpt = torch.load(path, weights_only=True) | fields
+        torch.save({k: v for k, v in ckpt.items() if v is not DELETE}, path)
+    return setup
+
+
 def read_only_parent(t, run):
     (t / "locked").mkdir()
     os.chmod(t / "locked", 0o555)
@@ -213,6 +235,36 @@ CASES = [
          started_no_checkpoint),
     Case("resume-foreign-config-json", TRAIN + ["--resume"], "config.json is unreadable",
          a_file("run/config.json", "[settings]\nkey = 1\n")),
+    # a fresh start into a folder holding another config's run: named, --resume would not help
+    Case("started-other-seed-without-resume", TRAIN + ["--seed", "1"], "differs in ['seed']", started_no_checkpoint),
+    Case("finished-other-seed-without-resume", TRAIN + ["--seed", "1"], "differs in ['seed']", finished),
+    # hand-edited run files: the file and its field named
+    Case("resume-result-final-error-a-string", TRAIN + ["--resume"], "result.json: 'final_error' is '12.5', not a number",
+         also(finished, edit_json("run/result.json", final_error="12.5"))),
+    Case("resume-result-empty", TRAIN + ["--resume"], "result.json has no 'final_error' (a number)",
+         also(finished, a_file("run/result.json", "{}"))),
+    Case("resume-result-without-config", TRAIN + ["--resume"], "result.json has no 'config' (a dict)",
+         also(finished, edit_json("run/result.json", config=DELETE))),
+    Case("resume-result-best-epoch-null", TRAIN + ["--resume"], "'best_epoch' is None, not an integer >= 0",
+         also(finished, edit_json("run/result.json", best_epoch=None))),
+    Case("resume-result-paper-memory-a-string", TRAIN + ["--resume"], "'paper_memory_bytes' is 'big', not a number",
+         also(finished, edit_json("run/result.json", paper_memory_bytes="big"))),
+    Case("resume-ckpt-epoch-a-string", TRAIN + ["--resume"], "ckpt.pt: 'epoch' is '0', not an integer >= 0",
+         also(unfinished, edit_checkpoint(epoch="0"))),
+    Case("resume-ckpt-best-none", TRAIN + ["--resume"], "ckpt.pt: 'best' is None, not [error, epoch]",
+         also(unfinished, edit_checkpoint(best=None))),
+    Case("resume-ckpt-no-optimizer", TRAIN + ["--resume"], "ckpt.pt has no 'optimizer' (a dict)",
+         also(unfinished, edit_checkpoint(optimizer=DELETE))),
+    Case("resume-ckpt-rng-a-list", TRAIN + ["--resume"], "ckpt.pt: 'torch_rng' is [1, 2], not a tensor",
+         also(unfinished, edit_checkpoint(torch_rng=[1, 2]))),
+    Case("resume-ckpt-epoch-past-the-end", TRAIN + ["--resume"], "'epoch' is 5, past the run's last epoch 0",
+         also(unfinished, edit_checkpoint(epoch=5))),
+    Case("resume-metrics-test-error-a-string", TRAIN + ["--resume"], "metrics.jsonl line 1: 'test_error' is 'x'",
+         also(unfinished, a_file("run/metrics.jsonl", '{"epoch": 0, "test_error": "x", "epoch_seconds": 1.0}\n'))),
+    Case("resume-metrics-line-not-json", TRAIN + ["--resume"], "metrics.jsonl line 1 is not JSON",
+         also(unfinished, a_file("run/metrics.jsonl", '{"epoch": 0, \n{"epoch": 1}\n'))),
+    Case("resume-config-seed-a-string", TRAIN + ["--resume"], "config.json was written by a different config "
+         "(differs in ['seed'])", also(unfinished, edit_json("run/config.json", seed="0"))),
     # datasets half-downloaded (torchvision's layout, tiny fake files)
     data_case("cifar10-batch-missing", "cifar10", also(cifar, delete("data/cifar-10-batches-py/data_batch_3")),
               "download --dataset cifar10"),
@@ -269,8 +321,11 @@ CASES = [
 
 
 def tree(root: Path) -> dict:
-    """Every folder and file under root: relative name -> bytes (None for a folder)."""
-    return {str(p.relative_to(root)): (None if p.is_dir() else p.read_bytes()) for p in sorted(root.rglob("*"))}
+    """Every folder and file under root: relative name -> bytes (None for a folder). A run
+    folder's `.lock` counts by its name only: it says who took the lock last (runlock), and
+    a command refused after taking the lock restamps it."""
+    return {str(p.relative_to(root)): (None if p.is_dir() else "lock" if p.name == ".lock" else p.read_bytes())
+            for p in sorted(root.rglob("*"))}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -61,15 +61,20 @@ def _tiny_train(out, *extra):
                  "--train-subset", "64", "--batch-size", "32", "--no-progress", "--out", str(out), *extra])
 
 
+def files(run):
+    """The run files and their bytes (`.lock` says who took the run folder's lock last: not a run file)."""
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.name != ".lock"}
+
+
 def test_existing_run_and_corrupt_checkpoint_are_left_intact(capsys, tmp_path):
     out = tmp_path / "run"
     assert _tiny_train(out) == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = files(out)
     assert json.loads((out / "result.json").read_text())["epochs"] == 1
     # Same folder without --resume: refused, nothing touched.
     assert _tiny_train(out) == 2
     assert "--resume" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert files(out) == before
     # A corrupt checkpoint of an unfinished run: refused with one line, file kept as it was.
     (out / "result.json").unlink()
     (out / "ckpt.pt").write_bytes(b"not a checkpoint")
