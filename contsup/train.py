@@ -20,6 +20,7 @@ import io
 import json
 import math
 import numbers
+import os
 import sys
 import time
 from contextlib import ExitStack
