@@ -18,9 +18,12 @@ How the grid is executed:
 - `--devices` names the devices, `--jobs` how many notebook processes each runs at a time
   (the *slots*): `auto` is every visible CUDA GPU, one process each, else the CPU;
   `cuda:0,cuda:1,...` names GPUs; `cpu` with `--jobs N` runs N CPU processes (default: 2
-  for quick and smoke on 2+ cores, else 1). A run is told its device through its config's
-  `device` key (which may change on resume). With several slots, each process gets
-  cores/slots OpenMP threads.
+  for quick and smoke on 2+ cores, else 1). A GPU slot's process sees only its GPU
+  (CUDA_VISIBLE_DEVICES, `slot_environment`) and its runs' `device` is `cuda` (the device
+  may change on resume); summary.json names each run's physical GPU (`gpu`). With several
+  slots, each process gets cores/slots OpenMP threads.
+- Datasets that runs download are fetched once before the slots start (`prefetch_data`);
+  the runs then never download.
 - The runs wait in one shared queue, longest first, so that the last runs to finish are
   short ones and no slot idles while another still has a long run ahead. The order is
   `run_cost`: for `paper`, the FLOP count of `estimate.run_flops`; for quick and smoke,
@@ -43,7 +46,11 @@ How the grid is executed:
   analysis notebooks over whatever runs are finished and lists the missing ones.
 
 A finished run (result.json present) is skipped; an interrupted one resumes from its
-checkpoint. A failing run does not stop the others (nor the other slots' queue): it writes
+checkpoint. Other `reproduce`s on the same folder share the work run by run (`run_all`:
+claims): each run is trained once, a run another process holds is waited for and listed
+as `elsewhere`. SIGTERM, SIGINT and SIGHUP stop every notebook's whole process tree
+(`Notebooks`), mark the running runs `interrupted` and exit 128 + the signal.
+A failing run does not stop the others (nor the other slots' queue): it writes
 `<run>/error.json`, is listed at the end with its one-line error and notebook, and the exit
 status becomes 1. Then notebooks 01 (only with the `motivation` group; under `--report`
 only when its runs are finished), 03 and 04 are executed with `results_dir`, `profile`,
