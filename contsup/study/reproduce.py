@@ -171,10 +171,8 @@ def execute(notebook: Path, output: Path, parameters: dict, env: dict | None = N
             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             start_new_session=True)  # a terminal's Ctrl-C reaches `reproduce` only, which stops the tree
         NOTEBOOKS_RUNNING.add(child, marker)
-        try:
-            _, stderr = child.communicate()
-        finally:
-            NOTEBOOKS_RUNNING.remove(child)
+        _, stderr = child.communicate()  # (a stop signal leaves it registered: `stop()` ends it)
+        NOTEBOOKS_RUNNING.remove(child)
     finally:
         os.unlink(params)
     if child.returncode == 0:
@@ -274,6 +272,9 @@ class Notebooks:
             self.stopping = True
             running = dict(self.running)
         self._stop(running, grace)
+        with self.lock:
+            for child in running:
+                self.running.pop(child, None)
 
     def reset(self) -> None:
         with self.lock:
@@ -599,7 +600,7 @@ def run_all(runs, out, notebook_per: str = "run", progress: bool = True, slots=(
     threads = max(1, (os.cpu_count() or 1) // len(slots)) if len(slots) > 1 else None
     envs = [slot_environment(device, threads) for device in slots]
     bar = tqdm(total=len(pending), desc="runs", unit="run", disable=not progress or not pending)
-    claims, deferred, running = {}, [], {}  # run name -> its claim; (run, holder) passed over; slot -> batch
+    claims, deferred = {}, []  # run name -> its claim (an ExitStack); (run, holder) passed over
     lock = threading.Lock()
 
     def elsewhere(run, finished, holder) -> dict:
@@ -638,7 +639,6 @@ def run_all(runs, out, notebook_per: str = "run", progress: bool = True, slots=(
         if not batch:
             return
         env, gpu, device = envs[slot]
-        running[slot] = batch
         watcher = _Watcher(bar, batch)
         watcher.start()
         params = {"runs": [_notebook_config(replace(r.config, device=device)) for r in batch], "progress": False}
@@ -655,7 +655,8 @@ def run_all(runs, out, notebook_per: str = "run", progress: bool = True, slots=(
                 status[r.name] = {"status": "done", "error": None} | row
             elif NOTEBOOKS_RUNNING.stopping:
                 status[r.name] = {"status": "interrupted", "error": None} | row
-            elif not _error_of(r) and is_locked(r.out_dir):  # another process took it first
+            elif not _error_of(r) and (is_locked(r.out_dir) or notebook_error is None):
+                # another process held the folder (`train` passed it over): wait for it, then see
                 with lock:
                     deferred.append((r, read_holder(r.out_dir)))
                 watcher.pending.remove(r)
@@ -664,7 +665,6 @@ def run_all(runs, out, notebook_per: str = "run", progress: bool = True, slots=(
                 status[r.name] = {"status": "failed", "error": error} | row
             claims.pop(r.name).close()
         bar.update(len(watcher.pending))  # runs the notebook never reached
-        running.pop(slot)
 
     def work(queue, slot, ended):
         try:
@@ -683,7 +683,7 @@ def run_all(runs, out, notebook_per: str = "run", progress: bool = True, slots=(
         again = []
         while deferred:
             run, holder = deferred.pop(0)
-            bar.set_postfix_str(f"waiting for {run.name} ({describe_holder(holder)})", refresh=True)
+            tqdm.write(f"waiting for {run.name}: {describe_holder(holder)} holds it")
             stack = ExitStack()
             stack.enter_context(run_lock(run.out_dir / CLAIM, blocking=True))
             with run_lock(run.out_dir, blocking=True):
@@ -698,8 +698,8 @@ def run_all(runs, out, notebook_per: str = "run", progress: bool = True, slots=(
                 again.append(run)
         return again
 
-    # The main thread waits on events, not Thread.join(): a join interrupted by a signal can
-    # leave the thread marked as ended while it still runs (CPython gh-90882, before 3.13).
+    # The main thread waits on events, not Thread.join(): on CPython 3.11, a join that a
+    # SIGTERM interrupted left the thread marked as ended while it still ran.
     queue, ended, todo, seq = None, [], pending, 0
     try:
         while todo:
