@@ -257,3 +257,21 @@ def test_sigterm_stops_the_whole_tree_marks_interrupted_and_a_rerun_resumes(tmp_
                                 devices="cpu", jobs=1)
     assert (again["exit_code"], again["done"]) == (0, 2)
     assert epochs_of(first) == [0, 1]  # resumed at epoch 1, epoch 0 not trained again
+
+
+def test_train_jobs_passes_over_a_run_folder_another_process_holds(tmp_path, monkeypatch, capsys):
+    """`train` refuses a run folder another process holds (RunFolderBusy); the notebook then
+    writes nothing into that folder and does not count it as failed (reproduce waits for it)."""
+    from contsup.runlock import RunFolderBusy
+    from contsup.train import TrainConfig
+    cfg = TrainConfig(dataset="digits8", epochs=1, out_dir=str(tmp_path / "held"), device="cpu")
+
+    def busy(cfg, resume, progress):
+        raise RunFolderBusy(f"{cfg.out_dir} is in use by pid 1 on elsewhere since now", {"pid": "1"})
+
+    monkeypatch.setattr(runs, "train", busy)
+    results = runs.train_jobs([cfg], progress=False)
+    assert results["held"]["busy"] and "in use by pid 1" in results["held"]["error"]
+    assert runs.failures(results) == {}
+    assert not (tmp_path / "held").exists()  # not even error.json
+    assert "held: passed over" in capsys.readouterr().out

@@ -4,12 +4,15 @@ Sharding and the queue are checked on the paper and quick registries without tra
 the rest trains a handful of smoke runs on the CPU."""
 import json
 import math
+import os
 import random
+import threading
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from contsup.runlock import run_lock
 from contsup.study import experiments, reproduce
 from contsup.cli import main
 
@@ -175,3 +178,38 @@ def test_gpu_slots_see_only_their_gpu_and_data_is_downloaded_once(tmp_path, monk
     assert (env["CUDA_VISIBLE_DEVICES"], gpu, device) == ("2", 2, "cuda")
     env, gpu, device = reproduce.slot_environment("cpu", None)
     assert (gpu, device) == (None, "cpu") and "CUDA_VISIBLE_DEVICES" not in env
+
+
+def test_a_run_another_process_holds_is_waited_for_not_trained(tmp_path, monkeypatch):
+    """A run folder whose lock another writer holds (a `train` started by hand, a notebook
+    orphaned by a killed reproduce) is passed over, waited for, and its result taken: it is
+    never handed to a notebook. The writer here is a thread holding the lock until the other
+    run has been executed; it finishes its run before letting go."""
+    held, free = experiments.expand("table1", "smoke", tmp_path)[:2]
+    executed, locked, release = [], threading.Event(), threading.Event()
+
+    def fake_execute(notebook, output, parameters, env=None):
+        for cfg in parameters["runs"]:
+            executed.append(Path(cfg["out_dir"]).name)
+            (Path(cfg["out_dir"]) / "result.json").write_text(json.dumps({"train_seconds": 1.0}))
+        release.set()
+
+    def writer():
+        with run_lock(held.out_dir):
+            locked.set()
+            release.wait()
+            result = {"train_seconds": 2.0, "config": reproduce._notebook_config(held.config)}
+            (held.out_dir / "result.json").write_text(json.dumps(result))
+
+    monkeypatch.setattr(reproduce, "execute", fake_execute)
+    thread = threading.Thread(target=writer)
+    thread.start()
+    locked.wait()
+    cost = {held.name: 2.0, free.name: 1.0}  # the held run first: it is passed over, the other one trained
+    rows = reproduce.run_all([held, free], tmp_path, notebook_per="run", progress=False, cost=cost)
+    thread.join()
+    status = {r["name"]: r for r in rows}
+    assert executed == [free.name]
+    assert status[free.name]["status"] == "done"
+    assert status[held.name]["status"] == "elsewhere" and status[held.name]["train_seconds"] == 2.0
+    assert f"pid {os.getpid()} " in status[held.name]["trained_by"]  # the writer, named by its lock
