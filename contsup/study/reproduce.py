@@ -698,8 +698,9 @@ def run_all(runs, out, notebook_per: str = "run", progress: bool = True, slots=(
                 again.append(run)
         return again
 
-    # The main thread waits on events, not Thread.join(): on CPython 3.11, a join that a
-    # SIGTERM interrupted left the thread marked as ended while it still ran.
+    # The main thread waits on events, not Thread.join(): a join that a signal interrupts
+    # can leave the thread marked as ended while it still runs (CPython gh-90882; it
+    # happened here on 3.11, and the running notebook's runs went unreported).
     queue, ended, todo, seq = None, [], pending, 0
     try:
         while todo:
