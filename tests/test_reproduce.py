@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import sys
 import time
 import uuid
@@ -275,3 +276,25 @@ def test_train_jobs_passes_over_a_run_folder_another_process_holds(tmp_path, mon
     assert runs.failures(results) == {}
     assert not (tmp_path / "held").exists()  # not even error.json
     assert "held: passed over" in capsys.readouterr().out
+
+
+def test_sigterm_while_waiting_for_another_process_ends_the_wait(tmp_path, monkeypatch, capsys):
+    """The wait for a run another process holds (a blocking lock) ends on SIGTERM as well:
+    exit 143, the run listed as pending, nothing executed."""
+    from contsup.runlock import run_lock
+    [held] = experiments.expand("table1", "smoke", tmp_path)[:1]
+    waiting = threading.Event()
+    monkeypatch.setattr(reproduce, "execute", lambda *args: pytest.fail("a held run was handed to a notebook"))
+    monkeypatch.setattr(reproduce.tqdm, "write", lambda line: waiting.set())  # "waiting for <run>: ..."
+
+    def terminate_once_waiting():
+        waiting.wait()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with run_lock(held.out_dir):  # another writer of the run folder
+        threading.Thread(target=terminate_once_waiting, daemon=True).start()
+        summary = reproduce.reproduce("smoke", tmp_path, runs=[held], analysis=False, progress=False,
+                                      devices="cpu", jobs=1)
+    assert (summary["exit_code"], summary["pending"], summary["signal"]) == (143, 1, "SIGTERM")
+    assert capsys.readouterr().err.startswith("contsup: stopped by SIGTERM; 0 runs interrupted")
+    assert json.loads((tmp_path / "summary.json").read_text())["runs"][0]["status"] == "pending"
