@@ -1,9 +1,17 @@
 """`python -m contsup reproduce`: runs go through the 02_train notebook (papermill, one process
 per notebook), a failing run does not stop the others, a rerun skips what is finished, bad
-input exits 2, notebooks side by side leave the working directory and the paths alone."""
+input exits 2, notebooks side by side leave the working directory and the paths alone, two
+reproduces on one folder train each run once, a stop signal ends the whole process tree."""
 import json
 import os
+import signal
+import subprocess
+import threading
+import sys
+import time
+import uuid
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +124,177 @@ def test_train_jobs_keeps_the_trainers_error_record(tmp_path, capsys):
     assert {"epoch", "step", "module", "losses", "traceback"} <= set(record)
     assert f"epoch {record['epoch']}, step {record['step']}" in record["error"]
     assert None in record["losses"] and "FAILED" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------
+# Other processes and signals (issue 16): two reproduces on one folder; SIGTERM
+DRIVER = """
+import sys
+from dataclasses import replace
+from pathlib import Path
+from contsup.study import experiments, reproduce
+out, notebooks = Path(sys.argv[1]), sys.argv[2]
+if notebooks != "-":
+    reproduce.NOTEBOOKS = Path(notebooks)
+runs = [replace(r, config=replace(r.config, epochs=2)) for r in experiments.expand("motivation", "smoke", out)[:2]]
+summary = reproduce.reproduce("smoke", out, runs=runs, notebook_per="run", analysis=False, progress=False,
+                              devices="cpu", jobs=1)
+sys.exit(summary["exit_code"])
+"""
+GATE_CELL = """import os, time
+import contsup.train as _train
+_evaluate, _calls = _train.evaluate, []
+def _gated(*args):  # epoch 0 is checkpointed; epoch 1 waits until the test creates the gate file
+    _calls.append(1)
+    if len(_calls) == 2:
+        while not os.path.exists(os.environ["CONTSUP_TEST_GATE"]):
+            time.sleep(0.05)
+    return _evaluate(*args)
+_train.evaluate = _gated
+"""
+
+
+def two_epoch_runs(out):
+    """The runs DRIVER trains: the first two smoke runs of the motivation group, two epochs each."""
+    return [replace(r, config=replace(r.config, epochs=2)) for r in experiments.expand("motivation", "smoke", out)[:2]]
+
+
+def gated_notebooks(folder):
+    """A copy of 02_train.ipynb whose runs stop before their second evaluation until the file
+    $CONTSUP_TEST_GATE exists: a run that is surely still training when the test acts."""
+    nb = json.loads((reproduce.NOTEBOOKS / reproduce.TRAIN_NOTEBOOK).read_text())
+    at = next(i for i, c in enumerate(nb["cells"]) if "parameters" in c.get("metadata", {}).get("tags", []))
+    nb["cells"].insert(at + 1, {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [],
+                                "source": GATE_CELL})
+    folder.mkdir()
+    (folder / reproduce.TRAIN_NOTEBOOK).write_text(json.dumps(nb))
+    return folder
+
+
+def start(tmp_path, out, notebooks, marker):
+    env = {**os.environ, "CONTSUP_TEST_GATE": str(tmp_path / "gate"), "CONTSUP_TEST_MARKER": marker}
+    return subprocess.Popen([sys.executable, "-c", DRIVER, str(out), str(notebooks)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for(condition, process):
+    """Until `condition()` is true (a file appeared); fails at once if `process` ended first."""
+    while not (found := condition()):
+        if process.poll() is not None:
+            pytest.fail(f"the process ended first: {process.communicate()}")
+        time.sleep(0.05)
+    return found
+
+
+def marked_processes(marker):
+    """Live processes whose environment carries CONTSUP_TEST_MARKER=marker (zombies have none)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                environ = (p / "environ").read_bytes()
+            except OSError:
+                continue
+            if f"CONTSUP_TEST_MARKER={marker}".encode() in environ.split(b"\0"):
+                pids.append(int(p.name))
+    return pids
+
+
+def epochs_of(run):
+    return [json.loads(line)["epoch"] for line in (run.out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_reproduces_on_one_folder_train_every_run_once(tmp_path):
+    """Issue 16: two `reproduce`s on one --out both trained every run (metrics.jsonl read epochs
+    [0, 0]). Now A trains the first run (held at its second epoch by the gate), B passes it
+    over and trains the other one, then waits for A's; each run is trained once and both
+    summaries say so."""
+    out, marker = tmp_path / "out", uuid.uuid4().hex
+    runs = two_epoch_runs(out)
+    a = start(tmp_path, out, gated_notebooks(tmp_path / "gated"), marker)
+    [first] = wait_for(lambda: [r for r in runs if (r.out_dir / "ckpt.pt").exists()], a)
+    [second] = [r for r in runs if r is not first]
+    b = start(tmp_path, out, "-", marker)
+    wait_for(lambda: (second.out_dir / "result.json").exists(), b)  # B trained it while A holds the first
+    (tmp_path / "gate").touch()
+    (a_out, a_err), (b_out, b_err) = a.communicate(timeout=600), b.communicate(timeout=600)
+    assert (a.returncode, b.returncode) == (0, 0), (a_err, b_err)
+    for printed in (a_out, b_out):
+        assert "2 runs: 1 done, 0 skipped (already finished), 1 trained by another process meanwhile, 0 failed" \
+            in printed
+    for run in runs:
+        assert epochs_of(run) == [0, 1]  # trained once: no epoch twice
+    summary = json.loads((out / "summary.json").read_text())  # the one written last
+    status = {r["name"]: r for r in summary["runs"]}
+    assert sorted(r["status"] for r in summary["runs"]) == ["done", "elsewhere"]
+    other = next(r for r in summary["runs"] if r["status"] == "elsewhere")
+    assert f"pid {a.pid if other['name'] == first.name else b.pid} " in other["trained_by"]
+    assert status[other["name"]]["train_seconds"] is not None
+    assert not marked_processes(marker)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds leftover processes through /proc")
+def test_sigterm_stops_the_whole_tree_marks_interrupted_and_a_rerun_resumes(tmp_path):
+    """Issue 16: SIGTERM used to end `reproduce` at once and silently, while its papermill
+    process and kernel went on training. Now: one line, exit 143, no process of the tree
+    left, the running run marked interrupted; a rerun resumes it from its checkpoint."""
+    out, marker = tmp_path / "out", uuid.uuid4().hex
+    runs = two_epoch_runs(out)
+    a = start(tmp_path, out, gated_notebooks(tmp_path / "gated"), marker)
+    [first] = wait_for(lambda: [r for r in runs if (r.out_dir / "ckpt.pt").exists()], a)
+    assert len(marked_processes(marker)) >= 3  # reproduce, papermill, the kernel
+    a.send_signal(signal.SIGTERM)
+    printed, err = a.communicate(timeout=120)
+    assert a.returncode == 143
+    assert err.count("\n") == 1 and err.startswith("contsup: stopped by SIGTERM; 1 runs interrupted"), err
+    assert not marked_processes(marker)
+    summary = json.loads((out / "summary.json").read_text())
+    status = {r["name"]: r["status"] for r in summary["runs"]}
+    assert status == {r.name: "interrupted" if r is first else "pending" for r in runs}
+    assert (summary["exit_code"], summary["signal"], summary["interrupted"]) == (143, "SIGTERM", 1)
+    assert not (first.out_dir / "result.json").exists() and epochs_of(first) == [0]
+
+    again = reproduce.reproduce("smoke", out, runs=runs, notebook_per="chunk", analysis=False, progress=False,
+                                devices="cpu", jobs=1)
+    assert (again["exit_code"], again["done"]) == (0, 2)
+    assert epochs_of(first) == [0, 1]  # resumed at epoch 1, epoch 0 not trained again
+
+
+def test_train_jobs_passes_over_a_run_folder_another_process_holds(tmp_path, monkeypatch, capsys):
+    """`train` refuses a run folder another process holds (RunFolderBusy); the notebook then
+    writes nothing into that folder and does not count it as failed (reproduce waits for it)."""
+    from contsup.runlock import RunFolderBusy
+    from contsup.train import TrainConfig
+    cfg = TrainConfig(dataset="digits8", epochs=1, out_dir=str(tmp_path / "held"), device="cpu")
+
+    def busy(cfg, resume, progress):
+        raise RunFolderBusy(f"{cfg.out_dir} is in use by pid 1 on elsewhere since now", {"pid": "1"})
+
+    monkeypatch.setattr(runs, "train", busy)
+    results = runs.train_jobs([cfg], progress=False)
+    assert results["held"]["busy"] and "in use by pid 1" in results["held"]["error"]
+    assert runs.failures(results) == {}
+    assert not (tmp_path / "held").exists()  # not even error.json
+    assert "held: passed over" in capsys.readouterr().out
+
+
+def test_sigterm_while_waiting_for_another_process_ends_the_wait(tmp_path, monkeypatch, capsys):
+    """The wait for a run another process holds (a blocking lock) ends on SIGTERM as well:
+    exit 143, the run listed as pending, nothing executed."""
+    from contsup.runlock import run_lock
+    [held] = experiments.expand("table1", "smoke", tmp_path)[:1]
+    waiting = threading.Event()
+    monkeypatch.setattr(reproduce, "execute", lambda *args: pytest.fail("a held run was handed to a notebook"))
+    monkeypatch.setattr(reproduce.tqdm, "write", lambda line: waiting.set())  # "waiting for <run>: ..."
+
+    def terminate_once_waiting():
+        waiting.wait()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with run_lock(held.out_dir):  # another writer of the run folder
+        threading.Thread(target=terminate_once_waiting, daemon=True).start()
+        summary = reproduce.reproduce("smoke", tmp_path, runs=[held], analysis=False, progress=False,
+                                      devices="cpu", jobs=1)
+    assert (summary["exit_code"], summary["pending"], summary["signal"]) == (143, 1, "SIGTERM")
+    assert capsys.readouterr().err.startswith("contsup: stopped by SIGTERM; 0 runs interrupted")
+    assert json.loads((tmp_path / "summary.json").read_text())["runs"][0]["status"] == "pending"

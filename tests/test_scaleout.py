@@ -4,11 +4,15 @@ Sharding and the queue are checked on the paper and quick registries without tra
 the rest trains a handful of smoke runs on the CPU."""
 import json
 import math
+import os
 import random
+import threading
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
+from contsup.runlock import run_lock
 from contsup.study import experiments, reproduce
 from contsup.cli import main
 
@@ -125,3 +129,87 @@ def test_summary_is_strict_json(tmp_path):
     text = (tmp_path / "s.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"a": None, "b": [None, 1.5], "c": {"d": None}}
+
+
+def test_gpu_slots_see_only_their_gpu_and_data_is_downloaded_once(tmp_path, monkeypatch):
+    """Issue 15: a slot's GPU travelled only in the run's config (stray CUDA contexts on
+    cuda:0), and every paper run downloaded into one data folder at once. Four fake GPUs, of
+    which this process sees physical 1,3,5,7 (as SLURM sets CUDA_VISIBLE_DEVICES); a fake
+    executor records what each notebook process would get."""
+    monkeypatch.setattr(reproduce.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3,5,7")
+    assert reproduce.parse_devices("auto", "paper") == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    slots = reproduce.parse_devices("cuda:1,cuda:2", "paper", 2)
+    assert slots == ["cuda:1", "cuda:2", "cuda:1", "cuda:2"]
+    downloads, executed = [], {}
+
+    def fake_download(name, root):
+        downloads.append((name, root))
+        (Path(root) / f"{name}_uint8.pt").write_bytes(b"")
+
+    def fake_execute(notebook, output, parameters, env=None):
+        for cfg in parameters["runs"]:
+            executed[Path(cfg["out_dir"]).name] = (env, cfg, len(downloads))
+            (Path(cfg["out_dir"]) / "result.json").write_text(json.dumps({"train_seconds": 1.0}))
+        return None
+
+    monkeypatch.setattr(reproduce.data, "download", fake_download)
+    monkeypatch.setattr(reproduce, "execute", fake_execute)
+    data = tmp_path / "data"
+
+    def cifar_runs(folder):
+        return [replace(r, config=replace(r.config, dataset="cifar10", download=True, data_root=str(data)))
+                for r in experiments.expand("table1", "smoke", tmp_path / folder)]
+
+    rows = reproduce.run_all(cifar_runs("first"), tmp_path, notebook_per="run", progress=False, slots=slots)
+    assert downloads == [("cifar10", str(data))]  # once, for all runs and slots
+    assert [r["status"] for r in rows] == ["done"] * 4
+    for row in rows:
+        env, cfg, downloaded = executed[row["name"]]
+        assert downloaded == 1 and cfg["download"] is False  # before any notebook; runs don't download
+        assert cfg["device"] == "cuda"  # the only GPU its process sees
+        assert row["gpu"] == {"cuda:1": 3, "cuda:2": 5}[row["device"]]  # the physical GPU
+        assert env["CUDA_VISIBLE_DEVICES"] == str(row["gpu"])
+    rows = reproduce.run_all(cifar_runs("second"), tmp_path, notebook_per="run", progress=False, slots=slots)
+    assert [r["status"] for r in rows] == ["done"] * 4 and len(downloads) == 1  # present: not fetched again
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # nothing set: cuda:N is physical GPU N
+    env, gpu, device = reproduce.slot_environment("cuda:2", None)
+    assert (env["CUDA_VISIBLE_DEVICES"], gpu, device) == ("2", 2, "cuda")
+    env, gpu, device = reproduce.slot_environment("cpu", None)
+    assert (gpu, device) == (None, "cpu") and "CUDA_VISIBLE_DEVICES" not in env
+
+
+def test_a_run_another_process_holds_is_waited_for_not_trained(tmp_path, monkeypatch):
+    """A run folder whose lock another writer holds (a `train` started by hand, a notebook
+    orphaned by a killed reproduce) is passed over, waited for, and its result taken: it is
+    never handed to a notebook. The writer here is a thread holding the lock until the other
+    run has been executed; it finishes its run before letting go."""
+    held, free = experiments.expand("table1", "smoke", tmp_path)[:2]
+    executed, locked, release = [], threading.Event(), threading.Event()
+
+    def fake_execute(notebook, output, parameters, env=None):
+        for cfg in parameters["runs"]:
+            executed.append(Path(cfg["out_dir"]).name)
+            (Path(cfg["out_dir"]) / "result.json").write_text(json.dumps({"train_seconds": 1.0}))
+        release.set()
+
+    def writer():
+        with run_lock(held.out_dir):
+            locked.set()
+            release.wait()
+            result = {"train_seconds": 2.0, "config": reproduce._notebook_config(held.config)}
+            (held.out_dir / "result.json").write_text(json.dumps(result))
+
+    monkeypatch.setattr(reproduce, "execute", fake_execute)
+    thread = threading.Thread(target=writer)
+    thread.start()
+    locked.wait()
+    cost = {held.name: 2.0, free.name: 1.0}  # the held run first: it is passed over, the other one trained
+    rows = reproduce.run_all([held, free], tmp_path, notebook_per="run", progress=False, cost=cost)
+    thread.join()
+    status = {r["name"]: r for r in rows}
+    assert executed == [free.name]
+    assert status[free.name]["status"] == "done"
+    assert status[held.name]["status"] == "elsewhere" and status[held.name]["train_seconds"] == 2.0
+    assert f"pid {os.getpid()} " in status[held.name]["trained_by"]  # the writer, named by its lock

@@ -18,9 +18,12 @@ How the grid is executed:
 - `--devices` names the devices, `--jobs` how many notebook processes each runs at a time
   (the *slots*): `auto` is every visible CUDA GPU, one process each, else the CPU;
   `cuda:0,cuda:1,...` names GPUs; `cpu` with `--jobs N` runs N CPU processes (default: 2
-  for quick and smoke on 2+ cores, else 1). A run is told its device through its config's
-  `device` key (which may change on resume). With several slots, each process gets
-  cores/slots OpenMP threads.
+  for quick and smoke on 2+ cores, else 1). A GPU slot's process sees only its GPU
+  (CUDA_VISIBLE_DEVICES, `slot_environment`) and its runs' `device` is `cuda` (the device
+  may change on resume); summary.json names each run's physical GPU (`gpu`). With several
+  slots, each process gets cores/slots OpenMP threads.
+- Datasets that runs download are fetched once before the slots start (`prefetch_data`);
+  the runs then never download.
 - The runs wait in one shared queue, longest first, so that the last runs to finish are
   short ones and no slot idles while another still has a long run ahead. The order is
   `run_cost`: for `paper`, the FLOP count of `estimate.run_flops`; for quick and smoke,
@@ -43,7 +46,11 @@ How the grid is executed:
   analysis notebooks over whatever runs are finished and lists the missing ones.
 
 A finished run (result.json present) is skipped; an interrupted one resumes from its
-checkpoint. A failing run does not stop the others (nor the other slots' queue): it writes
+checkpoint. Other `reproduce`s on the same folder share the work run by run (`run_all`:
+claims): each run is trained once, a run another process holds is waited for and listed
+as `elsewhere`. SIGTERM, SIGINT and SIGHUP stop every notebook's whole process tree
+(`Notebooks`), mark the running runs `interrupted` and exit 128 + the signal.
+A failing run does not stop the others (nor the other slots' queue): it writes
 `<run>/error.json`, is listed at the end with its one-line error and notebook, and the exit
 status becomes 1. Then notebooks 01 (only with the `motivation` group; under `--report`
 only when its runs are finished), 03 and 04 are executed with `results_dir`, `profile`,
@@ -54,22 +61,26 @@ The second half of this file holds the small helpers `02_train.ipynb` calls.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .. import jsonio, tables
+from .. import data, jsonio, tables
 from ..errors import UsageError, check_writable_folder
+from ..runlock import RunFolderBusy, describe_holder, is_locked, read_holder, run_lock
 from ..model import parse_mode
 from ..train import TrainConfig, _config_json, config_diff, read_run_json
 from . import estimate, experiments, publish
@@ -140,31 +151,169 @@ def kernel_environment(threads: int | None = None) -> dict:
     return env
 
 
-def execute(notebook: Path, output: Path, parameters: dict, env: dict | None = None, started=None) -> str | None:
+def execute(notebook: Path, output: Path, parameters: dict, env: dict | None = None) -> str | None:
     """Run a notebook with papermill in a child process (working directory: the notebook's
     folder; environment: `env`, else `kernel_environment()`); None on success, else the
-    one-line error. `started(process)` is called with the child once it runs."""
+    one-line error. The child heads a process group of its own, and it and everything it
+    starts (the kernel, in a session of its own) carry a marker in their environment, so that
+    `NOTEBOOKS_RUNNING.stop()` ends the whole tree (see `Notebooks`)."""
     import yaml  # papermill's own parameter format (it comes with papermill, not with `train`'s needs)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.unlink(missing_ok=True)  # an earlier execution's error must not pass for this one's
     fd, params = tempfile.mkstemp(prefix="contsup-parameters-", suffix=".yaml")
+    env, marker = NOTEBOOKS_RUNNING.mark(env or kernel_environment())
     try:
         with os.fdopen(fd, "w") as f:  # safe_dump writes floats that read back as floats (1e-05 -> 1.0e-05)
             yaml.safe_dump(parameters, f)
         child = subprocess.Popen(
             [sys.executable, "-m", "papermill", str(notebook), str(output), "-f", params, "-k", KERNEL,
              "--cwd", str(notebook.parent), "--no-progress-bar", "--no-log-output", "--log-level", "ERROR"],
-            env=env or kernel_environment(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True)
-        if started:
-            started(child)
-        _, stderr = child.communicate()
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)  # a terminal's Ctrl-C reaches `reproduce` only, which stops the tree
+        NOTEBOOKS_RUNNING.add(child, marker)
+        _, stderr = child.communicate()  # (a stop signal leaves it registered: `stop()` ends it)
+        NOTEBOOKS_RUNNING.remove(child)
     finally:
         os.unlink(params)
     if child.returncode == 0:
         return None
     last = [line.strip() for line in stderr.splitlines() if line.strip()][-1:]
     return _notebook_error(output) or (last[0] if last else f"papermill exited with status {child.returncode}")
+
+
+# --------------------------------------------------------------------------------------
+# Stopping: SIGTERM, SIGINT and SIGHUP end every notebook process tree, then `reproduce`
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+MARKER = "CONTSUP_NOTEBOOK"  # environment variable naming the process tree of one notebook
+
+
+class Stopped(BaseException):
+    """A stop signal reached `reproduce` (raised in its main thread); it exits 128 + signal.
+    A BaseException, like KeyboardInterrupt: no `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.rows = None  # the run statuses, when it stopped the training
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+@contextmanager
+def stop_on_signals():
+    """Within the block, SIGTERM, SIGINT and SIGHUP raise `Stopped` (the first one; later
+    ones are ignored while the notebooks are being stopped). Outside the main thread, where
+    Python runs no signal handler, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _marked_pids(marker: str) -> list[int]:
+    """Live processes whose environment carries `MARKER=marker`: a notebook process, its
+    kernel (which jupyter_client starts in a session of its own) and what they started.
+    [] where there is no /proc (then the kernel ends on its own once its parent is gone:
+    ipykernel's parent poller)."""
+    needle, pids = f"{MARKER}={marker}".encode(), []
+    proc = Path("/proc")
+    for p in proc.iterdir() if proc.is_dir() else ():
+        if p.name.isdigit():
+            try:
+                environ = (p / "environ").read_bytes()  # empty for a zombie: it counts as gone
+            except OSError:
+                continue
+            if needle in environ.split(b"\0"):
+                pids.append(int(p.name))
+    return pids
+
+
+class Notebooks:
+    """The notebook processes running now. `stop()` ends each one's whole tree -- papermill,
+    its kernel and whatever they started -- and waits for it: no process goes on training
+    into a run folder after `reproduce` has ended (a rerun would race it)."""
+
+    def __init__(self):
+        self.lock, self.running, self.stopping = threading.Lock(), {}, False
+        self.count = itertools.count(1)
+
+    def mark(self, env: dict) -> tuple[dict, str]:
+        marker = f"{os.getpid()}-{next(self.count)}"
+        return {**env, MARKER: marker}, marker
+
+    def add(self, child, marker: str) -> None:
+        with self.lock:
+            self.running[child] = marker
+            late = self.stopping  # started while stopping: it goes at once
+        if late:
+            self._stop({child: marker})
+
+    def remove(self, child) -> None:
+        with self.lock:
+            self.running.pop(child, None)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM to every process group of every tree; SIGKILL to what is left after `grace`
+        seconds; returns once all are gone. No notebook starts afterwards."""
+        with self.lock:
+            self.stopping = True
+            running = dict(self.running)
+        self._stop(running, grace)
+        with self.lock:
+            for child in running:
+                self.running.pop(child, None)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.stopping = False
+
+    def _stop(self, running: dict, grace: float = 10.0) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            groups = {child.pid for child in running}  # each child heads its own group
+            for marker in running.values():
+                for pid in _marked_pids(marker):
+                    try:
+                        groups.add(os.getpgid(pid))
+                    except ProcessLookupError:
+                        pass
+            groups.discard(os.getpgrp())
+            for group in groups:
+                try:
+                    os.killpg(group, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                left = [c for c in running if c.returncode is None and _wait(c, 0.05)] + \
+                       [p for m in running.values() for p in _marked_pids(m)]
+                if not left:
+                    return
+                time.sleep(0.05)
+
+
+def _wait(child, seconds: float) -> bool:
+    """Whether `child` still runs after waiting up to `seconds` for it."""
+    try:
+        child.wait(seconds)
+        return False
+    except subprocess.TimeoutExpired:
+        return True
+
+
+NOTEBOOKS_RUNNING = Notebooks()
 
 
 def _notebook_error(output: Path) -> str | None:
@@ -369,13 +518,68 @@ class _Queue:
 
 # --------------------------------------------------------------------------------------
 # Training the runs
+CLAIM = ".reproduce"  # <run>/.reproduce/.lock: held by the `reproduce` whose notebook trains the run
+
+
+def slot_environment(device: str, threads: int | None) -> tuple[dict, int | str | None, str]:
+    """(environment, GPU, device name inside) of a notebook process of the slot `device`. A
+    GPU slot's process sees only its GPU (CUDA_VISIBLE_DEVICES), which it calls `cuda`: no
+    CUDA context of it lands on another GPU (cuda:0 above all). The GPU is named as
+    CUDA_VISIBLE_DEVICES names it: its physical index, or the entry of our own
+    CUDA_VISIBLE_DEVICES when that is set (under SLURM, cuda:0 may be GPU 2)."""
+    env = kernel_environment(threads)
+    if not device.startswith("cuda"):
+        return env, None, device
+    index = int(device.split(":")[1])
+    ours = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    gpu = ours[index] if "CUDA_VISIBLE_DEVICES" in os.environ and index < len(ours) else str(index)
+    env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env, int(gpu) if gpu.isdigit() else gpu, "cuda"
+
+
+def _cache_file(name: str, root) -> Path:
+    return Path(root) / f"{name}_uint8.pt"  # what data.load_dataset reads first
+
+
+def prefetch_data(runs) -> list:
+    """Download each dataset that runs ask to download, once, before any notebook starts (N
+    slots downloading and extracting into one folder at once corrupt it); skipped when its
+    cache (<data_root>/<name>_uint8.pt, what training reads) is there. The data folder's lock
+    (runlock) keeps another `reproduce` -- a shard on another machine -- from downloading
+    into it at the same time. Returns the runs with `download` off."""
+    needed = sorted({(r.config.dataset, str(Path(r.config.data_root).resolve())) for r in runs
+                     if r.config.download and r.config.dataset in data.TORCHVISION_DATASETS})
+    for name, root in needed:
+        if _cache_file(name, root).is_file():
+            continue
+        check_writable_folder(root, "--data-root")
+        with run_lock(root, blocking=True):
+            if not _cache_file(name, root).is_file():  # not fetched meanwhile by another process
+                print(f"downloading {name} into {root} ...", flush=True)
+                data.download(name, root)
+    return [replace(r, config=replace(r.config, download=False)) for r in runs]
+
+
 def run_all(runs, out, notebook_per: str = "run", progress: bool = True, slots=("cpu",),
             cost: dict | None = None, prefix: str = "02_train") -> list[dict]:
     """Train `runs` (a list of experiments.Run) through 02_train.ipynb, one notebook process
     per slot (a device name each) at a time, from one queue, longest first by `cost`
-    ({name: cost}; default `proxy_cost`). One status dict per run: name, group, status
-    (done | skipped | failed), error, notebook, device, slot, out_dir, train_seconds.
-    Chunk notebooks are saved as `<out>/notebooks/<prefix>-<NN>.ipynb`."""
+    ({name: cost}; default `proxy_cost`). One status dict per run: name, group, status,
+    error, notebook, device, gpu, slot, out_dir, train_seconds. Chunk notebooks are saved as
+    `<out>/notebooks/<prefix>-<NN>.ipynb`.
+
+    Statuses: done (trained here), skipped (finished before we started), elsewhere (trained
+    by another process meanwhile: `trained_by` names it), failed, and on a stop signal
+    interrupted (its notebook was stopped) and pending (not started).
+
+    Other processes on the same run folders (a second `reproduce` on the same --out, a
+    `train` started by hand, an orphaned notebook): a run is trained only while this process
+    holds its claim (`<run>/.reproduce/.lock`) and nobody holds the run folder's lock. A run
+    another process holds is passed over; once the queue is empty, we wait for each such run
+    (blocking locks) and take its result -- or train it, if that process stopped before the
+    end. So two `reproduce`s on one folder train every run once, and both summaries are
+    right. A stop signal (`Stopped`) ends every notebook's process tree; it is re-raised with
+    the statuses in `rows`."""
     if notebook_per not in ("run", "chunk"):
         raise UsageError(f"unknown --notebook-per '{notebook_per}'; choose run or chunk")
     slots = list(slots)
@@ -384,73 +588,159 @@ def run_all(runs, out, notebook_per: str = "run", progress: bool = True, slots=(
     for run in runs:
         finished = _finished_status(run)
         if finished:
-            status[run.name] = {**finished, "device": None, "slot": None}
+            status[run.name] = {**finished, "device": None, "gpu": None, "slot": None}
         else:
-            (run.out_dir / "error.json").unlink(missing_ok=True)  # a previous attempt's
             pending.append(run)
     if pending:
         check_kernel()
+    pending = prefetch_data(pending)
     given = cost or {}
     cost = {r.name: given[r.name] if r.name in given else run_cost(r.config, "quick") for r in pending}  # proxy
-    queue = _Queue(pending, cost, len(slots), per_run=notebook_per == "run")
     notebook = NOTEBOOKS / TRAIN_NOTEBOOK
-    env = kernel_environment(max(1, (os.cpu_count() or 1) // len(slots)) if len(slots) > 1 else None)
-    children, children_lock = set(), threading.Lock()
+    threads = max(1, (os.cpu_count() or 1) // len(slots)) if len(slots) > 1 else None
+    envs = [slot_environment(device, threads) for device in slots]
     bar = tqdm(total=len(pending), desc="runs", unit="run", disable=not progress or not pending)
+    claims, deferred = {}, []  # run name -> its claim (an ExitStack); (run, holder) passed over
+    lock = threading.Lock()
 
-    def started(child):
-        with children_lock:
-            children.add(child)
+    def elsewhere(run, finished, holder) -> dict:
+        """The status of a run another process finished (or failed) while we ran."""
+        bar.update(1)
+        row = {**finished, "device": None, "gpu": None, "slot": None, "trained_by": describe_holder(holder)}
+        return row | ({"status": "elsewhere"} if finished["status"] == "skipped" else {})
+
+    def claim(run) -> bool:
+        """Hold `run` for this process; False when another one holds it or has finished it."""
+        if run.name in claims:  # claimed while we waited for it
+            return True
+        stack, last = ExitStack(), read_holder(run.out_dir / CLAIM)  # (taking the claim overwrites it)
+        try:
+            stack.enter_context(run_lock(run.out_dir / CLAIM))
+        except RunFolderBusy as busy:
+            with lock:
+                deferred.append((run, busy.holder))
+            return False
+        finished = _finished_status(run)
+        if finished:  # since we looked, by another process (the last to claim it)
+            stack.close()
+            status[run.name] = elsewhere(run, finished, last)
+            return False
+        if is_locked(run.out_dir):  # a `train` started by hand, or a notebook orphaned by a killed `reproduce`
+            stack.close()
+            with lock:
+                deferred.append((run, read_holder(run.out_dir)))
+            return False
+        (run.out_dir / "error.json").unlink(missing_ok=True)  # a previous attempt's
+        claims[run.name] = stack
+        return True
 
     def train_batch(output, batch, slot):
-        device = slots[slot]
+        batch = [r for r in batch if claim(r)]
+        if not batch:
+            return
+        env, gpu, device = envs[slot]
         watcher = _Watcher(bar, batch)
         watcher.start()
         params = {"runs": [_notebook_config(replace(r.config, device=device)) for r in batch], "progress": False}
         try:
-            for r in batch:
-                r.out_dir.mkdir(parents=True, exist_ok=True)
-            notebook_error = execute(notebook, output, params, env, started)
+            notebook_error = execute(notebook, output, params, env)
         except Exception as e:  # noqa: BLE001 -- e.g. a full disk: these runs fail, the queue goes on
             notebook_error = f"{type(e).__name__}: {e}".splitlines()[0]
         watcher.stop.set()
         watcher.join()
         watcher.poll()
-        bar.update(len(watcher.pending))  # runs the notebook never reached
         for r in batch:
+            row = {"notebook": str(output), "device": slots[slot], "gpu": gpu, "slot": slot}
             if (r.out_dir / "result.json").exists():
-                status[r.name] = {"status": "done", "error": None, "notebook": str(output)}
+                status[r.name] = {"status": "done", "error": None} | row
+            elif NOTEBOOKS_RUNNING.stopping:
+                status[r.name] = {"status": "interrupted", "error": None} | row
+            elif not _error_of(r) and (is_locked(r.out_dir) or notebook_error is None):
+                # another process held the folder (`train` passed it over): wait for it, then see
+                with lock:
+                    deferred.append((r, read_holder(r.out_dir)))
+                watcher.pending.remove(r)
             else:
                 error = _error_of(r) or notebook_error or "the notebook ended without a result for this run"
-                status[r.name] = {"status": "failed", "error": error, "notebook": str(output)}
-            status[r.name] |= {"device": device, "slot": slot}
+                status[r.name] = {"status": "failed", "error": error} | row
+            claims.pop(r.name).close()
+        bar.update(len(watcher.pending))  # runs the notebook never reached
 
-    def work(slot):
-        while True:
-            seq, batch = queue.take()
-            if not batch:
-                return
-            output = (batch[0].out_dir / TRAIN_NOTEBOOK if notebook_per == "run"
-                      else out / "notebooks" / f"{prefix}-{seq:02d}.ipynb")
-            train_batch(output, batch, slot)
+    def work(queue, slot, ended):
+        try:
+            while True:
+                seq, batch = queue.take()
+                if not batch:
+                    return
+                output = (batch[0].out_dir / TRAIN_NOTEBOOK if notebook_per == "run"
+                          else out / "notebooks" / f"{prefix}-{seq:02d}.ipynb")
+                train_batch(output, batch, slot)
+        finally:
+            ended.set()
 
-    workers = [threading.Thread(target=work, args=(slot,), daemon=True) for slot in range(len(slots))]
+    def wait_for_others() -> list:
+        """Wait for the runs other processes held; those they left unfinished are ours now."""
+        again = []
+        while deferred:
+            run, holder = deferred.pop(0)
+            tqdm.write(f"waiting for {run.name}: {describe_holder(holder)} holds it")
+            stack = ExitStack()
+            stack.enter_context(run_lock(run.out_dir / CLAIM, blocking=True))
+            with run_lock(run.out_dir, blocking=True):
+                pass
+            finished = _finished_status(run)
+            if finished or _error_of(run):
+                stack.close()
+                finished = finished or {"status": "failed", "error": _error_of(run), "notebook": None}
+                status[run.name] = elsewhere(run, finished, holder)
+            else:
+                claims[run.name] = stack
+                again.append(run)
+        return again
+
+    # The main thread waits on events, not Thread.join(): a join that a signal interrupts
+    # can leave the thread marked as ended while it still runs (CPython gh-90882; it
+    # happened here on 3.11, and the running notebook's runs went unreported).
+    queue, ended, todo, seq = None, [], pending, 0
     try:
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-    except KeyboardInterrupt:  # no new notebook starts; the running ones are stopped
-        queue.close()
-        with children_lock:
-            for child in children:
-                child.terminate()
+        while todo:
+            queue = _Queue(todo, cost, len(slots), per_run=notebook_per == "run")
+            queue.taken = seq  # chunk notebooks of a later round are numbered on
+            ended = [threading.Event() for _ in slots]
+            for slot in range(len(slots)):
+                threading.Thread(target=work, args=(queue, slot, ended[slot]), daemon=True).start()
+            for e in ended:
+                e.wait()
+            seq = queue.taken
+            todo = wait_for_others()
+    except (Stopped, KeyboardInterrupt) as stop:  # no new notebook starts; the running ones are stopped
+        if queue:
+            queue.close()
+        NOTEBOOKS_RUNNING.stop()
+        for e in ended:
+            e.wait()
+        NOTEBOOKS_RUNNING.reset()
+        for stack in claims.values():
+            stack.close()
+        for r in runs:
+            status.setdefault(r.name, {"status": "pending", "error": None, "notebook": None, "device": None,
+                                       "gpu": None, "slot": None})
+        bar.close()
+        if isinstance(stop, Stopped):
+            stop.rows = _rows(runs, status)
         raise
     bar.close()
+    return _rows(runs, status)
+
+
+def _rows(runs, status) -> list[dict]:
     rows = []
     for r in runs:
         result = r.out_dir / "result.json"
-        seconds = json.loads(result.read_text())["train_seconds"] if result.exists() else None
+        try:
+            seconds = json.loads(result.read_text())["train_seconds"] if result.exists() else None
+        except (ValueError, KeyError):
+            seconds = None
         rows.append({"name": r.name, "group": r.group, "out_dir": str(r.out_dir), **status[r.name],
                      "train_seconds": seconds})
     return rows
@@ -491,8 +781,44 @@ def reproduce(profile: str, out=None, only=None, runs=None, notebook_per: str | 
     """Train the runs of `profile` (or the given `runs`) -- all, or part `shard` ('I/N') --
     on `devices`, run the analysis notebooks, write and return the summary;
     summary['exit_code'] is 0, or 1 if anything failed. `report`: train nothing, only the
-    analysis notebooks over the finished runs."""
-    t0 = time.perf_counter()
+    analysis notebooks over the finished runs.
+
+    SIGTERM, SIGINT or SIGHUP (what SLURM, `timeout`, a preemption or Ctrl-C send) stop every
+    notebook with its kernel and wait for them; the summary marks the runs that were training
+    `interrupted` (and those not started `pending`), one line says so on stderr, and
+    summary['exit_code'] is 128 + the signal. A rerun resumes them from their checkpoints."""
+    t0, state = time.perf_counter(), {}  # state: the summary as far as it is known
+    with stop_on_signals():
+        try:
+            return _reproduce(profile, out, only, runs, notebook_per, figures_dir, analysis, progress, jobs,
+                              devices, shard, report, publish_notebooks, t0, state)
+        except Stopped as stop:
+            NOTEBOOKS_RUNNING.stop()  # (run_all has stopped its own already: then a no-op)
+            NOTEBOOKS_RUNNING.reset()
+            return _stopped(stop, state, t0)
+
+
+def _stopped(stop: Stopped, state: dict, t0) -> dict:
+    """The summary of a `reproduce` stopped by a signal -- written once the training had
+    started (`stop.rows`, or `state['rows']` when it was over) -- and its one line on stderr."""
+    summary = {"exit_code": 128 + stop.signum, "signal": stop.name, "wall_seconds": round(time.perf_counter() - t0, 1)}
+    rows, where = stop.rows or state.get("rows"), ""
+    if rows is not None:
+        summary = {**state["summary"], **summary, "runs": rows, "notebooks": [],
+                   **{key: sum(r["status"] == key for r in rows) for key in RUN_STATUSES}}
+        write_json(state["path"], summary)
+        stopped = [r["name"] for r in rows if r["status"] == "interrupted"]
+        where = f"; {len(stopped)} runs interrupted ({', '.join(stopped) or 'none'}), marked in {state['path']}"
+    print(f"contsup: stopped by {stop.name}{where}; rerun the same command to resume (finished runs are "
+          f"skipped, interrupted ones resume from their checkpoints)", file=sys.stderr, flush=True)
+    return summary
+
+
+RUN_STATUSES = ("done", "skipped", "elsewhere", "failed", "interrupted", "pending")
+
+
+def _reproduce(profile, out, only, runs, notebook_per, figures_dir, analysis, progress, jobs, devices, shard,
+               report, publish_notebooks, t0, state: dict) -> dict:
     experiments.profile_settings(profile)
     groups = experiments.check_groups(only)
     index, count = parse_shard(shard) if shard is not None else (1, 1)
@@ -531,7 +857,11 @@ def reproduce(profile: str, out=None, only=None, runs=None, notebook_per: str | 
           flush=True)
 
     prefix = "02_train" if count == 1 else f"02_train-shard{index}of{count}"
-    statuses = run_all(mine, out, notebook_per, progress, slots, cost, prefix)
+    state.update(path=out / ("summary.json" if count == 1 else f"summary-shard{index}of{count}.json"),
+                  summary={"profile": profile, "out": str(out), "groups": groups, "shard": f"{index}/{count}",
+                           "notebook_per": notebook_per, "devices": slots, "jobs": len(slots),
+                           "runs_total": len(mine), "registry": _registry_json(registry)})
+    statuses = state["rows"] = run_all(mine, out, notebook_per, progress, slots, cost, prefix)
 
     notebooks = []
     if analysis and count == 1:
@@ -545,18 +875,13 @@ def reproduce(profile: str, out=None, only=None, runs=None, notebook_per: str | 
         print(f"note: shard {index}/{count} leaves the tables and figures to "
               f"`python -m contsup reproduce --profile {profile} --out {out} --report` once every shard is done")
 
-    count_of = lambda key: sum(s["status"] == key for s in statuses)  # noqa: E731
     failed = [s for s in statuses if s["status"] == "failed"] + [n for n in notebooks if n["status"] == "failed"]
     summary = {
-        "profile": profile, "out": str(out), "groups": groups, "shard": f"{index}/{count}",
-        "notebook_per": notebook_per, "devices": slots, "jobs": len(slots),
-        "runs_total": len(statuses), "done": count_of("done"), "skipped": count_of("skipped"),
-        "failed": count_of("failed"), "notebooks": notebooks, "wall_seconds": round(time.perf_counter() - t0, 1),
+        **state["summary"], **{key: sum(s["status"] == key for s in statuses) for key in RUN_STATUSES},
+        "notebooks": notebooks, "wall_seconds": round(time.perf_counter() - t0, 1),
         "exit_code": 1 if failed else 0, "runs": statuses,
-        # which run folder each group's entries use, with the paper's dataset/arch they stand for
-        "registry": _registry_json(registry),
     }
-    path = out / ("summary.json" if count == 1 else f"summary-shard{index}of{count}.json")
+    path = state["path"]  # (state["summary"]["registry"]: which run folder each group's entries use)
     write_json(path, summary)
     _print_summary(summary, path)
     return summary
@@ -610,7 +935,8 @@ def _report(profile, out: Path, groups, runs, registry, figures: Path, t0) -> di
 
 def _print_summary(s: dict, path: Path) -> None:
     minutes = s["wall_seconds"] / 60
-    print(f"\n{s['runs_total']} runs: {s['done']} done, {s['skipped']} skipped (already finished), "
+    others = f"{s['elsewhere']} trained by another process meanwhile, " if s["elsewhere"] else ""
+    print(f"\n{s['runs_total']} runs: {s['done']} done, {s['skipped']} skipped (already finished), {others}"
           f"{s['failed']} failed; {minutes:.1f} min. Summary: {path}")
     for n in s["notebooks"]:
         if n["status"] != "missing":
@@ -630,7 +956,7 @@ def main(args) -> int:
                             figures_dir=args.figures_dir, progress=not args.no_progress, jobs=args.jobs,
                             devices=args.devices, shard=args.shard, report=args.report,
                             publish_notebooks=args.publish_notebooks)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # (only outside the main thread: there, SIGINT stops `reproduce` as SIGTERM does)
         print("contsup: interrupted; rerun the same command to continue (finished runs are skipped, "
               "an interrupted one resumes from its checkpoint)", file=sys.stderr)
         return 130

@@ -23,6 +23,7 @@ import torch
 
 from .. import jsonio, tables
 from ..errors import DivergedError, UsageError
+from ..runlock import RunFolderBusy
 from ..train import TrainConfig, train
 from . import experiments
 
@@ -67,13 +68,18 @@ def notebook_jobs(config: dict, out_dir: str | None, runs: list | None = None) -
 
 def train_jobs(cfgs, progress: bool = True) -> dict[str, dict]:
     """Train (or resume, or load) each config; a failure is recorded in `<run>/error.json`
-    and in the returned dict ({'error': ...}) instead of stopping the others."""
+    and in the returned dict ({'error': ...}) instead of stopping the others. A run folder
+    another process holds (RunFolderBusy) is passed over and left alone -- {'error': ...,
+    'busy': True}, not a failure: `reproduce` waits for that process and takes its result."""
     results = {}
     for cfg in cfgs:
         name = Path(cfg.out_dir).name
         try:
             results[name] = train(cfg, resume=True, progress=progress)
             (Path(cfg.out_dir) / "error.json").unlink(missing_ok=True)
+        except RunFolderBusy as e:  # nothing is written into a folder another process writes
+            results[name] = {"error": str(e), "busy": True}
+            print(f"{name}: passed over: {e}")
         except Exception as e:
             error = f"{type(e).__name__}: {e}".splitlines()[0]
             Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
@@ -89,7 +95,8 @@ def train_jobs(cfgs, progress: bool = True) -> dict[str, dict]:
 
 
 def failures(results: dict) -> dict[str, str]:
-    return {name: r["error"] for name, r in results.items() if "error" in r}
+    """{run: error} of the runs that failed (a run another process holds is no failure)."""
+    return {name: r["error"] for name, r in results.items() if "error" in r and not r.get("busy")}
 
 
 # --------------------------------------------------------------------------------------
