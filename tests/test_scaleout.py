@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from contsup import jsonio
 from contsup.runlock import run_lock
 from contsup.study import experiments, reproduce
 from contsup.cli import main
@@ -125,7 +126,7 @@ def test_shards_then_report(tmp_path, capsys):
 
 
 def test_summary_is_strict_json(tmp_path):
-    reproduce.write_json(tmp_path / "s.json", {"a": math.nan, "b": [math.inf, 1.5], "c": {"d": -math.inf}})
+    jsonio.save(tmp_path / "s.json", {"a": math.nan, "b": [math.inf, 1.5], "c": {"d": -math.inf}})
     text = (tmp_path / "s.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"a": None, "b": [None, 1.5], "c": {"d": None}}

@@ -71,7 +71,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -79,7 +79,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data, jsonio, tables
-from ..errors import UsageError, check_writable_folder
+from .. import errors
+from ..errors import Stopped, UsageError, check_writable_folder, stop_on_signals
 from ..runlock import RunFolderBusy, describe_holder, is_locked, read_holder, run_lock
 from ..model import parse_mode
 from ..train import TrainConfig, _config_json, config_diff, read_run_json
@@ -183,44 +184,8 @@ def execute(notebook: Path, output: Path, parameters: dict, env: dict | None = N
 
 # --------------------------------------------------------------------------------------
 # Stopping: SIGTERM, SIGINT and SIGHUP end every notebook process tree, then `reproduce`
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+STOP_SIGNALS = (*errors.STOP_SIGNALS, signal.SIGINT)   # errors.stop_on_signals raises Stopped for each
 MARKER = "CONTSUP_NOTEBOOK"  # environment variable naming the process tree of one notebook
-
-
-class Stopped(BaseException):
-    """A stop signal reached `reproduce` (raised in its main thread); it exits 128 + signal.
-    A BaseException, like KeyboardInterrupt: no `except Exception` swallows it."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-        self.rows = None  # the run statuses, when it stopped the training
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name
-
-
-@contextmanager
-def stop_on_signals():
-    """Within the block, SIGTERM, SIGINT and SIGHUP raise `Stopped` (the first one; later
-    ones are ignored while the notebooks are being stopped). Outside the main thread, where
-    Python runs no signal handler, nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        for s in STOP_SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
-        raise Stopped(signum)
-
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _marked_pids(marker: str) -> list[int]:
@@ -713,7 +678,7 @@ def run_all(runs, out, notebook_per: str = "run", progress: bool = True, slots=(
                 e.wait()
             seq = queue.taken
             todo = wait_for_others()
-    except (Stopped, KeyboardInterrupt) as stop:  # no new notebook starts; the running ones are stopped
+    except KeyboardInterrupt as stop:  # Ctrl-C or a signal (Stopped): no new notebook starts; the running ones are stopped
         if queue:
             queue.close()
         NOTEBOOKS_RUNNING.stop()
@@ -765,11 +730,6 @@ def run_notebooks(names, out: Path, profile: str, figures_dir: Path) -> list[dic
     return results
 
 
-def write_json(path: Path, obj) -> None:
-    """Strict JSON (jsonio): a non-finite float (NaN, inf) is written as null."""
-    path.write_text(jsonio.dumps(obj, indent=2))
-
-
 # --------------------------------------------------------------------------------------
 def _absolute(run):
     return replace(run, config=replace(run.config, out_dir=str(Path(run.config.out_dir).resolve())))
@@ -788,7 +748,7 @@ def reproduce(profile: str, out=None, only=None, runs=None, notebook_per: str | 
     `interrupted` (and those not started `pending`), one line says so on stderr, and
     summary['exit_code'] is 128 + the signal. A rerun resumes them from their checkpoints."""
     t0, state = time.perf_counter(), {}  # state: the summary as far as it is known
-    with stop_on_signals():
+    with stop_on_signals(STOP_SIGNALS):
         try:
             return _reproduce(profile, out, only, runs, notebook_per, figures_dir, analysis, progress, jobs,
                               devices, shard, report, publish_notebooks, t0, state)
@@ -801,15 +761,15 @@ def reproduce(profile: str, out=None, only=None, runs=None, notebook_per: str | 
 def _stopped(stop: Stopped, state: dict, t0) -> dict:
     """The summary of a `reproduce` stopped by a signal -- written once the training had
     started (`stop.rows`, or `state['rows']` when it was over) -- and its one line on stderr."""
-    summary = {"exit_code": 128 + stop.signum, "signal": stop.name, "wall_seconds": round(time.perf_counter() - t0, 1)}
-    rows, where = stop.rows or state.get("rows"), ""
+    summary = {"exit_code": 128 + stop.signum, "signal": str(stop), "wall_seconds": round(time.perf_counter() - t0, 1)}
+    rows, where = getattr(stop, "rows", None) or state.get("rows"), ""
     if rows is not None:
         summary = {**state["summary"], **summary, "runs": rows, "notebooks": [],
                    **{key: sum(r["status"] == key for r in rows) for key in RUN_STATUSES}}
-        write_json(state["path"], summary)
+        jsonio.save(state["path"], summary)
         stopped = [r["name"] for r in rows if r["status"] == "interrupted"]
         where = f"; {len(stopped)} runs interrupted ({', '.join(stopped) or 'none'}), marked in {state['path']}"
-    print(f"contsup: stopped by {stop.name}{where}; rerun the same command to resume (finished runs are "
+    print(f"contsup: stopped by {stop}{where}; rerun the same command to resume (finished runs are "
           f"skipped, interrupted ones resume from their checkpoints)", file=sys.stderr, flush=True)
     return summary
 
@@ -882,7 +842,7 @@ def _reproduce(profile, out, only, runs, notebook_per, figures_dir, analysis, pr
         "exit_code": 1 if failed else 0, "runs": statuses,
     }
     path = state["path"]  # (state["summary"]["registry"]: which run folder each group's entries use)
-    write_json(path, summary)
+    jsonio.save(path, summary)
     _print_summary(summary, path)
     return summary
 
@@ -921,7 +881,7 @@ def _report(profile, out: Path, groups, runs, registry, figures: Path, t0) -> di
         "exit_code": 1 if any(n["status"] == "failed" for n in notebooks) else 0, "runs": statuses,
         "registry": _registry_json(registry),
     }
-    write_json(out / "summary.json", summary)
+    jsonio.save(out / "summary.json", summary)
     for n in notebooks:
         if n["status"] != "missing":
             print(f"  {n['notebook']}: {n['status']} ({n['output']})" + (f": {n['error']}" if n["error"] else ""))

@@ -87,8 +87,7 @@ def train_jobs(cfgs, progress: bool = True) -> dict[str, dict]:
             if isinstance(e, DivergedError):  # keep the trainer's error.json (epoch, step, module, losses)
                 path = Path(cfg.out_dir) / "error.json"
                 record |= jsonio.loads_strict(path.read_text()) if path.exists() else e.as_dict()
-            (Path(cfg.out_dir) / "error.json").write_text(
-                jsonio.dumps(record | {"traceback": traceback.format_exc()}, indent=2))
+            jsonio.save(Path(cfg.out_dir) / "error.json", record | {"traceback": traceback.format_exc()})
             results[name] = {"error": error}
             print(f"{name}: FAILED: {error}")
     return results
