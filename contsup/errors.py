@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import signal
+import threading
 from pathlib import Path
 
 
@@ -100,3 +102,17 @@ def check_writable_folder(path, option: str) -> None:
         raise UsageError(f"{option} {path}: {existing} is a file, not a folder; choose another {option}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{option} {path}: no permission to write in {existing}; choose another {option}")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm():
+    """SIGTERM (torchrun stopping its ranks, a scheduler's preemption) raises KeyboardInterrupt
+    in the main thread, as Ctrl-C does, so that a run stops the same way: one line, the last
+    checkpoint kept. Returns the handler it replaced (None off the main thread, where Python
+    cannot set one, and nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
