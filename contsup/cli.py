@@ -169,7 +169,7 @@ def describe(args) -> dict:
         from . import pipeline
         # counted FLOPs, not timed steps: seconds of CPU whatever the batch (timing K modules at
         # batch 256 on a CPU took a minute); the trainer balances the times it measures itself
-        flops = pipeline.count_module_flops(net, args.batch_size,
+        flops = pipeline.count_module_flops(set_context_impl(net, "lean"), args.batch_size,  # as the trainer runs
                                             lambda n: random_batch(cfg.dataset, n, cfg.reconstruct))
         g = args.stages
         equal = [round(i * net.k / g) for i in range(g + 1)] if 1 <= g <= net.k else None

@@ -198,6 +198,40 @@ def test_sigterm_stops_every_rank_in_one_line_and_the_run_resumes(tmp_path, refe
     _assert_same_run(reference["R1E"], tmp_path / "run")
 
 
+class _Store:
+    """The rendezvous store's compare_set, in a dict."""
+    def __init__(self):
+        self.kv = {}
+
+    def set_timeout(self, timeout):
+        pass
+
+    def compare_set(self, key, expected, desired):
+        if self.kv.get(key, "") == expected:
+            self.kv[key] = desired
+        return self.kv[key].encode()
+
+
+def _watch(rank: int, store) -> pipeline.Watch:
+    """A Watch without a process group (its blame only)."""
+    watch = pipeline.Watch.__new__(pipeline.Watch)
+    watch.rank, watch.world, watch.epoch, watch.store = rank, 3, 1, store
+    return watch
+
+
+def test_the_first_failure_recorded_is_the_one_every_rank_names():
+    store = _Store()
+    _watch(1, store).interrupted()   # rank 1 stopped by SIGTERM: the others say so
+    line = _watch(0, store).message(1, "receiving from rank 1 failed (RuntimeError)")
+    assert line.startswith("rank 1 was stopped (Ctrl-C or SIGTERM) during epoch 1 (seen by rank 0: receiving from")
+    assert "rerun the same command to resume" in line
+    store = _Store()
+    with pytest.raises(pipeline.RankFailure, match=r"^rank 2 died or hung during epoch 1 \(seen by rank 1: "):
+        _watch(1, store).fail(2, "sending to rank 2 failed")
+    _watch(0, store).interrupted()   # too late: rank 2 is the one named
+    assert _watch(0, store).message(1, "x").startswith("rank 2 died or hung during epoch 1 (seen by rank 0: x)")
+
+
 def test_a_single_process_checkpoint_resumes_pipelined(tmp_path, reference, interrupt_in_second_evaluation):
     cfg = _cfg(tmp_path / "run", "R1E")
     interrupt_in_second_evaluation()   # stop in epoch 1, after epoch 0's checkpoint
