@@ -9,10 +9,14 @@ modules (`module_of`), runs forward + local loss + backward for them (train.modu
 steps its own optimizer. Processing the batches in order (a FIFO pipeline) gives exactly
 the single-process result of train.train, bit for bit; world size 1 runs the same code.
 
-Reading order: 1. the stage split (by measured per-module step time), 2. what a rank owns
-and what each link carries, 3. links (a ring of D in-flight flat buffers), 4. one batch
-through a rank's modules, 5. faults, 6. `Stage`: a rank's epoch, 7. `train_pipelined`:
-setup, the epochs, metrics and checkpoint assembly on rank 0.
+Reading order: 1. the stage split (by measured per-module step time; `describe --stages`
+by counted FLOPs), 2. what a rank owns and what each link carries, 3. links (a ring of D
+in-flight flat buffers), 4. one batch through a rank's modules, 5. faults (our watchdog,
+the one-line blame), 6. `Stage`: a rank's epoch, 7. `train_pipelined`: setup, the epochs,
+metrics and checkpoint assembly on rank 0. Ctrl-C or SIGTERM (torchrun's stop) on any rank
+stops every rank, each with at most one line; the last checkpoint stays.
+
+Devices: gloo on CPU; NCCL on CUDA, rank r on cuda:LOCAL_RANK (`rank_device`).
 
     torchrun --nproc-per-node 2 -m contsup train --dataset digits8 -k 4 ...   # G = 2
     python -m contsup train --pipeline ...                                     # G = 1, same path
