@@ -746,20 +746,23 @@ def train_pipelined(cfg: TrainConfig, resume: bool = False, progress: bool = Tru
                     depth: int = DEPTH, timeout_s: float = TIMEOUT_S) -> dict:
     """train.train, with the modules split over the ranks of the process group (torchrun's,
     or a world of one). Rank 0 reads data and writes the run folder; returns the result on
-    every rank. `split`: modules per rank (default: balanced by measured step time)."""
+    every rank. `split`: modules per rank (default: balanced by measured step time).
+    A lost peer raises RankFailure (its one line); a hung one makes the watchdog print that
+    line and end the process. SIGTERM raises KeyboardInterrupt here, as Ctrl-C (the other
+    ranks will name this one as stopped); the caller prints its one line."""
     if depth < 1 or timeout_s <= 0:
         raise UsageError("--pipeline-depth must be >= 1 and --rank-timeout > 0")
     device = _device(cfg)
     previous = interrupt_on_sigterm()   # torchrun stops its ranks with SIGTERM: as Ctrl-C
-    watch = None
-    made_group = init_distributed(device, timeout_s)
+    watch, made_group = None, False
     try:
+        made_group = init_distributed(device, timeout_s)
         watch = Watch(dist.get_rank(), dist.get_world_size(), timeout_s)
         return _run(cfg, resume, progress, split, depth, watch, device)
     except (RankFailure, KeyboardInterrupt) as e:
         if isinstance(e, KeyboardInterrupt) and watch is not None:
             watch.interrupted()   # the others will say so when this rank is gone
-        if isinstance(e, RankFailure) or dist.get_world_size() > 1:
+        if isinstance(e, RankFailure) or (dist.is_initialized() and dist.get_world_size() > 1):
             made_group = False   # tearing down a group with a lost peer may wait for it forever
         raise
     finally:

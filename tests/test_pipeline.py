@@ -1,5 +1,6 @@
 """The pipelined trainer: bit-equal to the single-process one, interchangeable checkpoints,
-a dead or hung rank named by the others, the messages, and the stage split.
+a dead or hung rank named by the others, SIGTERM stopping every rank, the messages, the
+device per rank, and the stage split.
 
 Ranks run as real processes of `python -m contsup train` with the environment torchrun
 gives them (gloo on CPU), one thread each; the single-process references run here, also
