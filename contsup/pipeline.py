@@ -482,12 +482,14 @@ class Watch:
                     break
                 self.cond.wait(left)
             _, peer, doing, seconds = self.armed
-        if peer is None:   # blocked in its own step: blame a peer whose message is not through
-            peer = next((p for p in (link.waiting_on() for link in self.links) if p is not None), self.rank)
-        detail = f"{doing} rank {peer}" if doing.endswith((" to", " from")) else doing
-        line = self.message(peer, f"{detail}: no progress for {seconds:.0f} s")
-        print(f"contsup: error: {line}", file=sys.stderr, flush=True)   # as the CLI prints errors
-        os._exit(1)   # the main thread is blocked in the backend: only leaving ends the wait
+        try:
+            if peer is None:   # blocked in its own step: blame a peer whose message is not through
+                peer = next((p for p in (link.waiting_on() for link in self.links) if p is not None), self.rank)
+            detail = f"{doing} rank {peer}" if doing.endswith((" to", " from")) else doing
+            line = self.message(peer, f"{detail}: no progress for {seconds:.0f} s")
+            print(f"contsup: error: {line}", file=sys.stderr, flush=True)   # as the CLI prints errors
+        finally:
+            os._exit(1)   # the main thread is blocked in the backend: only leaving ends the wait
 
     # the waits
     def barrier(self):
