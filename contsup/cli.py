@@ -203,7 +203,7 @@ def cmd_describe(args) -> int:
         print(f"  pipeline over {len(st['balanced']['stage_costs'])} ranks, stage costs from {st['cost']} "
               f"at batch {st['batch_size']} (not timed; communication not counted):")
         purpose = {"balanced": "the fewest GFLOPs on the busiest rank; `train` splits by the step times it measures",
-                   "equal": "as many modules on every rank, to compare with"}
+                   "equal": "modules shared out as evenly as K allows, to compare with"}
         for name in ("balanced", "equal"):
             p = st[name]
             sizes = [b - a for a, b in zip(p["bounds"], p["bounds"][1:])]
