@@ -179,16 +179,18 @@ def describe(args) -> dict:
                    "paper_memory_MB": mem["paper_memory_bytes"] / 2**20,
                    "paper_memory_parts_MB": {k: v / 2**20 for k, v in mem["paper_memory_parts"].items()}}
     if args.stages is not None:
-        import torch
         from . import pipeline
-        x, y, image = random_batch(cfg.dataset, args.batch_size, cfg.reconstruct)
-        cl = torch.channels_last   # the trainer's default memory format
-        seconds = pipeline.profile_modules(net.to(memory_format=cl), x.contiguous(memory_format=cl), y, image)
+        # counted FLOPs, not timed steps: seconds of CPU whatever the batch (timing K modules at
+        # batch 256 on a CPU took a minute); the trainer balances the times it measures itself
+        flops = pipeline.count_module_flops(set_context_impl(net, "lean"), args.batch_size,  # as the trainer runs
+                                            lambda n: random_batch(cfg.dataset, n, cfg.reconstruct))
         g = args.stages
         equal = [round(i * net.k / g) for i in range(g + 1)] if 1 <= g <= net.k else None
-        report["stages"] = {"module_seconds": seconds, "batch_size": args.batch_size,
-                            "balanced": pipeline.predicted_speedup(seconds, pipeline.balanced_split(seconds, g)),
-                            "equal": pipeline.predicted_speedup(seconds, equal)}
+        gflops = [f / 1e9 for f in flops]
+        report["stages"] = {"module_gflops": gflops, "batch_size": args.batch_size,
+                            "cost": "counted FLOPs (conv + matmul, forward + backward) of one training step",
+                            "balanced": pipeline.predicted_speedup(gflops, pipeline.balanced_split(gflops, g)),
+                            "equal": pipeline.predicted_speedup(gflops, equal)}
     return report
 
 
@@ -211,14 +213,16 @@ def cmd_describe(args) -> int:
               f"peak activations of the plain encoders {parts['plain_peak_activation_bytes']:.1f}")
     if "stages" in report:
         st = report["stages"]
-        print(f"  pipeline over {len(st['balanced']['stage_seconds'])} ranks (step times measured at batch "
-              f"{st['batch_size']}, communication not counted):")
+        print(f"  pipeline over {len(st['balanced']['stage_costs'])} ranks, stage costs from {st['cost']} "
+              f"at batch {st['batch_size']} (not timed; communication not counted):")
+        purpose = {"balanced": "the fewest GFLOPs on the busiest rank; `train` splits by the step times it measures",
+                   "equal": "modules shared out as evenly as K allows, to compare with"}
         for name in ("balanced", "equal"):
             p = st[name]
             sizes = [b - a for a, b in zip(p["bounds"], p["bounds"][1:])]
-            print(f"    {name:>8}: modules per rank {sizes}, stage seconds "
-                  f"[{', '.join(f'{s:.3f}' for s in p['stage_seconds'])}], predicted speed-up {p['speedup']:.2f}x, "
-                  f"bubble {100 * p['bubble']:.0f}%")
+            print(f"    {name:>8}: modules per rank {sizes} (`train --split {','.join(map(str, sizes))}`), stage GFLOPs "
+                  f"[{', '.join(f'{s:.1f}' for s in p['stage_costs'])}], predicted speed-up {p['speedup']:.2f}x, "
+                  f"bubble {100 * p['bubble']:.0f}%: {purpose[name]}")
     return 0
 
 

@@ -9,10 +9,14 @@ modules (`module_of`), runs forward + local loss + backward for them (train.modu
 steps its own optimizer. Processing the batches in order (a FIFO pipeline) gives exactly
 the single-process result of train.train, bit for bit; world size 1 runs the same code.
 
-Reading order: 1. the stage split (by measured per-module step time), 2. what a rank owns
-and what each link carries, 3. links (a ring of D in-flight flat buffers), 4. one batch
-through a rank's modules, 5. faults, 6. `Stage`: a rank's epoch, 7. `train_pipelined`:
-setup, the epochs, metrics and checkpoint assembly on rank 0.
+Reading order: 1. the stage split (by measured per-module step time; `describe --stages`
+by counted FLOPs), 2. what a rank owns and what each link carries, 3. links (a ring of D
+in-flight flat buffers), 4. one batch through a rank's modules, 5. faults (our watchdog,
+the one-line blame), 6. `Stage`: a rank's epoch, 7. `train_pipelined`: setup, the epochs,
+metrics and checkpoint assembly on rank 0. Ctrl-C or SIGTERM (torchrun's stop) on any rank
+stops every rank, each with at most one line; the last checkpoint stays.
+
+Devices: gloo on CPU; NCCL on CUDA, rank r on cuda:LOCAL_RANK (`rank_device`).
 
     torchrun --nproc-per-node 2 -m contsup train --dataset digits8 -k 4 ...   # G = 2
     python -m contsup train --pipeline ...                                     # G = 1, same path
@@ -26,29 +30,34 @@ import itertools
 import os
 import re
 import socket
+import sys
+import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from . import tables
 from .data import DeviceLoader, denormalize, load_dataset
-from .errors import UsageError
+from .errors import UsageError, stop_on_signals
 from .model import ContSupNet, feature_shape
 from .speed.memory import reuse_freed_cpu_memory
 from .step import autocast, module_step
 from .train import (TrainConfig, _atomic_save, append_metrics, checkpoint, compile_model, finish_run,
                     first_step_memory, learning_rate, make_optimizer, metrics_row, open_run, pick_device,
-                    prepare_model, prepare_run_folder, stop_diverged, to_format)
+                    prepare_model, prepare_run_folder, to_format, DivergenceWatch)
 
 DEPTH = 2            # in-flight messages per link (the ring)
 TIMEOUT_S = 300.0    # a peer silent for this long counts as hung
 PROFILE_STEPS = 3    # timed steps (after one warm-up) for the stage split
 DIE_ENV = "CONTSUP_PIPELINE_DIE"    # "rank:epoch": that rank exits (os._exit(1)) as the epoch starts (tests)
 HANG_ENV = "CONTSUP_PIPELINE_HANG"  # "rank:epoch": that rank stops (sleeps) as the epoch starts (tests)
+HOOK_FILE_ENV = "CONTSUP_PIPELINE_HOOK_FILE"   # a file the hooks above write as they fire (tests)
 
 
 class RankFailure(RuntimeError):
@@ -97,22 +106,24 @@ def split_from_sizes(sizes: list[int], k: int) -> list[int]:
     return bounds
 
 
-def predicted_speedup(seconds: list[float], bounds: list[int], batches: int | None = None) -> dict:
-    """What the split promises, communication not counted: stage times, the steady-state
-    speed-up over one process (sum / slowest stage) and the idle share of the ranks (the
-    bubble: imbalance, plus filling and draining the pipe once per `batches` when given)."""
-    stage = [sum(seconds[a:b]) for a, b in zip(bounds, bounds[1:])]
-    total, slowest, g = sum(seconds), max(stage), len(stage)
+def predicted_speedup(costs: list[float], bounds: list[int], batches: int | None = None) -> dict:
+    """What the split promises, communication not counted: each stage's cost (in the unit of
+    `costs`: seconds measured, or FLOPs counted), the steady-state speed-up over one process
+    (sum / costliest stage) and the idle share of the ranks (the bubble: imbalance, plus
+    filling and draining the pipe once per `batches` when given)."""
+    stage = [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+    total, slowest, g = sum(costs), max(stage), len(stage)
     n = batches or float("inf")
     pipelined = total + (n - 1) * slowest if batches else slowest   # per epoch, or per batch at steady state
     serial = n * total if batches else total
-    return {"bounds": bounds, "stage_seconds": stage, "speedup": serial / pipelined,
+    return {"bounds": bounds, "stage_costs": stage, "speedup": serial / pipelined,
             "bubble": 1 - serial / (g * pipelined)}
 
 
 def profile_modules(net: ContSupNet, x, y, image=None, bf16: bool = False, steps: int = PROFILE_STEPS) -> list[float]:
     """Seconds of each module's step (the supply feeding it, forward, local loss, backward),
-    the median of `steps` timed steps after a warm-up, on a copy of `net`."""
+    the median of `steps` timed steps after a warm-up, on a copy of `net`; on CUDA each
+    module is timed from and to a synchronised device (stage_step)."""
     net = copy.deepcopy(net).train()
     runs = []
     for _ in range(steps + 1):
@@ -121,6 +132,33 @@ def profile_modules(net: ContSupNet, x, y, image=None, bf16: bool = False, steps
         net.zero_grad(set_to_none=True)
         runs.append(times)
     return [sorted(r[k] for r in runs[1:])[len(runs[1:]) // 2] for k in range(net.k)]
+
+
+def count_module_flops(net: ContSupNet, batch: int, batch_of) -> list[int]:
+    """Counted FLOPs (conv + matmul, forward + backward: torch's FlopCounterMode) of each
+    module's training step at `batch`, without running it at that batch: counted at batches
+    2, 4 and 8 from `batch_of(n)` -> (x, y, image), where a cost is a polynomial of degree <= 2
+    in the batch (the contrast loss compares the samples pairwise), and extrapolated. Seconds
+    of work on a CPU, for `describe --stages`; the trainer splits by measured time instead."""
+    net = copy.deepcopy(net).train()
+    sizes, counts = (2, 4, 8), []
+    with torch.random.fork_rng(devices=[]):
+        for n in sizes:
+            x, y, image = batch_of(n)
+            h, inputs, flops = None, [], []
+            for k in range(net.k):
+                with FlopCounterMode(display=False) as counter:
+                    h, _ = stage_step(net, range(k, k + 1), h, x, y, image, inputs, True, False)
+                flops.append(counter.get_total_flops())
+            net.zero_grad(set_to_none=True)
+            counts.append(flops)
+    # Lagrange through the three counts, at `batch`: exact for polynomials of degree <= 2
+    weights = [1.0] * 3
+    for i, a in enumerate(sizes):
+        for j, b in enumerate(sizes):
+            if i != j:
+                weights[i] *= (batch - b) / (a - b)
+    return [round(sum(w * c[k] for w, c in zip(weights, counts))) for k in range(net.k)]
 
 
 # --------------------------------------------------------------------------------------
@@ -193,6 +231,9 @@ def feature_shape_at(net: ContSupNet, module: int) -> tuple[int, int]:
 # aligned). Header: kind, epoch, step, batch size, then per slot: present, dtype, ndim,
 # shape (4), strides (4). The receiver views its tensors in place, with the sender's strides
 # (the memory format decides which kernels run, so it must match for bit-equality).
+# The header is written on the buffer's device without a host->device copy: the layouts a
+# link sends are few (train or eval, full or last batch), each is made once on the device
+# (`layouts`) and copied device to device; epoch and step are written by two scalar fills.
 TRAIN, EVAL = 0, 1
 HEAD, PER_SLOT = 4, 11
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8, torch.float64]
@@ -208,29 +249,40 @@ def message_bytes(net: ContSupNet, bounds: list[int], rank: int, max_batch: int)
         _align(max_batch * slot_sample_bytes(net, bounds, rank, s)) for s in slots)
 
 
-def pack(buf: torch.Tensor, head: tuple, tensors: list):
-    """Write header `head` (kind, epoch, step, batch) and `tensors` into the flat buffer."""
-    header = torch.zeros(HEAD + PER_SLOT * len(tensors), dtype=torch.int64)
-    header[:HEAD] = torch.tensor(head)
+def pack(buf: torch.Tensor, head: tuple, tensors: list, layouts: dict | None = None):
+    """Write header `head` (kind, epoch, step, batch) and `tensors` into the flat buffer.
+    `layouts` keeps the header layouts already made on the buffer's device (one per link)."""
+    dense, entries = [], []
+    for t in tensors:
+        if t is not None and not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+            t = t.contiguous()
+        dense.append(t)
+        entries += [0] * PER_SLOT if t is None else \
+            [1, DTYPES.index(t.dtype), t.dim(), *t.shape, *[1] * (4 - t.dim()), *t.stride(), *[1] * (4 - t.dim())]
+    kind, epoch, step, batch = head
+    key = (kind, batch, *entries)
+    layouts = {} if layouts is None else layouts
+    if key not in layouts:   # once per layout: the only host->device copy
+        layouts[key] = torch.tensor([kind, 0, 0, batch, *entries], dtype=torch.int64, device=buf.device)
+    header = buf[:8 * len(layouts[key])].view(torch.int64)
+    header.copy_(layouts[key])
+    header[1].fill_(epoch)
+    header[2].fill_(step)
     offset = _align(8 * len(header))
-    for i, t in enumerate(tensors):
+    for t in dense:
         if t is None:
             continue
-        if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
-            t = t.contiguous()
         n = t.numel() * t.element_size()
         assert offset + n <= buf.numel(), "message larger than its buffer"
-        shape, strides = list(t.shape) + [1] * (4 - t.dim()), list(t.stride()) + [1] * (4 - t.dim())
-        header[HEAD + PER_SLOT * i:HEAD + PER_SLOT * (i + 1)] = torch.tensor(
-            [1, DTYPES.index(t.dtype), t.dim(), *shape, *strides])
         # the storage behind a dense tensor, in memory order, whatever its strides
         buf[offset:offset + n].view(t.dtype).copy_(t.as_strided((t.numel(),), (1,)))
         offset += _align(n)
-    buf[:8 * len(header)].copy_(header.view(torch.uint8))
 
 
 def unpack(buf: torch.Tensor, slots: int) -> tuple[tuple, list]:
-    """(head, tensors) of a message: views into `buf`, valid until the buffer is reused."""
+    """(head, tensors) of a message: views into `buf`, valid until the buffer is reused. The
+    header is read on the host (on CUDA the one device->host read of a message: the receiver
+    needs the batch's shapes), which is where a receiving host waits for the message."""
     header = buf[:8 * (HEAD + PER_SLOT * slots)].view(torch.int64).tolist()
     offset, tensors = _align(8 * len(header)), []
     for i in range(slots):
@@ -257,15 +309,17 @@ class Link:
     def __init__(self, peer: int, nbytes: int, slots: int, device, depth: int, watch: "Watch"):
         self.peer, self.slots, self.watch = peer, slots, watch
         self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(depth)]
+        self.layouts = {}        # header layouts made on the device (pack)
         self.pending = deque()   # (buffer index, work) in message order
         self.count = 0           # messages sent or receives posted so far
+        watch.links.append(self)
 
     # sending side
     def send(self, head: tuple, tensors: list):
         if len(self.pending) == len(self.buffers):
             self.watch.wait(self.pending.popleft()[1], self.peer, "sending to")
         i = self.count % len(self.buffers)
-        pack(self.buffers[i], head, tensors)
+        pack(self.buffers[i], head, tensors, self.layouts)
         self.pending.append((i, self.watch.call(dist.isend, self.buffers[i], self.peer)))
         self.count += 1
 
@@ -285,8 +339,16 @@ class Link:
             self.count += 1
             self.expected -= 1
         i, work = self.pending.popleft()
-        self.watch.wait(work, self.peer, "receiving from")
-        return unpack(self.buffers[i], self.slots)
+        with self.watch.waiting(self.peer, "receiving from"):   # on CUDA the host waits in unpack
+            self.watch.wait(work, self.peer, "receiving from")
+            return unpack(self.buffers[i], self.slots)
+
+    def waiting_on(self) -> int | None:
+        """The peer, if a message of this link is not through yet (for the watchdog)."""
+        try:
+            return self.peer if any(not work.is_completed() for _, work in list(self.pending)) else None
+        except Exception:   # the main thread changed the queue meanwhile
+            return None
 
 
 # --------------------------------------------------------------------------------------
@@ -302,7 +364,8 @@ def stage_step(net: ContSupNet, modules: range, h, x, y, image, module_inputs: l
     like = x if x is not None else h   # x is None where no encoder of this rank reads the image
     with torch.set_grad_enabled(train):
         for k in modules:
-            t0 = time.perf_counter()
+            if seconds is not None:
+                t0 = _clock(like)
             if k == 0:
                 h_in = x
             else:
@@ -320,87 +383,189 @@ def stage_step(net: ContSupNet, modules: range, h, x, y, image, module_inputs: l
                         h = net.classifier(h)
             h_in = None
             if seconds is not None:
-                seconds[k] += time.perf_counter() - t0
+                seconds[k] += _clock(like) - t0
     return h.detach(), losses
 
 
+def _clock(like: torch.Tensor) -> float:
+    """perf_counter once the device is done with the work queued so far: on CUDA the kernels
+    run after their launch returns, so an unsynchronised clock would time the launches."""
+    if like.device.type == "cuda":
+        torch.cuda.synchronize(like.device)
+    return time.perf_counter()
+
+
 # --------------------------------------------------------------------------------------
-# 5. Faults. Every wait on a peer during the epochs has a deadline (--rank-timeout); a rank
-# that stops answering makes the others stop with one line naming it and its epoch. A dead
-# rank's sockets close, so its neighbours notice at once; a hung one is noticed when a send
-# or receive to it times out, or at the epoch's end, when a monitored barrier names the
-# ranks that did not arrive. Which rank is to blame is agreed in the rendezvous store: the
-# first rank to see a failure records it (the ranks behind a dead rank's neighbours notice
-# only when those exit, and read the record). The setup (data, memory, profiling on rank 0)
-# waits under the longer SETUP_TIMEOUT_S.
+# 5. Faults. Every wait on a peer has a deadline (--rank-timeout during the epochs), kept by
+# a watchdog thread of ours on every backend: a wait blocked in the backend cannot be
+# interrupted (an NCCL wait blocks the host in a CUDA synchronisation, and NCCL's own
+# watchdog speaks after 30 min), so when a deadline passes the watchdog prints the one line
+# naming the rank and its epoch and ends the process (os._exit(1)). During an epoch a rank is
+# always under a deadline: each batch and each message pushes it on, so a host blocked
+# anywhere in a step (CUDA work queued behind a message that never arrives) is caught too,
+# and blamed on a peer with a message not through, else on the rank itself. Between epochs
+# (checkpoint, test hooks) nothing is watched but the waits. A dead rank's sockets close,
+# so on gloo its neighbours notice at once (an exception in the wait); a hung one when the
+# deadline passes, or at the epoch's end, when a monitored barrier names the ranks that did
+# not arrive. Which rank is to blame is agreed in the rendezvous store: the first rank to see
+# a failure records it (the ranks behind a dead rank's neighbours notice only when those
+# exit, and read the record); a rank stopped by Ctrl-C or SIGTERM records that, so that the
+# others say so. The setup (data, memory, profiling on rank 0) waits under SETUP_TIMEOUT_S.
 FAILED_KEY = "contsup/failed"
 SETUP_TIMEOUT_S = 1800.0
 
 
 class Watch:
     def __init__(self, rank: int, world: int, timeout_s: float):
-        self.rank, self.world, self.timeout = rank, world, datetime.timedelta(seconds=timeout_s)
-        self.epoch = None
+        self.rank, self.world, self.timeout_s = rank, world, timeout_s
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.epoch = None   # the rank's latest epoch
+        self.links = []   # this rank's links (Link adds itself), for the watchdog's blame
         # the epoch-end gather and barrier run on gloo, also when the links are NCCL
         self.control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
         try:
             self.store = dist.distributed_c10d._get_default_store()
         except Exception:  # no store: blame the peer
             self.store = None
+        # the watchdog: `armed` is (deadline, peer or None, what the rank is doing, seconds)
+        self.armed, self.stopped = None, False
+        self.cond = threading.Condition()
+        if world > 1:
+            threading.Thread(target=self._watchdog, name="contsup-watchdog", daemon=True).start()
 
+    # the deadlines
+    def arm(self, peer: int | None, doing: str, seconds: float | None = None):
+        """From now on, `doing` (with `peer`, if known) must end within `seconds` (default:
+        the rank timeout)."""
+        with self.cond:
+            seconds = self.timeout_s if seconds is None else seconds
+            self.armed = (time.monotonic() + seconds, peer, doing, seconds)
+            self.cond.notify()
+
+    def disarm(self):
+        with self.cond:
+            self.armed = None
+
+    @contextmanager
+    def waiting(self, peer: int | None, doing: str, seconds: float | None = None):
+        """A wait under its own deadline; afterwards the deadline it interrupted (the rank's
+        step, or an enclosing wait) runs again, from now."""
+        before = self.armed
+        self.arm(peer, doing, seconds)
+        try:
+            yield
+        finally:
+            if before is None or self.stopped:
+                self.disarm()
+            else:
+                self.arm(*before[1:])
+
+    def step(self):
+        """The rank made progress in its epoch: its own step has the timeout from now."""
+        self.arm(None, f"its own step of epoch {self.epoch}")
+
+    def stop(self):
+        with self.cond:
+            self.armed, self.stopped = None, True
+            self.cond.notify()
+
+    def _watchdog(self):
+        with self.cond:
+            while True:
+                if self.stopped:
+                    return
+                if self.armed is None:
+                    self.cond.wait()
+                    continue
+                left = self.armed[0] - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            _, peer, doing, seconds = self.armed
+        try:
+            if peer is None:   # blocked in its own step: blame a peer whose message is not through
+                peer = next((p for p in (link.waiting_on() for link in self.links) if p is not None), self.rank)
+            detail = f"{doing} rank {peer}" if doing.endswith((" to", " from")) else doing
+            line = self.message(peer, f"{detail}: no progress for {seconds:.0f} s")
+            print(f"contsup: error: {line}", file=sys.stderr, flush=True)   # as the CLI prints errors
+        finally:
+            os._exit(1)   # the main thread is blocked in the backend: only leaving ends the wait
+
+    # the waits
     def barrier(self):
         """All ranks reached the epoch's end within the timeout, or the missing ones are named."""
         if self.world == 1:
             return
-        try:
-            dist.monitored_barrier(group=self.control, timeout=self.timeout, wait_all_ranks=True)
+        try:   # the barrier names the missing ranks; the watchdog is the backstop
+            with self.waiting(None, "waiting at the epoch's end", 2 * self.timeout_s):
+                dist.monitored_barrier(group=self.control, timeout=self.timeout, wait_all_ranks=True)
         except Exception as e:
             missing = re.findall(r"[Rr]anks? (\d+)[\d, ]* failed", str(e)) if self.rank == 0 else ["0"]
             self.fail(int(missing[0]) if missing else None, f"barrier failed ({type(e).__name__})")
 
     def wait(self, work, peer: int, doing: str):
+        """Wait for a send or receive; the watchdog bounds it (the backend's own timeout is
+        the process group's, longer)."""
         try:
-            ok = work.wait(self.timeout)
+            with self.waiting(peer, doing):
+                work.wait()
         except Exception as e:  # closed connection, timeout inside the backend...
             self.fail(peer, f"{doing} rank {peer} failed ({type(e).__name__})")
-        if ok is False:
-            self.fail(peer, f"{doing} rank {peer} timed out after {self.timeout.total_seconds():.0f} s")
 
-    def call(self, fn, *args, **kwargs):
-        """fn(*args, **kwargs), a failure in it blamed on the peer (args[1] of isend/irecv)."""
+    def call(self, fn, *args, seconds: float | None = None, **kwargs):
+        """fn(*args, **kwargs) under a deadline, a failure in it blamed on the peer (args[1]
+        of isend/irecv)."""
         peer = args[1] if fn in (dist.isend, dist.irecv) else None
         try:
-            return fn(*args, **kwargs)
+            with self.waiting(peer, f"in {fn.__name__}", seconds):
+                return fn(*args, **kwargs)
         except Exception as e:
             self.fail(peer, f"{fn.__name__} failed ({type(e).__name__})")
 
-    def fail(self, peer: int | None, detail: str):
+    # the blame
+    def message(self, peer: int | None, detail: str) -> str:
+        """The one line naming the failed rank: the first one recorded in the store, else ours."""
         if peer is None and self.world == 2:
             peer = 1 - self.rank
-        mine = f"{peer if peer is not None else '?'} {'setup' if self.epoch is None else self.epoch}"
-        blamed = mine
-        if self.store is not None:
-            try:
-                self.store.set_timeout(datetime.timedelta(seconds=5))
-                blamed = self.store.compare_set(FAILED_KEY, "", mine).decode()
-                if blamed == "":
-                    blamed = mine
-            except Exception:   # the store lives on a rank that is gone: blame our peer
-                pass
-        rank, epoch = blamed.split()
+        mine = f"{peer if peer is not None else '?'} {'setup' if self.epoch is None else self.epoch} failed"
+        blamed = self._record(mine) or mine
+        rank, epoch, what = blamed.split()
         when = "before the first epoch" if epoch == "setup" else f"during epoch {epoch}"
-        raise RankFailure(f"rank {rank} died or hung {when} (seen by rank {self.rank}: {detail}); "
-                          f"the last checkpoint is intact: rerun the same command to resume")
+        happened = "was stopped (Ctrl-C or SIGTERM)" if what == "interrupted" else "died or hung"
+        return (f"rank {rank} {happened} {when} (seen by rank {self.rank}: {detail}); "
+                f"the last checkpoint is intact: rerun the same command to resume")
+
+    def fail(self, peer: int | None, detail: str):
+        raise RankFailure(self.message(peer, detail))
+
+    def interrupted(self):
+        """This rank stops on Ctrl-C or SIGTERM: tell the others, who will see it leave."""
+        self._record(f"{self.rank} {'setup' if self.epoch is None else self.epoch} interrupted")
+
+    def _record(self, what: str) -> str | None:
+        """Record `what` unless another rank recorded first; the record, None without a store."""
+        if self.store is None or self.world == 1:
+            return None
+        try:
+            self.store.set_timeout(datetime.timedelta(seconds=5))
+            return self.store.compare_set(FAILED_KEY, "", what).decode() or what
+        except Exception:   # the store lives on a rank that is gone
+            return None
 
 
 def _test_hooks(rank: int, epoch: int):
-    """The fault hooks; under torchrun only in its first attempt, so that a restart gets through."""
+    """The fault hooks; under torchrun only in its first attempt, so that a restart gets through.
+    A hook that fires first writes "rank:epoch" to the file HOOK_FILE_ENV names, if any (the
+    event a test waits for)."""
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
-    if os.environ.get(DIE_ENV) == f"{rank}:{epoch}":
-        os._exit(1)
-    if os.environ.get(HANG_ENV) == f"{rank}:{epoch}":
-        time.sleep(10 ** 6)
+    for env in (DIE_ENV, HANG_ENV):
+        if os.environ.get(env) == f"{rank}:{epoch}":
+            if os.environ.get(HOOK_FILE_ENV):
+                Path(os.environ[HOOK_FILE_ENV]).write_text(f"{rank}:{epoch}")
+            if env == DIE_ENV:
+                os._exit(1)
+            time.sleep(10 ** 6)
 
 
 # --------------------------------------------------------------------------------------
@@ -432,16 +597,27 @@ class Stage:
         """n_train training batches, then n_eval test batches, through this rank's modules.
         Rank 0 takes them from `source` ((kind, x, y, image) each), the others from the link.
         Returns this rank's numbers: its modules' mean losses, the errors (last rank), the
-        images seen and the wall-clock times: start, end of each training batch (`ends`), last end."""
+        images seen and the wall-clock times: start, end of each training batch (`ends`), last end.
+        The whole epoch is under the watchdog's deadline (section 5)."""
+        self.watch.epoch = epoch
+        self.watch.step()
+        try:
+            return self._epoch(epoch, lr, source, n_train, n_eval)
+        finally:
+            self.watch.disarm()
+
+    def _epoch(self, epoch: int, lr: float, source, n_train: int, n_eval: int) -> dict:
         net, cfg, watch = self.net, self.cfg, self.watch
-        watch.epoch = epoch
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if not self.first:
             self.inbound.expect(n_train + n_eval)
         seen, wrong, loss_sum, test_wrong, test_total, ends = 0, 0, 0.0, 0, 0, []
+        first_module = self.bounds[self.rank] + 1   # (from 1) the module of this stage's first loss
+        diverged = DivergenceWatch(len(self.modules), next(net.parameters()).device)   # as train.train_epoch
         t0 = t1 = time.time()
         for i in range(n_train + n_eval):
+            watch.step()
             if self.first:
                 kind, x, y, image = next(source)
                 x, h, module_inputs = to_format(x, cfg.channels_last), None, []
@@ -461,9 +637,10 @@ class Stage:
                 self.outbound.send(head, [have[s] if isinstance(s, str) else module_inputs[s[1]]
                                           for s in self.slots_out])
             if train:
-                if losses and not torch.isfinite(torch.stack(losses)).all():  # as train.train: before the step
-                    stop_diverged(Path(cfg.out_dir), torch.stack(losses), epoch, head[2], lr, net.k,
-                                  first=self.bounds[self.rank] + 1)
+                if losses:   # on the device; read every check_every steps, before that step is applied
+                    diverged.record(torch.stack(losses))
+                    if (head[2] + 1) % cfg.check_every == 0:
+                        diverged.check(Path(cfg.out_dir), epoch, lr, net.k, step=head[2], first=first_module)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 seen += len(y)
@@ -473,14 +650,16 @@ class Stage:
                 t1 = time.time()
                 ends.append(t1)
             elif self.last:
-                test_wrong += (out.argmax(1) != y).sum().item()        # as train.evaluate counts
+                test_wrong = test_wrong + (out.argmax(1) != y).sum()   # as train.evaluate counts, on the device
                 test_total += len(y)
+            if i == n_train - 1 and losses:   # the epoch's last training step: before its numbers and checkpoint
+                diverged.check(Path(cfg.out_dir), epoch, lr, net.k, first=first_module)
             out = h = x = image = module_inputs = None
         if self.outbound is not None:
             self.outbound.flush()
         return {"losses": (loss_sum / seen).tolist() if seen else [], "seen": seen, "t0": t0, "t1": t1, "ends": ends,
                 "train_error": 100.0 * float(wrong) / seen if self.last and seen else None,
-                "test_error": 100.0 * test_wrong / test_total if self.last and test_total else None}
+                "test_error": 100.0 * int(test_wrong) / test_total if self.last and test_total else None}
 
     def optimizer_part(self) -> dict:
         """This rank's optimizer state, keyed by the parameters' indices in the whole model."""
@@ -502,7 +681,7 @@ def init_distributed(device: torch.device, timeout_s: float) -> bool:
     made it (and so tear it down)."""
     if dist.is_initialized():
         return False
-    timeout = datetime.timedelta(seconds=max(timeout_s, SETUP_TIMEOUT_S))   # p2p waits use timeout_s
+    timeout = datetime.timedelta(seconds=max(timeout_s, SETUP_TIMEOUT_S))   # our watchdog keeps timeout_s
     backend = "nccl" if device.type == "cuda" else "gloo"
     if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
         # Keys of each torchrun attempt apart: a restart must not read the last one's addresses.
@@ -515,19 +694,37 @@ def init_distributed(device: torch.device, timeout_s: float) -> bool:
     return True
 
 
+def rank_device(name: str, env=os.environ) -> torch.device:
+    """The device of this rank. Under torchrun (WORLD_SIZE > 1) each rank takes the GPU of its
+    LOCAL_RANK, so `--device cuda` (or auto) means cuda:LOCAL_RANK; an explicit `cuda:N` would
+    put every rank of the node on one GPU, so it is refused (CUDA_VISIBLE_DEVICES chooses which
+    GPUs the ranks get). Alone, `cuda` is cuda:LOCAL_RANK (0 without torchrun)."""
+    device = pick_device(name)
+    if device.type != "cuda":
+        return device
+    world, local = int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))
+    if device.index is not None and world > 1:
+        raise UsageError(f"--device {name} would put all {world} ranks on one GPU; use --device cuda (each rank "
+                         f"takes cuda:LOCAL_RANK; CUDA_VISIBLE_DEVICES chooses the GPUs)")
+    if device.index is None:
+        if local >= torch.cuda.device_count():
+            raise UsageError(f"LOCAL_RANK {local} but {torch.cuda.device_count()} CUDA GPUs are visible; "
+                             f"start at most one process per GPU (torchrun --nproc-per-node)")
+        device = torch.device("cuda", local)
+    return device
+
+
 def _device(cfg: TrainConfig) -> torch.device:
-    device = pick_device(cfg.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = rank_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return device
 
 
-def _broadcast(watch: Watch, obj=None):
-    """rank 0's `obj` on every rank."""
+def _broadcast(watch: Watch, obj=None, seconds: float | None = None):
+    """rank 0's `obj` on every rank, within `seconds` (default: the rank timeout)."""
     box = [obj]
-    watch.call(dist.broadcast_object_list, box, src=0, group=watch.control)
+    watch.call(dist.broadcast_object_list, box, src=0, group=watch.control, seconds=seconds)
     return box[0]
 
 
@@ -556,25 +753,36 @@ def train_pipelined(cfg: TrainConfig, resume: bool = False, progress: bool = Tru
                     depth: int = DEPTH, timeout_s: float = TIMEOUT_S) -> dict:
     """train.train, with the modules split over the ranks of the process group (torchrun's,
     or a world of one). Rank 0 reads data and writes the run folder; returns the result on
-    every rank. `split`: modules per rank (default: balanced by measured step time)."""
+    every rank. `split`: modules per rank (default: balanced by measured step time).
+    A lost peer raises RankFailure (its one line); a hung one makes the watchdog print that
+    line and end the process. SIGTERM raises KeyboardInterrupt here, as Ctrl-C (the other
+    ranks will name this one as stopped); the caller prints its one line."""
     if depth < 1 or timeout_s <= 0:
         raise UsageError("--pipeline-depth must be >= 1 and --rank-timeout > 0")
     device = _device(cfg)
-    made_group = init_distributed(device, timeout_s)
+    watch, made_group = None, False
     try:
-        with ExitStack() as lock:   # rank 0 holds the run folder's lock for the whole run (open_run takes it)
-            return _run(cfg, resume, progress, split, depth, timeout_s, device, lock)
-    except RankFailure:
-        made_group = False   # tearing down a group with a lost peer may wait for it forever
+        with ExitStack() as stack:
+            stack.enter_context(stop_on_signals())   # torchrun stops its ranks with SIGTERM: as Ctrl-C
+            made_group = init_distributed(device, timeout_s)
+            watch = Watch(dist.get_rank(), dist.get_world_size(), timeout_s)
+            # rank 0 holds the run folder's lock for the whole run (open_run takes it into `stack`)
+            return _run(cfg, resume, progress, split, depth, watch, device, stack)
+    except (RankFailure, KeyboardInterrupt) as e:
+        if isinstance(e, KeyboardInterrupt) and watch is not None:
+            watch.interrupted()   # the others will say so when this rank is gone
+        if isinstance(e, RankFailure) or (dist.is_initialized() and dist.get_world_size() > 1):
+            made_group = False   # tearing down a group with a lost peer may wait for it forever
         raise
     finally:
+        if watch is not None:
+            watch.stop()
         if made_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _run(cfg, resume, progress, split, depth, timeout_s, device, lock: ExitStack) -> dict:
+def _run(cfg, resume, progress, split, depth, watch, device, lock: ExitStack) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
-    watch = Watch(rank, world, timeout_s)
     first = rank == 0
 
     # Rank 0 opens the run folder; every rank learns the outcome (and the checkpoint).
@@ -584,7 +792,7 @@ def _run(cfg, resume, progress, split, depth, timeout_s, device, lock: ExitStack
             opened = open_run(cfg, resume, lock)
         except UsageError as e:
             opened = str(e)
-    opened = _broadcast(watch, opened)
+    opened = _broadcast(watch, opened, SETUP_TIMEOUT_S)
     if isinstance(opened, str):
         raise UsageError(opened)
     ckpt, result = opened
@@ -629,7 +837,7 @@ def _run(cfg, resume, progress, split, depth, timeout_s, device, lock: ExitStack
             bounds = balanced_split(seconds, world)
         plan = {"bounds": bounds, "seconds": seconds, "batches": (len(train_loader), len(test_loader)),
                 "max_batch": max(cfg.batch_size, 256), "start_epoch": start_epoch}
-    plan = _broadcast(watch, plan)
+    plan = _broadcast(watch, plan, SETUP_TIMEOUT_S)
     bounds, (n_train, n_eval) = plan["bounds"], plan["batches"]
     if cfg.torch_compile:
         compile_model(net)
@@ -647,7 +855,7 @@ def _run(cfg, resume, progress, split, depth, timeout_s, device, lock: ExitStack
         lr = learning_rate(epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs)
         source = None
         if first:
-            source = itertools.chain(((TRAIN, x, y, denormalize(x, recipe) if cfg.reconstruct else None)
+            source = itertools.chain(((TRAIN, x, y, denormalize(x, recipe, train_loader.stats) if cfg.reconstruct else None)
                                       for x, y in train_loader), ((EVAL, x, y, None) for x, y in test_loader))
         numbers = stage.run_epoch(epoch, lr, source, n_train, n_eval)
 

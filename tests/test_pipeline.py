@@ -1,5 +1,6 @@
 """The pipelined trainer: bit-equal to the single-process one, interchangeable checkpoints,
-a dead or hung rank named by the others, the messages, and the stage split.
+a dead or hung rank named by the others, SIGTERM stopping every rank, the messages, the
+device per rank, and the stage split.
 
 Ranks run as real processes of `python -m contsup train` with the environment torchrun
 gives them (gloo on CPU), one thread each; the single-process references run here, also
@@ -9,6 +10,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -138,19 +140,97 @@ def test_a_dead_rank_is_named_and_the_checkpoint_resumes_single_process(tmp_path
     _assert_same_run(reference["R2"], tmp_path / "again")
 
 
+def _wait_for(procs: list[subprocess.Popen], *paths: Path):
+    """Until the `paths` exist (a test hook wrote one), or fail if a rank ended first."""
+    while not all(p.exists() for p in paths):
+        ended = [p.returncode for p in procs if p.poll() is not None]
+        assert not ended, (ended, [p.communicate()[1] for p in procs])
+        time.sleep(0.05)
+
+
+def _stop(procs: list[subprocess.Popen]):
+    for p in procs:
+        p.kill()
+        p.communicate()
+
+
 def test_a_hung_rank_is_named_within_the_timeout(tmp_path):
+    # The verdict does not depend on the machine's load: the timeout is generous for epoch 0
+    # on a busy machine, the hang comes at epoch 1's start, and the test waits on events:
+    # the hook's file, then rank 0's end (its line says which wait ran out, and after how long).
     cfg = _cfg(tmp_path / "run", "R1E")
-    procs = _start(cfg, 2, "--split", "2,2", "--rank-timeout", "5", env={pipeline.HANG_ENV: "1:1"})
+    hooked = tmp_path / "hooked"
+    procs = _start(cfg, 2, "--split", "2,2", "--rank-timeout", "20",
+                   env={pipeline.HANG_ENV: "1:1", pipeline.HOOK_FILE_ENV: str(hooked)})
     try:
-        _, err = procs[0].communicate(timeout=90)
+        _wait_for(procs, hooked)
+        _, err = procs[0].communicate(timeout=600)   # a guard against a test that never ends, not the verdict
         assert procs[0].returncode == 1
-        assert err.strip().splitlines()[-1].startswith("contsup: error: rank 1 died or hung during epoch 1"), err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("contsup: error: rank 1 died or hung during epoch 1 "
+                                                       "(seen by rank 0: "), err
+        assert "sending to rank 1: no progress for 20 s" in lines[0], err   # our watchdog, not gloo's timeout
         assert procs[1].poll() is None   # the hung rank itself never notices
     finally:
-        for p in procs:
-            p.kill()
-            p.communicate()
+        _stop(procs)
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["epoch"] == 0
+
+
+def test_sigterm_stops_every_rank_in_one_line_and_the_run_resumes(tmp_path, reference):
+    # As torchrun stops a run: SIGTERM to every rank, once they are inside epoch 1 (rank 1
+    # waits in its hook, rank 0 for rank 1, once it saved epoch 0). Each rank says at most one line, no traceback;
+    # the checkpoint of epoch 0 is intact and a rerun with --resume ends where the reference did.
+    cfg = _cfg(tmp_path / "run", "R1E")
+    hooked = tmp_path / "hooked"
+    procs = _start(cfg, 2, "--split", "2,2", env={pipeline.HANG_ENV: "1:1", pipeline.HOOK_FILE_ENV: str(hooked)})
+    try:
+        _wait_for(procs, hooked, tmp_path / "run" / "ckpt.pt")   # rank 0 saved epoch 0 (atomically)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        errors = [p.communicate(timeout=600)[1] for p in procs]   # a guard, not the verdict
+    finally:
+        _stop(procs)
+    for p, err in zip(procs, errors):
+        lines = err.strip().splitlines()
+        assert p.returncode != 0 and len(lines) <= 1 and "Traceback" not in err, err
+        assert not lines or "contsup: stopped by SIGTERM" in lines[0] or "was stopped (Ctrl-C or SIGTERM)" in lines[0], err
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["epoch"] == 0
+    pipeline.train_pipelined(cfg, resume=True, progress=False)   # the rerun (here a world of one)
+    _assert_same_run(reference["R1E"], tmp_path / "run")
+
+
+class _Store:
+    """The rendezvous store's compare_set, in a dict."""
+    def __init__(self):
+        self.kv = {}
+
+    def set_timeout(self, timeout):
+        pass
+
+    def compare_set(self, key, expected, desired):
+        if self.kv.get(key, "") == expected:
+            self.kv[key] = desired
+        return self.kv[key].encode()
+
+
+def _watch(rank: int, store) -> pipeline.Watch:
+    """A Watch without a process group (its blame only)."""
+    watch = pipeline.Watch.__new__(pipeline.Watch)
+    watch.rank, watch.world, watch.epoch, watch.store = rank, 3, 1, store
+    return watch
+
+
+def test_the_first_failure_recorded_is_the_one_every_rank_names():
+    store = _Store()
+    _watch(1, store).interrupted()   # rank 1 stopped by SIGTERM: the others say so
+    line = _watch(0, store).message(1, "receiving from rank 1 failed (RuntimeError)")
+    assert line.startswith("rank 1 was stopped (Ctrl-C or SIGTERM) during epoch 1 (seen by rank 0: receiving from")
+    assert "rerun the same command to resume" in line
+    store = _Store()
+    with pytest.raises(pipeline.RankFailure, match=r"^rank 2 died or hung during epoch 1 \(seen by rank 1: "):
+        _watch(1, store).fail(2, "sending to rank 2 failed")
+    _watch(0, store).interrupted()   # too late: rank 2 is the one named
+    assert _watch(0, store).message(1, "x").startswith("rank 2 died or hung during epoch 1 (seen by rank 0: x)")
 
 
 def test_a_single_process_checkpoint_resumes_pipelined(tmp_path, reference, interrupt_in_second_evaluation):
@@ -179,7 +259,7 @@ def test_balanced_split_minimises_the_slowest_stage():
     # a cut that is slow to send across is avoided: [1, 1 | 1, 5] instead
     assert pipeline.balanced_split([1, 1, 1, 5], 2, cut_seconds=[0, 0, 0, 9]) == [0, 2, 4]
     p = pipeline.predicted_speedup([1, 1, 1, 5], [0, 3, 4])
-    assert p["stage_seconds"] == [3, 5] and p["speedup"] == 8 / 5 and p["bubble"] == pytest.approx(0.2)
+    assert p["stage_costs"] == [3, 5] and p["speedup"] == 8 / 5 and p["bubble"] == pytest.approx(0.2)
     assert pipeline.predicted_speedup([1, 1], [0, 1, 2], batches=3)["speedup"] == pytest.approx(6 / 4)
 
 
@@ -208,9 +288,64 @@ def test_messages_keep_values_dtypes_and_memory_format():
             assert torch.equal(a, b) and a.dtype == b.dtype and a.stride() == b.stride()
 
 
-def test_describe_prints_the_split_and_its_speedup(capsys, one_thread):
-    assert main(["describe", "--dataset", "digits8", "-k", "4", "--batch-size", "8", "--no-memory",
-                 "--stages", "2"]) == 0
+def test_message_headers_are_written_on_the_device_without_a_host_copy():
+    # On a meta buffer (standing in for a GPU's): after the first message of a layout, a
+    # message is device ops only: no tensor on the CPU, no copy from it.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.cpu = [], []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.ops.append(str(func))
+            leaves = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if torch.is_tensor(t)]
+            self.cpu += [str(func) for t in leaves if t.device.type == "cpu"]
+            return out
+
+    buf, layouts = torch.empty(4096, dtype=torch.uint8, device="meta"), {}
+    tensors = [torch.empty(3, 5, 4, 4, device="meta").contiguous(memory_format=torch.channels_last),
+               torch.empty(3, dtype=torch.int64, device="meta"), None]
+    pipeline.pack(buf, (pipeline.TRAIN, 0, 0, 3), tensors, layouts)
+    for step in (1, 2):
+        with Ops() as mode:
+            pipeline.pack(buf, (pipeline.TRAIN, 0, step, 3), tensors, layouts)
+        assert mode.cpu == [] and len(layouts) == 1, mode.ops
+        copies = [op for op in mode.ops if op.startswith("aten.copy_")]
+        assert len(copies) == 3 and mode.ops.count("aten.fill_.Scalar") == 2, mode.ops   # header + 2 tensors
+
+
+def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    torchrun = {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    assert pipeline.rank_device("cuda", torchrun) == torch.device("cuda", 1)
+    assert pipeline.rank_device("auto", torchrun) == torch.device("cuda", 1)
+    assert pipeline.rank_device("cpu", torchrun) == torch.device("cpu")
+    assert pipeline.rank_device("cuda:1", {}) == torch.device("cuda", 1)   # alone, as asked
+    assert pipeline.rank_device("cuda", {}) == torch.device("cuda", 0)
+    with pytest.raises(UsageError, match="--device cuda:0 would put all 2 ranks on one GPU; use --device cuda"):
+        pipeline.rank_device("cuda:0", torchrun)
+    with pytest.raises(UsageError, match="LOCAL_RANK 2 but 2 CUDA GPUs are visible"):
+        pipeline.rank_device("cuda", {"WORLD_SIZE": "3", "LOCAL_RANK": "2"})
+
+
+def test_module_times_wait_for_the_gpu(monkeypatch):
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    gpu = type("Like", (), {"device": torch.device("cuda", 1)})()
+    pipeline._clock(gpu)
+    pipeline._clock(torch.zeros(1))
+    assert synced == [torch.device("cuda", 1)]   # on the CPU nothing changes
+
+
+def test_describe_prints_the_split_from_counted_flops_and_what_each_split_is_for(capsys, one_thread, monkeypatch):
+    monkeypatch.setattr(pipeline, "profile_modules", None)   # describe counts, it does not time
+    assert main(["describe", "--dataset", "digits8", "-k", "4", "--no-memory", "--stages", "2"]) == 0
     out = capsys.readouterr().out
-    assert "balanced: modules per rank [" in out and "predicted speed-up" in out
+    assert "stage costs from counted FLOPs" in out and "at batch 256 (not timed" in out
+    assert "balanced: modules per rank [" in out and "the fewest GFLOPs on the busiest rank" in out
+    assert "equal: modules per rank [2, 2] (`train --split 2,2`)" in out and "predicted speed-up" in out
     assert main(["describe", "--dataset", "digits8", "-k", "2", "--no-memory", "--stages", "3"]) == 2
