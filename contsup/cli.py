@@ -155,8 +155,8 @@ def cmd_train(args) -> int:
         result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"{out}: test error {result['final_error']:.2f}% (best {result['best_error']:.2f}% "
           f"at epoch {result['best_epoch']}), peak activation memory "
-          f"{result['peak_activation_bytes'] / 2**20:.1f} MB"
-          + (f", training memory as the paper counts it {result['paper_memory_bytes'] / 2**20:.1f} MB"
+          f"{result['peak_activation_bytes'] / 2**20:.1f} MiB"
+          + (f", training memory as the paper counts it {result['paper_memory_bytes'] / 2**20:.1f} MiB"
              if result.get("paper_memory_bytes") is not None else ""))
     return 0
 
@@ -175,9 +175,9 @@ def describe(args) -> dict:
     if not args.no_memory:
         x, y, image = random_batch(cfg.dataset, args.batch_size, cfg.reconstruct)
         mem = measure_step_memory(set_context_impl(net, "lean"), x, y, image)  # as the trainer runs it
-        report |= {"batch_size": args.batch_size, "peak_activation_MB": mem["peak_activation_bytes"] / 2**20,
-                   "paper_memory_MB": mem["paper_memory_bytes"] / 2**20,
-                   "paper_memory_parts_MB": {k: v / 2**20 for k, v in mem["paper_memory_parts"].items()}}
+        report |= {"batch_size": args.batch_size, "peak_activation_MiB": mem["peak_activation_bytes"] / 2**20,
+                   "paper_memory_MiB": mem["paper_memory_bytes"] / 2**20,
+                   "paper_memory_parts_MiB": {k: v / 2**20 for k, v in mem["paper_memory_parts"].items()}}
     if args.stages is not None:
         from . import pipeline
         # counted FLOPs, not timed steps: seconds of CPU whatever the batch (timing K modules at
@@ -203,11 +203,11 @@ def cmd_describe(args) -> int:
     print(f"  cut points (stage, block): {report['cut_points']}")
     for part, n in report["params"].items():
         print(f"  {part:>17}: {n:,} parameters")
-    if "peak_activation_MB" in report:
+    if "peak_activation_MiB" in report:
         print(f"  peak activation memory of one training step at batch {report['batch_size']}: "
-              f"{report['peak_activation_MB']:.1f} MB (lean encoders, as the trainer runs them)")
-        parts = report["paper_memory_parts_MB"]
-        print(f"  training memory as the paper counts it (GPU): {report['paper_memory_MB']:.1f} MB = "
+              f"{report['peak_activation_MiB']:.1f} MiB (lean encoders, as the trainer runs them)")
+        parts = report["paper_memory_parts_MiB"]
+        print(f"  training memory as the paper counts it (GPU): {report['paper_memory_MiB']:.1f} MiB = "
               f"parameters {parts['parameters']:.1f} + gradients {parts['gradients']:.1f} + "
               f"SGD momentum {parts['optimizer_state']:.1f} + "
               f"peak activations of the plain encoders {parts['plain_peak_activation_bytes']:.1f}")

@@ -95,13 +95,13 @@ def test_describe_json(capsys):
     report = json.loads(capsys.readouterr().out)
     assert len(report["cut_points"]) == 15 and report["modules"] == 16
     assert report["params"]["backbone"] == 466_906 and report["params"]["context_encoders"] > 0
-    assert report["peak_activation_MB"] > 0
+    assert report["peak_activation_MiB"] > 0
     # the paper's count: parameters, gradients and SGD momentum (4 bytes each per parameter)
     # plus the plain encoders' activations, which the default lean encoders undercut
-    parts, n_params = report["paper_memory_parts_MB"], sum(report["params"].values())
+    parts, n_params = report["paper_memory_parts_MiB"], sum(report["params"].values())
     assert parts["parameters"] == parts["gradients"] == parts["optimizer_state"] == pytest.approx(n_params * 4 / 2**20)
-    assert parts["plain_peak_activation_bytes"] > report["peak_activation_MB"]
-    assert report["paper_memory_MB"] == pytest.approx(sum(parts.values()))
+    assert parts["plain_peak_activation_bytes"] > report["peak_activation_MiB"]
+    assert report["paper_memory_MiB"] == pytest.approx(sum(parts.values()))
 
 
 def test_speed_flags_reach_the_run_config(tmp_path):

@@ -65,7 +65,7 @@ def test_collect_has_one_row_per_finished_run(results):
     assert set(runs.COLUMNS) <= set(df.columns)
     e2e = df[df["k"] == 1].iloc[0]
     assert e2e["method"] == "E2E" and e2e["final_error"] == 10.0
-    assert e2e["peak_activation_MB"] == pytest.approx(150.0)
+    assert e2e["peak_activation_MiB"] == pytest.approx(150.0)
     assert e2e["images_per_s"] == pytest.approx(501.0)
     assert e2e["params_backbone"] == 466906 and e2e["n_cuts"] == 0
     assert set(df[df["k"] == 16]["n_cuts"]) == {15}
@@ -137,7 +137,7 @@ def test_paper_counted_memory_beside_ours_and_missing_in_old_results(results):
     show it beside our peak activations."""
     write_run(results, k=16, mode="R1", final_error=18.0, peak_mb=21.0, paper_mb=55.0)
     df = runs.collect(results)
-    assert df.set_index("run").loc["digits-resnet32-K16-R1-softmax-seed0", "paper_memory_MB"] == pytest.approx(55.0)
+    assert df.set_index("run").loc["digits-resnet32-K16-R1-softmax-seed0", "paper_memory_MiB"] == pytest.approx(55.0)
     t = report.table4(df)["ours (digits)"]
     assert t.loc["R1", "K=16 paper-counted memory (MiB)"] == pytest.approx(55.0)
     assert t.loc["R1", "K=16 peak activation (MiB)"] == pytest.approx(21.0)

@@ -40,9 +40,9 @@ MISSING = "—"
 def inventory(df: pd.DataFrame) -> pd.DataFrame:
     """The finished runs at a glance."""
     cols = ["run", "method", "paper_dataset", "dataset", "arch", "k", "loss", "epochs", "final_error", "best_error",
-            "peak_activation_MB", "paper_memory_MB", "train_seconds"]
+            "peak_activation_MiB", "paper_memory_MiB", "train_seconds"]
     return (df[cols].sort_values(["paper_dataset", "arch", "k", "method"]).set_index("run")
-            .rename(columns={"peak_activation_MB": "peak_activation_MiB", "paper_memory_MB": "paper_memory_MiB"}))
+            .rename(columns={"peak_activation_MiB": "peak_activation_MiB", "paper_memory_MiB": "paper_memory_MiB"}))
 
 
 # --------------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def table1(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_er
     for mode in ("E2E", *tables.ABLATION_MODES):
         sel = _sel(base, k=1) if mode == "E2E" else _sel(base, k=16, mode=mode, loss="softmax")
         ref_method = {"E2E": "E2E", "R0": "Greedy SL"}.get(mode)
-        rows[mode] = [_mean(sel, metric), _mean(sel, "best_error"), _mean(sel, "peak_activation_MB"),
+        rows[mode] = [_mean(sel, metric), _mean(sel, "best_error"), _mean(sel, "peak_activation_MiB"),
                       _mean(sel, "params_context_encoders"),
                       infopro_value("cifar10", arch, ref_method, 16) if ref_method else np.nan,
                       contsup_value("cifar10", arch, mode, "softmax", 16 if mode != "E2E" else 1)]
@@ -203,7 +203,7 @@ def table4(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_er
     dataset = pick_dataset(df, "cifar10", dataset)
     arch, ref, ours = "resnet32", reference_label(dataset, "cifar10", "resnet32"), ours_label(dataset)
     base = _sel(df, dataset=dataset, arch=arch, reconstruct=False, balanced=False)
-    gpu = base["cuda_peak_MB"].notna().any()
+    gpu = base["cuda_peak_MiB"].notna().any()
     columns = []
     for k in (8, 16):
         columns += [(ours, f"K={k} error (%)"), (ours, f"K={k} peak activation (MiB)"),
@@ -219,8 +219,8 @@ def table4(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_er
             sel = _sel(base, k=1) if mode == "E2E" else _sel(base, k=k, mode=mode, loss="softmax")
             if mode not in ("E2E", "R0", "E") and int(mode[1:]) > k:  # R16 needs K=16
                 sel = sel.iloc[0:0]
-            vals += [_mean(sel, metric), _mean(sel, "peak_activation_MB"), _mean(sel, "paper_memory_MB")]
-            vals += [_mean(sel, "cuda_peak_MB")] if gpu else []
+            vals += [_mean(sel, metric), _mean(sel, "peak_activation_MiB"), _mean(sel, "paper_memory_MiB")]
+            vals += [_mean(sel, "cuda_peak_MiB")] if gpu else []
             ref_method = {"E2E": "E2E", "R0": "Greedy SL"}.get(mode)
             refs.append(infopro_value("cifar10", arch, ref_method, k) if ref_method else np.nan)
             slot += [contsup_value("cifar10", arch, mode, "softmax", k), np.nan]
@@ -663,17 +663,17 @@ def figure4(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: s
         for label, sel in series.items():
             if sel.empty:
                 continue
-            pts = sel.groupby("k")[[metric, "peak_activation_MB", "paper_memory_MB"]].mean().reset_index()
-            pts = pts.sort_values("peak_activation_MB")
+            pts = sel.groupby("k")[[metric, "peak_activation_MiB", "paper_memory_MiB"]].mean().reset_index()
+            pts = pts.sort_values("peak_activation_MiB")
             e2e = label == "E2E"
-            ax.plot(pts["peak_activation_MB"], pts[metric], "*" if e2e else "o-",
+            ax.plot(pts["peak_activation_MiB"], pts[metric], "*" if e2e else "o-",
                     color=palette[label], label=f"{label}, our peak activations", markersize=14 if e2e else 7)
-            paper = pts.dropna(subset=["paper_memory_MB"]).sort_values("paper_memory_MB")
+            paper = pts.dropna(subset=["paper_memory_MiB"]).sort_values("paper_memory_MiB")
             if not paper.empty:
-                ax.plot(paper["paper_memory_MB"], paper[metric], "*" if e2e else "o--", color=palette[label],
+                ax.plot(paper["paper_memory_MiB"], paper[metric], "*" if e2e else "o--", color=palette[label],
                         markerfacecolor="none", markersize=14 if e2e else 7,
                         label=f"{label}, paper-counted memory")
-            labels += [(p["peak_activation_MB"], p[metric], f"K={int(p['k'])}" if p["k"] > 1 else "E2E",
+            labels += [(p["peak_activation_MiB"], p[metric], f"K={int(p['k'])}" if p["k"] > 1 else "E2E",
                         palette[label]) for _, p in pts.iterrows()]
         mode_text = ", ".join(f"{m}/{l}" for m, l in modes)
         flag = _flag(noise[arch]) if arch in noise else ""
@@ -759,13 +759,13 @@ def table4_chart(df: pd.DataFrame, figures_dir, dataset: str | None = None, metr
     base = _sel(df, dataset=dataset, arch="resnet32", reconstruct=False, balanced=False, loss="softmax") \
         if dataset else df.iloc[0:0]
     runs = _sel(base, k=[8, 16], mode=list(TABLE4_MODES[1:]))
-    agg = runs.groupby(["mode", "k"])[[metric, "peak_activation_MB", "paper_memory_MB"]].mean().reset_index()
+    agg = runs.groupby(["mode", "k"])[[metric, "peak_activation_MiB", "paper_memory_MiB"]].mean().reset_index()
     agg["K"] = "K=" + agg["k"].astype(int).astype(str) if not agg.empty else pd.Series(dtype=str)
     modes = [m for m in TABLE4_MODES[1:] if (agg["mode"] == m).any()] if not agg.empty else []
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     e2e = _sel(base, k=1)
-    panels = [(metric, "test error (%)"), ("peak_activation_MB", "our peak activations (MiB)"),
-              ("paper_memory_MB", "training memory, paper's count (MiB)")]
+    panels = [(metric, "test error (%)"), ("peak_activation_MiB", "our peak activations (MiB)"),
+              ("paper_memory_MiB", "training memory, paper's count (MiB)")]
     for ax, (col, label) in zip(axes, panels):
         if agg.empty or agg[col].isna().all():
             _note(ax, "no finished runs for Table 4 yet" if agg.empty else "not recorded by these runs")

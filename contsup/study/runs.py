@@ -28,13 +28,13 @@ from ..train import TrainConfig, train
 from . import experiments
 
 PAPER_DATASETS = ("cifar10", "stl10", "svhn")
-MB = 2 ** 20
+MiB = 2 ** 20
 
 # Columns every collect() frame has, even an empty one (what the tables select on).
 CONFIG_COLUMNS = ["dataset", "arch", "k", "mode", "loss", "head", "reconstruct", "loss_scales", "balanced",
                   "widen", "epochs", "batch_size", "lr", "warmup_epochs", "train_subset", "seed"]
 RESULT_COLUMNS = ["final_error", "best_error", "best_epoch", "peak_activation_bytes", "cuda_peak_bytes",
-                  "paper_memory_bytes", "peak_activation_MB", "cuda_peak_MB", "paper_memory_MB", "params_backbone", "params_local_heads",
+                  "paper_memory_bytes", "peak_activation_MiB", "cuda_peak_MiB", "paper_memory_MiB", "params_backbone", "params_local_heads",
                   "params_context_encoders", "params_decoders", "n_cuts", "train_seconds", "images_per_s",
                   "device"]
 COLUMNS = ["run", "run_dir", "paper_dataset", "paper_arch", "groups", "method", *CONFIG_COLUMNS, *RESULT_COLUMNS]
@@ -163,10 +163,10 @@ def _mean_images_per_s(path: Path):
 
 def collect(results_dir, profile: str | None = None) -> pd.DataFrame:
     """One row per finished run (a folder with result.json): every config field, every
-    result field, peak memory in MB, parameter counts per part, mean images/s.
+    result field, peak memory in MiB, parameter counts per part, mean images/s.
 
-    Two memories per run: `peak_activation_MB`, the activations of the path that ran (our
-    lean encoders by default), and `paper_memory_MB`, training memory as the paper counts it
+    Two memories per run: `peak_activation_MiB`, the activations of the path that ran (our
+    lean encoders by default), and `paper_memory_MiB`, training memory as the paper counts it
     on a GPU (parameters + gradients + SGD momentum + the authors' plain encoders'
     activations; train.measure_step_memory). Only the second stands beside the paper's
     numbers; it is NaN (shown "—") for runs written before it was recorded.
@@ -203,9 +203,9 @@ def collect(results_dir, profile: str | None = None) -> pd.DataFrame:
             df[col] = pd.Series(dtype=object if col in ("run", "run_dir", "dataset", "mode", "loss") else float)
     for col in ("peak_activation_bytes", "cuda_peak_bytes", "paper_memory_bytes", "final_error", "best_error"):
         df[col] = pd.to_numeric(df[col], errors="coerce")
-    df["peak_activation_MB"] = df["peak_activation_bytes"] / MB
-    df["cuda_peak_MB"] = df["cuda_peak_bytes"] / MB
-    df["paper_memory_MB"] = df["paper_memory_bytes"] / MB
+    df["peak_activation_MiB"] = df["peak_activation_bytes"] / MiB
+    df["cuda_peak_MiB"] = df["cuda_peak_bytes"] / MiB
+    df["paper_memory_MiB"] = df["paper_memory_bytes"] / MiB
     extra = [c for c in df.columns if c not in COLUMNS]
     return df[COLUMNS + extra].reset_index(drop=True)
 
