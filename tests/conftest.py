@@ -1,7 +1,18 @@
-"""Shared test helpers."""
-import pytest
+"""Shared test helpers.
 
-import contsup.train as train_module
+Every test process (and each process or notebook kernel a test starts, which inherit the
+environment) runs torch on one thread unless OMP_NUM_THREADS says otherwise: the nets are
+tiny, so more threads buy little, and on a machine shared with other jobs OpenMP threads
+that wait for each other's cores can make a test many times slower. The verdicts do not
+depend on it; the tests that compare floats across processes pin the threads themselves.
+"""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")   # before torch is imported (by the line below)
+
+import pytest  # noqa: E402
+
+import contsup.train as train_module  # noqa: E402
 
 
 @pytest.fixture
