@@ -62,8 +62,8 @@ Assumptions (the constants below; `estimate()` and the CLI override each of them
   8x8) maps: per convolution of a 16-channel stage the BN/ReLU passes over its activations
   move several times more bytes than the tensor cores need time for its FLOPs, the GEMMs
   are small, and a local-learning step adds many more small kernels (heads, encoders, K
-  separate backward passes). The earlier 0.25 gave ~2.8 min for a 160-epoch ResNet-110
-  run, which eager PyTorch does not reach on such networks. The hours scale as
+  separate backward passes). The earlier 0.25 charged a 160-epoch ResNet-110 run a few
+  minutes, which eager PyTorch does not reach on such networks. The hours scale as
   1/utilisation; `--calibrate` replaces the assumption with the rate measured on the GPU
   at hand (`calibrate_rates`: CALIBRATION's step per architecture, trainer defaults,
   synchronised CUDA-event timings after warm-up steps; one rate per architecture, so the
@@ -506,7 +506,8 @@ def add_arguments(p) -> None:
                         + ", ".join(f"{v:g} for {k}" for k, v in PEAK_TFLOPS.items()) + ")")
     p.add_argument("--calibrate", action="store_true",
                    help="time each architecture's step on this machine's CUDA GPU and use the measured FLOP/s "
-                        "instead of peak x utilisation (exit 2 without a GPU)")
+                        "instead of peak x utilisation (--utilisation, --peak-tflops and --precision then "
+                        "do not apply; exit 2 without a GPU)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON (groups, total, every run)")
     fmt.add_argument("--markdown", action="store_true", help="print a markdown table")
