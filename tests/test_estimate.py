@@ -201,7 +201,7 @@ def test_table_says_the_utilisation_is_an_assumption_in_one_line(capsys):
     basis = [line for line in lines if line.startswith(f"utilisation {est.UTILISATION:g} is an assumption")]
     assert len(basis) == 1 and "--calibrate" in basis[0]
     assert main(["estimate", "--profile", "smoke", "--only", "e2e", "--no-progress", "--utilisation", "0.3"]) == 0
-    assert "utilisation 0.3 is given on the command line" in capsys.readouterr().out
+    assert "utilisation 0.3 is the caller's (--utilisation), not the default" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a CUDA GPU")

@@ -90,7 +90,7 @@ from ..errors import UsageError
 from ..model import ContSupNet, ModelConfig
 from ..step import local_learning_step
 from ..speed.encoders import set_context_impl
-from ..train import TrainConfig
+from ..train import TrainConfig, make_optimizer, pick_device, prepare_model
 from . import experiments
 
 # --------------------------------------------------------------------------------------
@@ -365,7 +365,7 @@ def estimate(profile: str = "paper", only: list[str] | None = None, utilisation:
             "precision": precisions[0] if len(precisions) == 1 else "per run",
             "peak_tflops": peaks[0] if len(peaks) == 1 else "per run",
             "utilisation": utilisation,
-            "utilisation_basis": UTILISATION_BASIS if utilisation == UTILISATION else "given on the command line",
+            "utilisation_basis": UTILISATION_BASIS if utilisation == UTILISATION else "the caller's (--utilisation), not the default",
             "counted": counted,
         }
     else:
@@ -383,8 +383,6 @@ def calibrate_rates(archs, device=None, warmup: int = CALIBRATE_STEPS[0], steps:
     `warmup` untimed steps (cuDNN's algorithm search, the allocator), then `steps` steps
     timed with CUDA events, synchronised once at the end. Rate = counted FLOPs of one step /
     median step time. The FLOPs are this module's count, so rate x time reproduces them."""
-    from ..train import make_optimizer, pick_device, prepare_model
-
     device = pick_device("cuda" if device is None else str(device))
     if device.type != "cuda":
         raise UsageError(f"estimate --calibrate times steps on a CUDA GPU; got device {device}")
