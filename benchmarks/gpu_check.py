@@ -92,7 +92,7 @@ def progress(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# Section 1 and 6: the trainer's step per mode, implementation, compiled or not
+# Sections 1 and 5: the trainer's step per mode, implementation, compiled or not
 def step_config(mode: str, impl: str, compiled: bool = False):
     from contsup.train import TrainConfig
     k = 1 if mode == "E2E" else K
@@ -155,12 +155,11 @@ def measure_row(mode: str, impl: str, compiled: bool, device) -> dict:
     row["max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
     if compiled:
         row["recompiles"] = counters["frames"]["total"] - frames
-    del net, optimizer
-    torch.cuda.empty_cache()
-    return row
+    return row   # the network and its optimizer go with this frame
 
 
 def section_rows(items, device, budget: Budget, compiled: bool) -> dict:
+    import torch
     rows, skipped, last = [], [], 0.0
     for mode, impl in items:
         label = f"{mode} {'compiled' if compiled else impl}"
@@ -171,6 +170,7 @@ def section_rows(items, device, budget: Budget, compiled: bool) -> dict:
         t0 = time.monotonic()
         try:
             rows.append(measure_row(mode, impl, compiled, device))
+            torch.cuda.empty_cache()
             r = rows[-1]
             progress(f"  {r['images_per_s']:.0f} images/s, max_memory_allocated "
                      f"{r['max_memory_allocated'] / 2**20:.0f} MB")
@@ -311,7 +311,7 @@ def section_nccl(budget: Budget, missing: list) -> dict:
 
 
 # --------------------------------------------------------------------------------------
-# Section 5: the other benchmarks' functions
+# Section 6: the other benchmarks' functions
 def section_ops(device, budget: Budget, missing: list) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     out = {}

@@ -390,29 +390,8 @@ def calibrate_rates(archs, device=None, warmup: int = CALIBRATE_STEPS[0], steps:
               "warmup_steps": warmup, "timed_steps": steps, "archs": {}}
     for arch in archs:
         cfg = calibration_config(arch)
-        with torch.random.fork_rng(devices=[device]):
-            torch.manual_seed(0)
-            net = prepare_model(ContSupNet(cfg.model_config()), cfg, device)
-        optimizer = make_optimizer(net, cfg)
-        x, y, image = (t.to(device) if t is not None else None
-                       for t in random_batch(cfg.dataset, cfg.batch_size, cfg.reconstruct))
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-
-        def one_step():
-            local_learning_step(net.train(), x, y, image, cfg.bf16)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        for _ in range(warmup):
-            one_step()
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
-        events[0].record()
-        for i in range(steps):
-            one_step()
-            events[i + 1].record()
-        torch.cuda.synchronize(device)
-        times = sorted(events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(steps))
+        times = sorted(_timed_steps(cfg, device, warmup, steps))
+        torch.cuda.empty_cache()
         step_s = times[len(times) // 2]
         flops = step_flops(cfg)
         result["archs"][arch] = {
@@ -420,9 +399,34 @@ def calibrate_rates(archs, device=None, warmup: int = CALIBRATE_STEPS[0], steps:
                        "batch_size": cfg.batch_size, "context_impl": cfg.context_impl, "bf16": cfg.bf16},
             "step_s": step_s, "step_s_min": times[0], "step_s_max": times[-1], "step_flops": flops,
             "flops_per_s": flops / step_s, "images_per_s": cfg.batch_size / step_s}
-        del net, optimizer
-        torch.cuda.empty_cache()
     return result
+
+
+def _timed_steps(cfg: TrainConfig, device, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of `steps` training steps of `cfg` on the CUDA `device`, after `warmup`."""
+    with torch.random.fork_rng(devices=[device]):
+        torch.manual_seed(0)
+        net = prepare_model(ContSupNet(cfg.model_config()), cfg, device)
+    optimizer = make_optimizer(net, cfg)
+    x, y, image = (t.to(device) if t is not None else None
+                   for t in random_batch(cfg.dataset, cfg.batch_size, cfg.reconstruct))
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def one_step():
+        local_learning_step(net.train(), x, y, image, cfg.bf16)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        one_step()
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    events[0].record()
+    for i in range(steps):
+        one_step()
+        events[i + 1].record()
+    torch.cuda.synchronize(device)
+    return [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(steps)]
 
 
 def calibration_config(arch: str) -> TrainConfig:
@@ -476,7 +480,7 @@ def format_table(result: dict) -> str:
 def markdown(result: dict) -> str:
     """The same table in markdown, for the README."""
     total = result["total"]
-    lines = [f"| group | runs | PFLOPs | GPU-hours |", "|---|---:|---:|---:|"]
+    lines = ["| group | runs | PFLOPs | GPU-hours |", "|---|---:|---:|---:|"]
     lines += [f"| `{g}` | {n} | {p:.2f} | {h:.3f} |" for g, n, p, h in _group_rows(result)]
     lines.append(f"| **total** (distinct runs) | **{total['runs']}** | **{total['pflops']:.2f}** | "
                  f"**{total['gpu_hours']:.3f}** |")
