@@ -302,12 +302,24 @@ def section_nccl(budget: Budget, missing: list) -> dict:
         if r1.get("rc") != 0 or r2.get("rc") != 0:
             out["error"] = (r1.get("stderr") or "") + (r2.get("stderr") or "") or "timed out"
             return out
-        a = torch.load(one / "ckpt.pt", map_location="cpu", weights_only=True)["model"]
-        b = torch.load(two / "ckpt.pt", map_location="cpu", weights_only=True)["model"]
-        differ = sorted(k for k in set(a) | set(b) if k not in a or k not in b or not torch.equal(a[k], b[k]))
-    out.update({"tensors": len(a), "differ": len(differ), "differ_first": differ[:5], "equal": not differ})
-    progress(f"nccl: checkpoints {'equal' if not differ else f'differ in {len(differ)} tensors'}")
+        a = tensors(torch.load(one / "ckpt.pt", map_location="cpu", weights_only=True))
+        b = tensors(torch.load(two / "ckpt.pt", map_location="cpu", weights_only=True))
+    differ = sorted(k for k in set(a) | set(b) if k not in a or k not in b or not torch.equal(a[k], b[k]))
+    weights = [k for k in differ if k.startswith(("model/", "optimizer/"))]
+    out.update({"tensors": len(a), "differ": len(differ), "differ_first": differ[:5],
+                "equal": not weights, "all_tensors_equal": not differ})
+    progress(f"nccl: checkpoints' weights and optimizer state {'equal' if not weights else 'differ'}; "
+             f"{len(differ)} of {len(a)} tensors differ")
     return out
+
+
+def tensors(obj, prefix: str = "") -> dict:
+    """Every tensor of a checkpoint by its path ('model/blocks.0.0.weight', 'optimizer/state/3/momentum_buffer')."""
+    import torch
+    if isinstance(obj, torch.Tensor):
+        return {prefix.rstrip("/"): obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return {k: v for key, value in items for k, v in tensors(value, f"{prefix}{key}/").items()}
 
 
 # --------------------------------------------------------------------------------------
@@ -378,7 +390,8 @@ def markdown(result: dict) -> str:
     n = result.get("nccl", {})
     if "equal" in n:
         lines.append(f"- 2 NCCL ranks vs one process{' (--deterministic)' if n['deterministic'] else ''}: "
-                     + ("checkpoints torch.equal" if n["equal"] else f"{n['differ']} of {n['tensors']} tensors differ"))
+                     + ("weights and optimizer state torch.equal" if n["equal"] else "weights or optimizer state differ")
+                     + f" ({n['differ']} of {n['tensors']} checkpoint tensors differ)")
     elif n:
         lines.append(f"- 2 NCCL ranks: {n.get('skipped') or str(n.get('error'))[:200]}")
     if result.get("missing"):

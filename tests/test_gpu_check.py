@@ -76,3 +76,12 @@ def test_results_json_and_markdown(tmp_path, capsys):
     # --markdown prints the same table from the JSON, measuring nothing
     assert gpu_check.main(["--markdown", str(json_path)]) == 0
     assert capsys.readouterr().out.splitlines() == md
+
+
+def test_checkpoint_tensors_are_found_by_path():
+    ckpt = {"model": {"w": torch.ones(2)}, "optimizer": {"state": {0: {"momentum_buffer": torch.zeros(2)}},
+                                                          "param_groups": [{"lr": 0.1}]},
+            "epoch": 3, "torch_rng": torch.zeros(3, dtype=torch.uint8)}
+    found = gpu_check.tensors(ckpt)
+    assert sorted(found) == ["model/w", "optimizer/state/0/momentum_buffer", "torch_rng"]
+    assert found["model/w"] is ckpt["model"]["w"]
