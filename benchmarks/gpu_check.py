@@ -363,7 +363,7 @@ def markdown(result: dict) -> str:
              "| mode | impl | images/s | max_memory_allocated MB | step's CUDA peak MB | tracker peak MB "
              "| tracker / CUDA peak | first step s | recompiles |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in result["steps"]["rows"] + result.get("compiled", {}).get("rows", []):
+    for r in result["steps"].get("rows", []) + result.get("compiled", {}).get("rows", []):
         if "error" in r:
             lines.append(f"| {r['mode']} | {r['impl']} | failed: {r['error'][:80]} | | | | | | |")
             continue
@@ -373,6 +373,7 @@ def markdown(result: dict) -> str:
                      f"{_mb(cuda)} | {_mb(tracker)} | {ratio} | {r['first_step_s']:.2f} | "
                      f"{r.get('recompiles', '-')} |")
     skipped = result["steps"].get("skipped_for_time", []) + result.get("compiled", {}).get("skipped_for_time", [])
+    failed = [f"{name}: {result[name]['error'][:200]}" for name in BUDGET_S if "error" in result.get(name, {})]
     if skipped:
         lines += ["", "Not measured (time budget): " + ", ".join(skipped) + "."]
     s = result.get("syncs", {})
@@ -385,15 +386,15 @@ def markdown(result: dict) -> str:
         rates = ", ".join(f"{a} {v['tflops']:.1f} TFLOP/s" for a, v in c["archs"].items())
         lines.append(f"- paper grid: {c['gpu_hours']:.2f} GPU-hours for {c['runs']} runs at the measured rates "
                      f"({rates})")
-    elif c:
-        lines.append(f"- calibration failed: {str(c.get('error'))[:200]}")
     n = result.get("nccl", {})
     if "equal" in n:
         lines.append(f"- 2 NCCL ranks vs one process{' (--deterministic)' if n['deterministic'] else ''}: "
                      + ("weights and optimizer state torch.equal" if n["equal"] else "weights or optimizer state differ")
                      + f" ({n['differ']} of {n['tensors']} checkpoint tensors differ)")
-    elif n:
-        lines.append(f"- 2 NCCL ranks: {n.get('skipped') or str(n.get('error'))[:200]}")
+    elif "skipped" in n:
+        lines.append(f"- 2 NCCL ranks: {n['skipped']}")
+    if failed:
+        lines.append("- sections failed: " + "; ".join(failed))
     if result.get("missing"):
         lines.append("- missing pieces: " + "; ".join(result["missing"]))
     return "\n".join(lines)
@@ -432,22 +433,22 @@ def main(argv=None) -> int:
               "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]), "missing": missing}
     progress(f"{result['device']} x{result['gpus']}, torch {torch.__version__}")
 
-    def budget(name):
-        return Budget(BUDGET_S[name], deadline)
+    def section(name, fn, *args):
+        """A section's result; one that fails is recorded as its error and the others still run."""
+        progress(f"section {name} (budget {BUDGET_S[name]} s, {deadline - time.monotonic():.0f} s left in all)")
+        try:
+            result[name] = fn(*args, Budget(BUDGET_S[name], deadline))
+        except Exception as e:
+            result[name] = {"error": f"{type(e).__name__}: {e}"}
+            progress(f"  {name} failed: {result[name]['error']}")
 
-    result["steps"] = section_rows(step_items(), device, budget("steps"), compiled=False)
-    try:
-        result["syncs"] = section_syncs(device, budget("syncs"), missing)
-    except Exception as e:
-        result["syncs"] = {"error": f"{type(e).__name__}: {e}"}
-    result["calibrate"] = section_calibrate(budget("calibrate"))
-    result["nccl"] = section_nccl(budget("nccl"), missing)
-    result["compiled"] = section_rows([(m, "plain") for m in ["E2E", "R0", "R1E", "E", "R16"]], device,
-                                      budget("compiled"), compiled=True)
-    try:
-        result["ops"] = section_ops(device, budget("ops"), missing)
-    except Exception as e:
-        result["ops"] = {"error": f"{type(e).__name__}: {e}"}
+    section("steps", lambda b: section_rows(step_items(), device, b, compiled=False))
+    section("syncs", lambda b: section_syncs(device, b, missing))
+    section("calibrate", section_calibrate)
+    section("nccl", lambda b: section_nccl(b, missing))
+    section("compiled", lambda b: section_rows([(m, "plain") for m in ["E2E", "R0", "R1E", "E", "R16"]], device,
+                                               b, compiled=True))
+    section("ops", lambda b: section_ops(device, b, missing))
     json_path, md_path = write_results(result, Path(a.out_dir))
     print(markdown(result))
     progress(f"wrote {json_path} and {md_path}")

@@ -55,7 +55,7 @@ def fake_result():
             "calibrate": {"gpu_hours": 3.5, "runs": 99, "pflops": 991.2,
                           "archs": {"resnet32": {"tflops": 40.0, "images_per_s": 9000.0}}},
             "nccl": {"skipped": "1 GPU: needs two"},
-            "ops": {}, "compiled": {"rows": [compiled], "skipped_for_time": ["E compiled"]},
+            "ops": {"error": "RuntimeError: no kernel"}, "compiled": {"rows": [compiled], "skipped_for_time": ["E compiled"]},
             "nan_check": math.nan}
 
 
@@ -73,6 +73,7 @@ def test_results_json_and_markdown(tmp_path, capsys):
            "(train.py:300)" in md
     assert any(line.startswith("- paper grid: 3.50 GPU-hours for 99 runs") for line in md)
     assert "- 2 NCCL ranks: 1 GPU: needs two" in md and "- missing pieces: train.train_epoch" in md
+    assert "- sections failed: ops: RuntimeError: no kernel" in md
     # --markdown prints the same table from the JSON, measuring nothing
     assert gpu_check.main(["--markdown", str(json_path)]) == 0
     assert capsys.readouterr().out.splitlines() == md
