@@ -2,8 +2,12 @@
 and the `estimate` command line. Counting runs real (tiny) steps, so the tests stick to
 8x8 digits where the resolution does not matter and to a handful of 32x32 models."""
 import json
+import subprocess
+import sys
 
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from contsup.study import estimate as est
 from contsup import tables
@@ -25,7 +29,7 @@ def digits8(**kw) -> ModelConfig:
                          ids=["e2e", "K4-R1E-recon", "r110-K8-R2"])
 def test_flops_are_linear_in_the_batch_without_contrast_heads(mc):
     assert not est.has_quadratic_term(mc)
-    cost = est.step_cost(TrainConfig(**vars(mc)))   # fitted at B=2 and B=4; B=8 is a prediction
+    cost = est.step_cost(TrainConfig(**vars(mc)))   # fitted at B=1 and B=2; B=8 is a prediction
     assert est.count_step_flops(mc, 8) == cost.step(8)
     assert est.count_eval_flops(mc, 4) == 2 * est.count_eval_flops(mc, 2)
     # the constant part: the BN statistics of lean's 1x1 (residual) encoders, nothing else
@@ -38,13 +42,42 @@ def test_contrast_heads_add_exactly_the_supcon_quadratic_term():
     mc = digits8(arch="resnet32", k=4, mode="R1E", loss="contrast")
     assert est.has_quadratic_term(mc)
     cost = est.step_cost(TrainConfig(**vars(mc)))
-    # Fitted at B=2, 4 and 8; B=16 is a prediction. Per head: z@z.T forward 2*B^2*D, backward
+    # Fitted at B=1, 2 and 3; B=16 is a prediction. Per head: z@z.T forward 2*B^2*D, backward
     # twice that, D = 128 -> 768 B^2; K-1 = 3 heads.
     assert est.count_step_flops(mc, 16) == cost.step(16)
     assert cost.per_pair == 3 * 768
     # Linear again once the heads are softmax.
     soft = est.step_cost(TrainConfig(**{**vars(mc), "loss": "softmax"}))
     assert soft.per_pair == 0
+
+
+@pytest.mark.parametrize("mc,impl,batch", [
+    (ModelConfig(dataset="cifar10", arch="resnet32", k=1, mode="R0"), "lean", 2),
+    (digits8(arch="resnet32", k=4, mode="R1E", loss="contrast", reconstruct=True), "lean", 3),
+    (digits8(arch="resnet32", k=16, mode="R16"), "fused", 2),
+    (digits8(arch="resnet110", k=4, mode="E", balanced=True), "plain", 2),
+], ids=["cifar-e2e", "K4-R1E-contrast-recon", "K16-R16-fused", "r110-K4-E-balanced-plain"])
+def test_fast_counter_equals_torch_flop_counter(mc, impl, batch):
+    # _FlopTotal is FlopCounterMode without its per-module bookkeeping: the same total, op for op.
+    fast = est.count_step_flops(mc, batch, impl)
+    assert fast == est.count_step_flops(mc, batch, impl, counter_mode=FlopCounterMode) > 0
+    assert est.count_eval_flops(mc, batch) == est.count_eval_flops(mc, batch, FlopCounterMode) > 0
+
+
+@pytest.mark.parametrize("cfg", [
+    TrainConfig(dataset="digits8", arch="resnet32", k=8, mode="R1E", loss="contrast", batch_size=50, epochs=2),
+    TrainConfig(dataset="digits8", arch="resnet110", k=2, mode="E", reconstruct=True, batch_size=100, epochs=1),
+], ids=["contrast-K8", "r110-recon"])
+def test_run_flops_equals_the_slow_direct_count_of_every_step(cfg):
+    # The whole run counted the slow way: every step at its own batch size (the last one
+    # short) with torch's FlopCounterMode, and the test-set pass image by image.
+    n_train, n_test = est.dataset_sizes(cfg)
+    full, last = divmod(n_train, cfg.batch_size)
+    mc = cfg.model_config()
+    slow_step = lambda b: est.count_step_flops(mc, b, cfg.context_impl, FlopCounterMode)  # noqa: E731
+    slow = full * slow_step(cfg.batch_size) + (slow_step(last) if last else 0) \
+        + n_test * est.count_eval_flops(mc, 1, FlopCounterMode)
+    assert est.run_flops(cfg) == cfg.epochs * slow
 
 
 def test_backbone_forward_matches_the_published_resnet_counts():
@@ -101,12 +134,13 @@ def test_one_group_total_equals_its_row_and_hours_follow_the_assumptions():
     assert row["group"] == "table1" and row["runs"] == r["total"]["runs"] == 4
     assert row["flops"] == r["total"]["flops"] == sum(run["flops"] for run in r["runs"])
     assert r["assumptions"]["precision"] == "tf32" and r["assumptions"]["peak_tflops"] == 494.7
-    assert r["total"]["gpu_hours"] == pytest.approx(r["total"]["flops"] / (494.7e12 * 0.25) / 3600)
+    assert r["total"]["gpu_hours"] == pytest.approx(r["total"]["flops"] / (494.7e12 * est.UTILISATION) / 3600)
+    assert r["assumptions"]["utilisation_basis"] == est.UTILISATION_BASIS
     # Counts are cached: other assumptions are instant and scale the hours only.
-    half = est.estimate("paper", only=["table1"], utilisation=0.5)
+    double = est.estimate("paper", only=["table1"], utilisation=2 * est.UTILISATION)
     bf16 = est.estimate("paper", only=["table1"], precision="bf16")
-    assert half["total"]["flops"] == bf16["total"]["flops"] == r["total"]["flops"]
-    assert half["total"]["gpu_hours"] == pytest.approx(r["total"]["gpu_hours"] / 2)
+    assert double["total"]["flops"] == bf16["total"]["flops"] == r["total"]["flops"]
+    assert double["total"]["gpu_hours"] == pytest.approx(r["total"]["gpu_hours"] / 2)
     assert bf16["total"]["gpu_hours"] == pytest.approx(r["total"]["gpu_hours"] / 2)
 
 
@@ -157,3 +191,53 @@ def test_cli_json_and_table(capsys):
     assert "total" in out and "assumptions: one NVIDIA H100 SXM, TF32" in out
     assert main(argv + ["--markdown"]) == 0
     assert capsys.readouterr().out.startswith("| group | runs | PFLOPs | GPU-hours |")
+
+
+# --------------------------------------------------------------------------------------
+# The assumed utilisation is named as one; --calibrate measures the rate instead
+def test_table_says_the_utilisation_is_an_assumption_in_one_line(capsys):
+    assert main(["estimate", "--profile", "smoke", "--only", "e2e", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    basis = [line for line in lines if line.startswith(f"utilisation {est.UTILISATION:g} is an assumption")]
+    assert len(basis) == 1 and "--calibrate" in basis[0]
+    assert main(["estimate", "--profile", "smoke", "--only", "e2e", "--no-progress", "--utilisation", "0.3"]) == 0
+    assert "utilisation 0.3 is the caller's (--utilisation), not the default" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a CUDA GPU")
+def test_calibrate_without_a_gpu_is_one_line_exit_2():
+    p = subprocess.run([sys.executable, "-m", "contsup", "estimate", "--profile", "smoke", "--calibrate"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.startswith("contsup: error: estimate --calibrate") and p.stderr.count("\n") == 1, p.stderr
+    assert "no" in p.stderr and "GPU" in p.stderr
+
+
+def test_calibrated_hours_divide_by_the_measured_rate(monkeypatch, capsys):
+    rates = {"resnet32": 20e12, "resnet110": 10e12}
+
+    def fake_calibration(archs):
+        return {"device": "Fake GPU", "torch": torch.__version__, "warmup_steps": 3, "timed_steps": 10,
+                "archs": {a: {"config": {"arch": a, **est.CALIBRATION, "batch_size": 1024, "context_impl": "lean",
+                                         "bf16": False},
+                              "flops_per_s": rates[a], "images_per_s": 1.0, "step_s": 1.0} for a in archs}}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(est, "calibrate_rates", fake_calibration)
+    r = est.estimate("smoke", only=["e2e"], calibrate=True)
+    assert r["assumptions"]["device"] == "Fake GPU" and "utilisation" not in r["assumptions"]
+    for run in r["runs"]:
+        arch = "resnet110" if "resnet110" in run["name"] else "resnet32"
+        assert run["gpu_hours"] == pytest.approx(run["flops"] / rates[arch] / 3600)
+    text = est.format_table(r)
+    assert "rate: measured on this Fake GPU: resnet110 10.0 TFLOP/s" in text and "assumption" not in text
+    assert main(["estimate", "--profile", "smoke", "--only", "e2e", "--calibrate", "--markdown"]) == 0
+    assert "measured on this Fake GPU" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_calibrate_rates_on_the_gpu():
+    cal = est.calibrate_rates(["resnet32"], warmup=2, steps=3)
+    r = cal["archs"]["resnet32"]
+    assert r["flops_per_s"] == pytest.approx(r["step_flops"] / r["step_s"]) and r["step_s"] > 0
+    assert r["step_flops"] == est.step_flops(est.calibration_config("resnet32"))
