@@ -134,13 +134,27 @@ class Decoder(nn.Module):
 # Context supply (SPEC §2)
 @dataclass(frozen=True)
 class ContextMode:
-    """R<n> (residual context from the inputs of the last n modules) and/or E (image)."""
+    """R<n> (residual context from the inputs of the last n modules) and/or E (image).
+
+    What a mode means is decided here and nowhere else: the model, the cost of a run
+    (`study.reproduce.proxy_cost`), the registry and the tables ask this class.
+    """
     n: int
     image: bool
 
     @property
     def name(self) -> str:
         return ("E" if self.n == 0 else f"R{self.n}E") if self.image else f"R{self.n}"
+
+    def fits(self, k: int) -> bool:
+        """A network of K=k modules has the n module inputs this mode reads (R16 needs K=16)."""
+        return self.n <= k
+
+    def residual_sources(self, cut: int) -> list[int]:
+        """The modules whose detached inputs feed cut `cut`'s residual encoders, newest first:
+        the inputs of modules cut, cut-1, ..., cut-n+1 that exist. Module 0's input is the
+        image, which under RnE the image encoder already covers."""
+        return [m for m in range(cut, cut - self.n, -1) if m >= 0 and not (self.image and m == 0)]
 
 
 _MODE_RE = re.compile(r"^(?:R(\d+)(E?)|E)$")
@@ -153,7 +167,7 @@ def parse_mode(mode: str, k: int | None) -> ContextMode:
         raise UsageError(f"unknown context mode '{mode}'; choose R0, E, Rn or RnE "
                          "(n = 1, 2, 4, ... up to K), e.g. R1E")
     parsed = ContextMode(int(m.group(1) or 0), mode == "E" or m.group(2) == "E")
-    if k is not None and parsed.n > k:
+    if k is not None and not parsed.fits(k):
         raise UsageError(f"mode {mode} needs context from {parsed.n} modules but K={k}; use K >= {parsed.n}")
     return parsed
 
@@ -193,7 +207,7 @@ class ContextSupply(nn.Module):
         super().__init__()
         channels, side = out_shape
         self.image = ImageEncoder(channels, side, widen) if mode.image else None
-        self.sources = [m for m in range(cut, cut - mode.n, -1) if m >= 0 and not (mode.image and m == 0)]
+        self.sources = mode.residual_sources(cut)
         self.residual = nn.ModuleList(ResidualEncoder(input_shapes[m][0], channels, side) for m in self.sources)
 
     def forward(self, x, module_inputs):
