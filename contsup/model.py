@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import tables
-from .errors import UsageError, check_bool, check_float, check_int, check_str
+from .errors import UsageError, check_bool, check_float, check_int, check_str, command_line, option
 
 HEAD_CONFIGS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")
 LOSSES = ("softmax", "contrast")
@@ -219,18 +219,20 @@ class ContextSupply(nn.Module):
 
 # --------------------------------------------------------------------------------------
 # The whole model
+@command_line
 @dataclass
 class ModelConfig:
-    arch: str = "resnet32"
-    k: int = 4                      # number of local modules; 1 = end-to-end
-    mode: str = "R1E"               # context supply
-    loss: str = "softmax"           # local head loss: softmax | contrast
-    head: str = "1c2f"              # auxiliary head config
-    reconstruct: bool = False       # add the decoder's reconstruction loss
-    loss_scales: tuple | None = None  # (ixx_1, ixy_1, ixx_2, ixy_2); None = the paper's
-    balanced: bool = False          # memory-balanced cut points (E*)
-    dataset: str = "cifar10"
-    widen: float = 1.0
+    """The network; each field with its command-line help (errors.option)."""
+    arch: str = option("resnet32", f"one of {', '.join(tables.BLOCKS_PER_STAGE)}")
+    k: int = option(4, "number of local modules (1 = end-to-end)", flag="-k")
+    mode: str = option("R1E", "context supply: R0, E, Rn or RnE (n = 1, 2, 4, ... up to K), e.g. R1E")
+    loss: str = option("softmax", f"local head loss: {' or '.join(LOSSES)}")
+    head: str = option("1c2f", f"auxiliary head config: {' '.join(HEAD_CONFIGS)}")
+    reconstruct: bool = option(False, "add the reconstruction decoder loss")
+    loss_scales: tuple | None = option(None, "ixx_1,ixy_1,ixx_2,ixy_2 for --reconstruct (default: the paper's table)")
+    balanced: bool = option(False, "memory-balanced cut points (the paper's E*)")
+    dataset: str = option("cifar10", f"one of {', '.join(tables.DATA_RECIPES)}")
+    widen: float = option(1.0, "width multiplier of heads and encoders")
 
     def __post_init__(self):
         """Each field, then the combinations the paper's tables allow: a bad config fails
