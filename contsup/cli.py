@@ -80,6 +80,7 @@ def add_config_flags(p: argparse.ArgumentParser, cls, only=None) -> None:
                 kw["metavar"] = spelling.lstrip("-").replace("-", "_").upper()
             help += f" (default: {f.default})" if f.default is not None and "default" not in help else ""
         spellings = [spelling] + ([] if spelling.startswith("--") else ["--" + dashed])  # -k and --k
+        help = help.replace("%", "%%")   # argparse formats help strings with %
         p.add_argument(*spellings, dest=f.name, default=argparse.SUPPRESS, help=help, **kw, **meta["argparse"])
 
 
