@@ -15,6 +15,7 @@ from dataclasses import fields
 import io
 import os
 import sys
+import typing
 
 from . import jsonio, tables
 from .errors import DivergedError, Stopped, UsageError, exit_status, stop_on_signals
@@ -27,12 +28,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `python -m contsup {command + ' ' if command else ''}--help`)")
 
 
-def _scales(text: str):
+def _numbers(text: str):
+    """'5,1,0,0' -> (5.0, 1.0, 0.0, 0.0); text that is not numbers stays text, for the
+    config's own check to refuse with its message."""
     try:
-        values = tuple(float(v) for v in text.split(","))
+        return tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--loss-scales takes four numbers like 5,1,0,0, got '{text}'")
-    return values
+        return text
 
 
 def _ints(text: str):
@@ -42,52 +44,61 @@ def _ints(text: str):
         raise argparse.ArgumentTypeError(f"takes comma-separated integers like 1,3, got '{text}'")
 
 
-def _model_args(p: argparse.ArgumentParser):
-    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(tables.DATA_RECIPES)}")
-    p.add_argument("--arch", default="resnet32", help=f"one of {', '.join(tables.BLOCKS_PER_STAGE)}")
-    p.add_argument("-k", "--k", type=int, default=4, help="number of local modules (1 = end-to-end)")
-    p.add_argument("--mode", default="R1E", help="context supply: R0, E, R1, R1E, R2, ..., R16, RnE")
-    p.add_argument("--loss", default="softmax", help="local head loss: softmax or contrast")
-    p.add_argument("--head", default="1c2f", help="auxiliary head config: 0c1f 0c2f 1c1f 1c2f 1c3f 2c2f")
-    p.add_argument("--reconstruct", action="store_true", help="add the reconstruction decoder loss")
-    p.add_argument("--loss-scales", type=_scales, default=None,
-                   help="ixx_1,ixy_1,ixx_2,ixy_2 for --reconstruct (default: the paper's table)")
-    p.add_argument("--balanced", action="store_true", help="memory-balanced cut points (the paper's E*)")
-    p.add_argument("--widen", type=float, default=1.0, help="width multiplier of heads and encoders")
+def _option(cls, name: str) -> dict:
+    """The command line of field `name` of config dataclass `cls` (errors.option); a field a
+    subclass redefines without one keeps its base's (TrainConfig.dataset)."""
+    for c in cls.__mro__:
+        f = getattr(c, "__dataclass_fields__", {}).get(name)
+        if f is not None and "help" in f.metadata:
+            return f.metadata
+    raise TypeError(f"{cls.__name__}.{name} has no command line: declare it with errors.option(default, help)")
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls, only=None) -> None:
+    """One flag per field of the config dataclass `cls` (of those of dataclass `only`, if
+    given): its spelling and help from the field's metadata, its type from the annotation,
+    its default from the dataclass, shown in the help but left to the config: a flag not
+    given is absent from the parsed args (`given`). A bool that defaults to False is a
+    switch --name; one that defaults to True is switched off by --no-name. Every value
+    is checked by the config itself (its __post_init__), which raises the UsageError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(only)} if only is not None else None
+    for f in fields(cls):
+        if names is not None and f.name not in names:
+            continue
+        meta, dashed = _option(cls, f.name), f.name.replace("_", "-")
+        kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])  # int | None
+        help = meta["help"]
+        if kind is bool:
+            spelling = meta["flag"] or ("--no-" if f.default else "--") + dashed
+            kw = {"action": "store_false" if f.default else "store_true"}
+            help += " (on by default; this flag turns it off)" if f.default else ""
+        else:
+            spelling = meta["flag"] or "--" + dashed
+            kw = {"type": _numbers if kind is tuple else kind}
+            if "choices" not in meta["argparse"]:   # --out OUT, not OUT_DIR
+                kw["metavar"] = spelling.lstrip("-").replace("-", "_").upper()
+            help += f" (default: {f.default})" if f.default is not None and "default" not in help else ""
+        spellings = [spelling] + ([] if spelling.startswith("--") else ["--" + dashed])  # -k and --k
+        help = help.replace("%", "%%")   # argparse formats help strings with %
+        p.add_argument(*spellings, dest=f.name, default=argparse.SUPPRESS, help=help, **kw, **meta["argparse"])
+
+
+def given(args, cls) -> dict:
+    """The fields of config dataclass `cls` the command line gave (add_config_flags)."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .model import ModelConfig
+    from .train import TrainConfig
     parser = _Parser(prog="contsup", description="ContSup: greedy local learning with context supply")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train one configuration")
-    _model_args(t)
-    t.add_argument("--epochs", type=int, default=160)
-    t.add_argument("--batch-size", type=int, default=None, help="default: the paper's for the dataset")
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate; default: the paper's")
-    t.add_argument("--warmup-epochs", type=int, default=tables.PAPER_SCHEDULE.warmup_epochs)
-    t.add_argument("--data-root", default="data")
-    t.add_argument("--download", action="store_true", help="fetch the dataset with torchvision if missing")
-    t.add_argument("--train-subset", type=int, default=None, help="train on the first N images only")
-    t.add_argument("--out", default=None, help="run folder (default: runs/<dataset>-<arch>-K<k>-<mode>-<loss>, "
-                                                "then every other setting that is not the default, e.g. -seed1)")
+    add_config_flags(t, TrainConfig)
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    t.add_argument("--context-impl", choices=["lean", "fused", "plain"], default="lean",
-                   help="how the context encoders run, the same function each way: lean (recompute, least "
-                        "memory), fused (faster, more memory), plain (autograd reference)")
-    t.add_argument("--no-channels-last", action="store_true", help="keep NCHW activations (default: NHWC)")
-    t.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
-    t.add_argument("--no-cudnn-benchmark", action="store_true", help="CUDA: don't let cuDNN pick algorithms")
-    t.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels (cuDNN, cuBLAS, torch): bit for bit on CUDA too, slower")
-    t.add_argument("--check-every", type=int, default=50,
-                   help="read the divergence check from the device every N steps (and at each epoch's end)")
-    t.add_argument("--compile", action="store_true", help="torch.compile the modules (slow first epoch)")
-    t.add_argument("--no-reuse-cpu-memory", action="store_true",
-                   help="CPU: leave glibc's malloc as it is (default: freed activations are reused, not unmapped)")
     t.add_argument("--pipeline", action="store_true",
                    help="module-parallel trainer (implied under torchrun with more than one process)")
     t.add_argument("--split", type=_ints, default=None,
@@ -97,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipeline: seconds before a silent rank counts as dead or hung")
 
     d = sub.add_parser("describe", help="cut points, parameters per part, peak activation memory")
-    _model_args(d)
+    add_config_flags(d, TrainConfig, only=ModelConfig)   # train's defaults: describe what train would train
     d.add_argument("--batch-size", type=int, default=256, help="batch size of the memory measurement")
     d.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     d.add_argument("--json", action="store_true", help="print JSON")
@@ -118,26 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_kwargs(args) -> dict:
-    """The ModelConfig fields, as the command line gave them (every one is a flag)."""
-    from .model import ModelConfig
-    return {f.name: getattr(args, f.name) for f in fields(ModelConfig)}
-
-
 def cmd_train(args) -> int:
     from .train import TrainConfig, run_name, train
-    cfg = TrainConfig(**_model_kwargs(args), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      warmup_epochs=args.warmup_epochs, data_root=args.data_root, download=args.download,
-                      train_subset=args.train_subset, out_dir=args.out if args.out is not None else "runs/default",
-                      device=args.device, seed=args.seed,
-                      context_impl=args.context_impl, channels_last=not args.no_channels_last, bf16=args.bf16,
-                      cudnn_benchmark=not args.no_cudnn_benchmark, torch_compile=args.compile,
-                      reuse_cpu_memory=not args.no_reuse_cpu_memory, deterministic=args.deterministic,
-                      check_every=args.check_every)
+    cfg = TrainConfig(**given(args, TrainConfig))
     if cfg.deterministic:  # before anything touches CUDA: cuBLAS reads it once (train.use_deterministic)
         from .train import CUBLAS_WORKSPACE_CONFIG
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
-    if args.out is None:   # every setting that is not the default is in the name: no two configs share it
+    if not hasattr(args, "out_dir"):   # every setting that is not the default is in the name: no two configs share it
         cfg.out_dir = os.path.join("runs", run_name(cfg))
     out = cfg.out_dir
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.pipeline:
@@ -163,12 +161,13 @@ def cmd_train(args) -> int:
 
 def describe(args) -> dict:
     from .model import ContSupNet, ModelConfig
+    from .train import TrainConfig
     from .data import random_batch
     from .speed.encoders import set_context_impl
     from .speed.memory import measure_step_memory
     if args.batch_size < 2:
         raise UsageError(f"--batch-size must be >= 2 for a training step, got {args.batch_size}")
-    cfg = ModelConfig(**_model_kwargs(args))
+    cfg = TrainConfig(**given(args, ModelConfig)).model_config()   # with train's defaults (digits)
     net = ContSupNet(cfg)
     report = {"config": vars(cfg) | {"loss_scales": cfg.loss_scales}, "cut_points": net.cuts,
               "modules": len(net.blocks), "params": net.parts(), "loss_weights": net.loss_weights}

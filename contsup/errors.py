@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
+from dataclasses import field, fields
 from pathlib import Path
 
 
@@ -91,11 +92,30 @@ def exit_status(interrupt: KeyboardInterrupt) -> int:
     return 128 + getattr(interrupt, "signum", signal.SIGINT)
 
 
-FLAGS = {"out_dir": "--out", "k": "-k"}  # where a field's flag is not its name
+# --------------------------------------------------------------------------------------
+# Config fields on the command line. A field of a config dataclass carries its flag's help
+# (and spelling, where that is not --field-name) beside it, as metadata (`option`): cli.py
+# builds the flags from the fields, and the checks below name the flag the user typed.
+FLAGS: dict[str, str] = {}  # field -> its flag where that is not --field-name (`command_line` fills it)
+
+
+def option(default, help: str, flag: str | None = None, **argparse):
+    """A config field and its flag: `help`; `flag` where the spelling is not --field-name
+    (a bool that defaults to True gets --no-field-name, which turns it off); `argparse`:
+    more keywords for the flag (choices=...). The value is checked by the config's
+    __post_init__, nowhere else."""
+    return field(default=default, metadata={"help": help, "flag": flag, "argparse": argparse})
+
+
+def command_line(cls):
+    """Class decorator of a config dataclass: FLAGS learns the flags its fields spell their
+    own way (out_dir -> --out), so that a check's message names the flag the user typed."""
+    FLAGS.update({f.name: f.metadata["flag"] for f in fields(cls) if f.metadata.get("flag")})
+    return cls
 
 
 def flag(name: str) -> str:
-    """The command-line spelling of a config field: batch_size -> --batch-size."""
+    """The command-line spelling of a config field: batch_size -> --batch-size, out_dir -> --out."""
     return FLAGS.get(name, "--" + name.replace("_", "-"))
 
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import tables
-from .errors import UsageError, check_bool, check_float, check_int, check_str
+from .errors import UsageError, check_bool, check_float, check_int, check_str, command_line, option
 
 HEAD_CONFIGS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")
 LOSSES = ("softmax", "contrast")
@@ -134,13 +134,27 @@ class Decoder(nn.Module):
 # Context supply (SPEC §2)
 @dataclass(frozen=True)
 class ContextMode:
-    """R<n> (residual context from the inputs of the last n modules) and/or E (image)."""
+    """R<n> (residual context from the inputs of the last n modules) and/or E (image).
+
+    What a mode means is decided here and nowhere else: the model, the cost of a run
+    (`study.reproduce.proxy_cost`), the registry and the tables ask this class.
+    """
     n: int
     image: bool
 
     @property
     def name(self) -> str:
         return ("E" if self.n == 0 else f"R{self.n}E") if self.image else f"R{self.n}"
+
+    def fits(self, k: int) -> bool:
+        """A network of K=k modules has the n module inputs this mode reads (R16 needs K=16)."""
+        return self.n <= k
+
+    def residual_sources(self, cut: int) -> list[int]:
+        """The modules whose detached inputs feed cut `cut`'s residual encoders, newest first:
+        the inputs of modules cut, cut-1, ..., cut-n+1 that exist. Module 0's input is the
+        image, which under RnE the image encoder already covers."""
+        return [m for m in range(cut, cut - self.n, -1) if m >= 0 and not (self.image and m == 0)]
 
 
 _MODE_RE = re.compile(r"^(?:R(\d+)(E?)|E)$")
@@ -153,7 +167,7 @@ def parse_mode(mode: str, k: int | None) -> ContextMode:
         raise UsageError(f"unknown context mode '{mode}'; choose R0, E, Rn or RnE "
                          "(n = 1, 2, 4, ... up to K), e.g. R1E")
     parsed = ContextMode(int(m.group(1) or 0), mode == "E" or m.group(2) == "E")
-    if k is not None and parsed.n > k:
+    if k is not None and not parsed.fits(k):
         raise UsageError(f"mode {mode} needs context from {parsed.n} modules but K={k}; use K >= {parsed.n}")
     return parsed
 
@@ -193,7 +207,7 @@ class ContextSupply(nn.Module):
         super().__init__()
         channels, side = out_shape
         self.image = ImageEncoder(channels, side, widen) if mode.image else None
-        self.sources = [m for m in range(cut, cut - mode.n, -1) if m >= 0 and not (mode.image and m == 0)]
+        self.sources = mode.residual_sources(cut)
         self.residual = nn.ModuleList(ResidualEncoder(input_shapes[m][0], channels, side) for m in self.sources)
 
     def forward(self, x, module_inputs):
@@ -205,18 +219,20 @@ class ContextSupply(nn.Module):
 
 # --------------------------------------------------------------------------------------
 # The whole model
+@command_line
 @dataclass
 class ModelConfig:
-    arch: str = "resnet32"
-    k: int = 4                      # number of local modules; 1 = end-to-end
-    mode: str = "R1E"               # context supply
-    loss: str = "softmax"           # local head loss: softmax | contrast
-    head: str = "1c2f"              # auxiliary head config
-    reconstruct: bool = False       # add the decoder's reconstruction loss
-    loss_scales: tuple | None = None  # (ixx_1, ixy_1, ixx_2, ixy_2); None = the paper's
-    balanced: bool = False          # memory-balanced cut points (E*)
-    dataset: str = "cifar10"
-    widen: float = 1.0
+    """The network; each field with its command-line help (errors.option)."""
+    arch: str = option("resnet32", f"one of {', '.join(tables.BLOCKS_PER_STAGE)}")
+    k: int = option(4, "number of local modules (1 = end-to-end)", flag="-k")
+    mode: str = option("R1E", "context supply: R0, E, Rn or RnE (n = 1, 2, 4, ... up to K), e.g. R1E")
+    loss: str = option("softmax", f"local head loss: {' or '.join(LOSSES)}")
+    head: str = option("1c2f", f"auxiliary head config: {' '.join(HEAD_CONFIGS)}")
+    reconstruct: bool = option(False, "add the reconstruction decoder loss")
+    loss_scales: tuple | None = option(None, "ixx_1,ixy_1,ixx_2,ixy_2 for --reconstruct (default: the paper's table)")
+    balanced: bool = option(False, "memory-balanced cut points (the paper's E*)")
+    dataset: str = option("cifar10", f"one of {', '.join(tables.DATA_RECIPES)}")
+    widen: float = option(1.0, "width multiplier of heads and encoders")
 
     def __post_init__(self):
         """Each field, then the combinations the paper's tables allow: a bad config fails

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 
 from . import jsonio, tables
 from .data import DeviceLoader, denormalize, load_dataset
-from .errors import DivergedError, UsageError, check_bool, check_float, check_int, check_str, check_writable_folder
+from .errors import (DivergedError, UsageError, check_bool, check_float, check_int, check_str, check_writable_folder,
+                     command_line, option)
 from .model import ContSupNet, ModelConfig, check_model_fields
 from .runlock import run_lock
 from .speed.encoders import CONTEXT_IMPLS, set_context_impl
@@ -40,38 +41,48 @@ from .speed.memory import measure_step_memory, reuse_freed_cpu_memory
 from .step import autocast, local_learning_step
 
 
+@command_line
 @dataclass
 class TrainConfig(ModelConfig):
     """One run: the model's fields (`ModelConfig`: arch, k, mode, loss, head, reconstruct,
-    loss_scales, balanced, dataset, widen), then how it is trained."""
+    loss_scales, balanced, dataset, widen), then how it is trained; each field with its
+    command-line help (errors.option)."""
     dataset: str = "digits"         # the embedded data, so a config trains offline (the model's default: CIFAR-10)
-    context_impl: str = "lean"      # lean | fused | plain: the same function (speed/encoders.py)
+    context_impl: str = option("lean", "how the context encoders run, the same function each way: lean (recompute, "
+                               "least memory), fused (faster, more memory), plain (autograd reference)",
+                               choices=CONTEXT_IMPLS)
     # speed: none of these changes the function computed, except bf16's rounding
-    channels_last: bool = True      # NHWC activations: faster convolutions on CPU and GPU alike
-    bf16: bool = False              # bfloat16 autocast for the forward passes (weights stay fp32)
-    cudnn_benchmark: bool = True    # let cuDNN time and pick its fastest algorithms (CUDA only)
-    deterministic: bool = False     # deterministic algorithms, cuDNN and cuBLAS: bit for bit on CUDA (see use_deterministic)
-    torch_compile: bool = False     # torch.compile every module, head, encoder and decoder
-    reuse_cpu_memory: bool = True   # CPU: keep glibc from unmapping freed activations (memory.reuse_freed_cpu_memory)
+    channels_last: bool = option(True, "NHWC activations: faster convolutions on CPU and GPU alike")
+    bf16: bool = option(False, "bfloat16 autocast for the forward passes (weights stay fp32)")
+    cudnn_benchmark: bool = option(True, "CUDA: let cuDNN time and pick its fastest algorithms")
+    deterministic: bool = option(False, "deterministic kernels (cuDNN, cuBLAS, torch): bit for bit on CUDA too, "
+                                        "slower (see use_deterministic)")
+    torch_compile: bool = option(False, "torch.compile every module, head, encoder and decoder (slow first epoch)",
+                                 flag="--compile")
+    reuse_cpu_memory: bool = option(True, "CPU: freed activations are reused, not unmapped by glibc "
+                                          "(memory.reuse_freed_cpu_memory)")
     # optimisation; None = the paper's value for the dataset (tables.DATA_RECIPES)
-    epochs: int = 160
-    batch_size: int | None = None
-    lr: float | None = None
-    warmup_epochs: int = tables.PAPER_SCHEDULE.warmup_epochs
+    epochs: int = option(160, "training epochs")
+    batch_size: int | None = option(None, "batch size (default: the paper's for the dataset)")
+    lr: float | None = option(None, "peak learning rate (default: the paper's for the dataset)")
+    warmup_epochs: int = option(tables.PAPER_SCHEDULE.warmup_epochs, "epochs of learning-rate warm-up")
     # data and bookkeeping
-    data_root: str = "data"
-    download: bool = False
-    train_subset: int | None = None
-    out_dir: str = "runs/default"
-    device: str = "auto"
-    seed: int = 0
+    data_root: str = option("data", "folder of the datasets")
+    download: bool = option(False, "fetch the dataset with torchvision if missing")
+    train_subset: int | None = option(None, "train on the first N images only")
+    out_dir: str = option("runs/default", "run folder (on the command line, default: runs/<dataset>-<arch>-K<k>-"
+                                          "<mode>-<loss>, then every other setting that is not the default, e.g. "
+                                          "-seed1)", flag="--out")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+    seed: int = option(0, "random seed (initial weights, data order, augmentation)")
     # How often (in steps) the trainer reads the divergence check from the device; it also
     # reads it at every epoch's end, before the metrics line and the checkpoint. A read waits
     # for the device to catch up with the host, so on CUDA it ends the host's running ahead:
     # once every 50 steps that stall is spread over 50 steps, while a run that diverges
     # wastes at most 49 steps, which never reach a checkpoint. (CIFAR-10 at the paper's batch
     # of 1024 has 49 steps an epoch: one read per epoch.) 1 = before every optimizer step.
-    check_every: int = 50
+    check_every: int = option(50, "read the divergence check from the device every N steps (and at each "
+                                  "epoch's end)")
 
     def __post_init__(self):
         """Every field's type and range, so that a bad value from the CLI, a notebook

@@ -26,7 +26,7 @@ import pandas as pd
 from .. import tables
 from ..data import random_batch
 from ..errors import UsageError
-from ..model import ContSupNet, ModelConfig
+from ..model import ContSupNet, ModelConfig, parse_mode
 from ..speed.memory import measure_step_memory
 from ..train import TrainConfig, pick_device
 from .runs import CONFIG_COLUMNS, PAPER_DATASETS, pick_dataset
@@ -191,15 +191,14 @@ def table3(df: pd.DataFrame, arch: str | None = None, metric: str = "final_error
     return _frame(rows, columns, ["dataset", "loss"])
 
 
-TABLE4_MODES = ("E2E", "R0", "E", "R1", "R2", "R4", "R8", "R16")
-
-
 def table4(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_error") -> pd.DataFrame:
     """Table 4: ResNet-32, softmax, K=8 and 16, rows mode: test error, peak activation
     memory of our (lean) step, and training memory as the paper counts it (parameters,
     gradients, momentum and the authors' plain encoders' activations: the one to set beside
     the paper's memory column; "—" for runs recorded before it). The E2E row repeats the
-    end-to-end run under both K. Reference: InfoPro's greedy SL (= R0) and E2E errors."""
+    end-to-end run under both K (E2E is K=1, not a mode); a mode that reaches further back
+    than K modules (R16 at K=8) is empty. Rows: E2E, then `tables.RESIDUAL_MODES`.
+    Reference: InfoPro's greedy SL (= R0) and E2E errors."""
     dataset = pick_dataset(df, "cifar10", dataset)
     arch, ref, ours = "resnet32", reference_label(dataset, "cifar10", "resnet32"), ours_label(dataset)
     base = _sel(df, dataset=dataset, arch=arch, reconstruct=False, balanced=False)
@@ -213,12 +212,15 @@ def table4(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_er
     columns += [(ref, f"K={k} error (%)") for k in (8, 16)]
     columns += [(CONTSUP_SLOT, f"K={k} {q}") for k in (8, 16) for q in ("error (%)", "memory")]
     rows = {}
-    for mode in TABLE4_MODES:
+    for mode in ("E2E", *tables.RESIDUAL_MODES):
         vals, refs, slot = [], [], []
         for k in (8, 16):
-            sel = _sel(base, k=1) if mode == "E2E" else _sel(base, k=k, mode=mode, loss="softmax")
-            if mode not in ("E2E", "R0", "E") and int(mode[1:]) > k:  # R16 needs K=16
-                sel = sel.iloc[0:0]
+            if mode == "E2E":
+                sel = _sel(base, k=1)
+            elif parse_mode(mode, None).fits(k):
+                sel = _sel(base, k=k, mode=mode, loss="softmax")
+            else:
+                sel = base.iloc[0:0]
             vals += [_mean(sel, metric), _mean(sel, "peak_activation_MiB"), _mean(sel, "paper_memory_MiB")]
             vals += [_mean(sel, "cuda_peak_MiB")] if gpu else []
             ref_method = {"E2E": "E2E", "R0": "Greedy SL"}.get(mode)
@@ -260,7 +262,7 @@ def seed_noise(df: pd.DataFrame, dataset: str | None = None, metric: str = "fina
     means and twice its standard error, sqrt(sd_a^2/n_a + sd_b^2/n_b) (about a 95 % interval
     for normal noise); `beyond noise` when |difference| exceeds it. Needs 2+ seeds a side."""
     h = headline(df, dataset, metric)
-    pairs = [(m, "R0") for m in ("E", "R1", "R1E")] + [(m, "E2E") for m in ("R0", "E", "R1", "R1E")]
+    pairs = [(m, "R0") for m in tables.ABLATION_MODES if m != "R0"] + [(m, "E2E") for m in tables.ABLATION_MODES]
     rows = []
     for a, b in pairs:
         if a not in h.index or b not in h.index or min(h.loc[a, "seeds"], h.loc[b, "seeds"]) < 2:
@@ -560,9 +562,6 @@ def _k_axis(ax, ks):
     ax.minorticks_off()
 
 
-MODE_ORDER = ["R0", "E", "R1", "R1E", "R2", "R4", "R8", "R16"]
-
-
 def _figure4_series(base: pd.DataFrame, arch: str, authors: bool) -> tuple[dict, list]:
     """Figure 4's series of one arch panel ({label: runs}) and the (mode, loss) pairs of its E* runs."""
     runs = _sel(base, arch=arch)
@@ -758,10 +757,10 @@ def table4_chart(df: pd.DataFrame, figures_dir, dataset: str | None = None, metr
     dataset = pick_dataset(df, "cifar10", dataset)
     base = _sel(df, dataset=dataset, arch="resnet32", reconstruct=False, balanced=False, loss="softmax") \
         if dataset else df.iloc[0:0]
-    runs = _sel(base, k=[8, 16], mode=list(TABLE4_MODES[1:]))
+    runs = _sel(base, k=[8, 16], mode=list(tables.RESIDUAL_MODES))
     agg = runs.groupby(["mode", "k"])[[metric, "peak_activation_MiB", "paper_memory_MiB"]].mean().reset_index()
     agg["K"] = "K=" + agg["k"].astype(int).astype(str) if not agg.empty else pd.Series(dtype=str)
-    modes = [m for m in TABLE4_MODES[1:] if (agg["mode"] == m).any()] if not agg.empty else []
+    modes = [m for m in tables.RESIDUAL_MODES if (agg["mode"] == m).any()] if not agg.empty else []
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     e2e = _sel(base, k=1)
     panels = [(metric, "test error (%)"), ("peak_activation_MiB", "our peak activations (MiB)"),

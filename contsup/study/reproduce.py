@@ -405,15 +405,16 @@ def parse_shard(shard) -> tuple[int, int]:
 
 def proxy_cost(cfg: TrainConfig) -> int:
     """A cheap stand-in for a run's cost: epochs x training images x conv/linear layers one
-    step runs (the backbone's, plus per cut the head's, one per residual encoder -- as many
-    as `ContextSupply` builds there --, two per image encoder or decoder). Exact enough to
-    order small CPU runs, where a layer's time is mostly its per-call overhead; it ignores
-    resolution and width, which the FLOP count (`estimate.run_flops`) weighs."""
+    step runs (the backbone's, plus per cut the head's, one per residual encoder -- the
+    mode's `residual_sources`, as `ContextSupply` builds them --, two per image encoder or
+    decoder). Exact enough to order small CPU runs, where a layer's time is mostly its
+    per-call overhead; it ignores resolution and width, which the FLOP count
+    (`estimate.run_flops`) weighs."""
     mode = parse_mode(cfg.mode, cfg.k)
     layers = 6 * tables.BLOCKS_PER_STAGE[cfg.arch] + 2
     for cut in range(cfg.k - 1):
-        residual = [m for m in range(cut, cut - mode.n, -1) if m >= 0 and not (mode.image and m == 0)]
-        layers += int(cfg.head[0]) + int(cfg.head[2]) + len(residual) + 2 * mode.image + 2 * cfg.reconstruct
+        layers += int(cfg.head[0]) + int(cfg.head[2]) + len(mode.residual_sources(cut)) + 2 * mode.image \
+            + 2 * cfg.reconstruct
     return cfg.epochs * estimate.dataset_sizes(cfg)[0] * layers
 
 

@@ -255,7 +255,7 @@ def method_name(cfg: dict) -> str:
     return f"ContSup {cfg['mode']}"
 
 
-MOTIVATION_MODES = ("R0", "E", "R1E")
+MOTIVATION_MODES = experiments.MOTIVATION_MODES
 
 
 def find_motivation_runs(results_dir, k: int | None = None, dataset: str | None = None,
