@@ -70,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    t.add_argument("--context-impl", choices=["lean", "fused", "plain"], default="lean",
+    t.add_argument("--context-impl", choices=["auto", "lean", "fused", "plain"], default="auto",
                    help="how the context encoders run, the same function each way: lean (recompute, least "
-                        "memory), fused (faster, more memory), plain (autograd reference)")
+                        "memory), fused (faster, more memory), plain (autograd reference); auto (default): "
+                        "lean on a CPU, plain on a GPU or with --compile")
     t.add_argument("--no-channels-last", action="store_true", help="keep NCHW activations (default: NHWC)")
     t.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
     t.add_argument("--no-cudnn-benchmark", action="store_true", help="CUDA: don't let cuDNN pick algorithms")

@@ -115,8 +115,8 @@ def test_the_model_builds_plain_encoders_and_the_trainer_runs_lean_by_default():
     assert encoders and not any(isinstance(m.net, EncoderChain) for m in encoders)
     keys = list(net.state_dict())
     cfg = TrainConfig(k=4, mode="R1E", dataset="cifar10")
-    assert cfg.context_impl == "lean"
-    prepare_model(net, cfg, torch.device("cpu"))
+    assert cfg.context_impl == "auto"
+    prepare_model(net, cfg, torch.device("cpu"))   # auto: lean on a CPU
     assert all(isinstance(m.net, EncoderChain) and m.net.lean for m in encoders)
     assert list(net.state_dict()) == keys   # the swap keeps every state_dict key
 
@@ -200,7 +200,7 @@ def test_compiled_context_supply_matches_eager():
     compiled = copy.deepcopy(eager)
     compiled.compile()
     x, h = torch.randn(6, 3, 8, 8), torch.randn(6, 16, 8, 8)
-    out, out_ref = compiled(x, [x, h]), eager(x, [x, h])
+    out, out_ref = compiled(x, (h,)), eager(x, (h,))
     g = torch.randn_like(out)
     out.backward(g)
     out_ref.backward(g)
