@@ -121,6 +121,19 @@ def test_the_model_builds_plain_encoders_and_the_trainer_runs_lean_by_default():
     assert list(net.state_dict()) == keys   # the swap keeps every state_dict key
 
 
+def test_auto_context_impl_resolves_per_device_and_is_recorded():
+    from contsup.speed.encoders import resolve_context_impl
+    from contsup.train import TrainConfig, config_diff, resolved_for
+    assert [resolve_context_impl("auto", d) for d in ("cpu", torch.device("cuda", 1), "mps")] == ["lean", "plain",
+                                                                                                   "plain"]
+    assert resolve_context_impl("fused", "cuda") == "fused" and resolve_context_impl("fused", "cpu") == "fused"
+    assert resolve_context_impl("lean", "cpu", compiled=True) == "plain"   # compile_model runs plain
+    cfg = TrainConfig(dataset="digits8", k=4, mode="R1E")
+    ran = resolved_for(cfg, torch.device("cpu"))
+    assert (cfg.context_impl, ran.context_impl) == ("auto", "lean")
+    assert config_diff(cfg, vars(ran)) == []   # a run resumed with auto (elsewhere) is the same run
+
+
 def test_flop_count_sanity():
     x, y = _batch(2, torch.float32)
 
