@@ -304,7 +304,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.compiled_vs_eager:
         device = torch.device(a.device)
-        rows = []
+        load_before, rows = os.getloadavg(), []
         for mode in a.ce_modes.split(","):
             rows.append(compiled_vs_eager(mode, a.ce_k, a.ce_batch, a.reps, device, a.ce_dataset))
             r = rows[-1]
@@ -314,7 +314,7 @@ def main(argv=None):
                   f"{r['graphs']} graphs, {r['recompiled']} recompiled", flush=True)
         out = Path(a.out) if a.out else RESULTS / f"compile_{device.type}.json"
         meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
-                "reps": a.reps, "load_before": os.getloadavg(),
+                "reps": a.reps, "load_before": load_before, "load_after": os.getloadavg(),
                 "note": "medians of interleaved repetitions; the machine is shared: compare within a row"}
         out.write_text(jsonio.dumps({"meta": meta, "rows": rows}, indent=1))
         print(f"wrote {out}")
