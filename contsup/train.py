@@ -179,13 +179,14 @@ def _own_caller(part, i: int):
 def compile_model(net: ContSupNet, **options) -> ContSupNet:
     """torch.compile every part in place (state_dict keys stay the same); `options` go to
     torch.compile (e.g. backend="eager" in tests). The encoders then run their plain autograd
-    version: inductor fuses BN/ReLU/pool by itself.
+    version (speed/encoders.resolve_context_impl: inductor fuses BN/ReLU/pool by itself).
 
-    Each part is compiled through a function with a code object of its own (`_own_caller`). Dynamo keeps one
-    cache of graphs per code object and caps it (recompile_limit, 8): `Module.compile` would
-    put all the K modules, heads and context supplies in the one cache of its shared wrapper,
-    overflow it at K >= 4 and run the rest eagerly without a word. With a cache per part, a
-    part recompiles only for what changes its own graph (eval mode, a last smaller batch)."""
+    Each part is compiled through a function with a code object of its own (`_own_caller`):
+    dynamo keeps one cache of graphs per code object and caps it (recompile_limit, 8);
+    `Module.compile` would put all the K modules, heads and context supplies in the one cache of
+    its shared wrapper, overflow it beyond 8 parts (K=4 R1E has 11) and run the rest eagerly
+    without a word. With a cache per part, a part recompiles only for what changes its own
+    graph (eval mode, a last smaller batch)."""
     set_context_impl(net, "plain")
     for i, part in enumerate([*net.blocks, *net.heads, net.classifier, *net.context, *net.decoders]):
         part._compiled_call_impl = torch.compile(_own_caller(part, i), **options)
