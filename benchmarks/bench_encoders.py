@@ -3,6 +3,7 @@ convolutions alone (the floor any implementation of the same function pays on th
 
     python benchmarks/bench_encoders.py                  # ResNet-32, K=16, R1E, batch 256
     python benchmarks/bench_encoders.py --mode R16
+    python benchmarks/bench_encoders.py --ops            # aten ops per training step, per impl and mode
 
 Every encoder (image encoder and residual encoders of every module) gets the input it sees
 in a training step; one unit is its forward + backward (gradient of its parameters; the input
@@ -13,6 +14,13 @@ gradient where a conv follows another), what any implementation of the function 
 BatchNorm, ReLU, pooling and lean's recomputation make up the rest. GFLOP is the function's
 (counted on `fused`, no recomputation). Medians of interleaved repetitions. Writes
 benchmarks/results/encoders_<device>.json.
+
+--ops counts the aten ops one whole training step dispatches (`aten_ops_per_step`), for
+each implementation and mode: on a GPU each is a kernel launch, so this is the count that
+`speed.encoders.resolve_context_impl` weighs there. Views, detach and empty allocations
+launch nothing and are not counted. The count does not depend on the device, but lean's
+slices do depend on the batch. Writes benchmarks/results/encoder_ops_<device>.json; the
+GPU's numbers (ops and time) come from benchmarks/gpu_check.py, which calls these functions.
 """
 from __future__ import annotations
 
@@ -25,17 +33,68 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from contsup import jsonio  # noqa: E402
 from contsup.speed.memory import reuse_freed_cpu_memory  # noqa: E402
 from contsup.model import ContSupNet, ImageEncoder, ModelConfig, ResidualEncoder  # noqa: E402
-from contsup.speed.encoders import set_context_impl  # noqa: E402
+from contsup.speed.encoders import resolve_context_impl, set_context_impl  # noqa: E402
 from contsup.step import local_learning_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 IMPLS = ("lean", "fused", "plain")
+OPS_MODES = ("R0", "E", "R1", "R1E", "R16")
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops that do work (launch a kernel on a GPU): views, detach and empty
+    allocations are left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (func.is_view or func.__name__.startswith(("detach", "empty", "_unsafe_view", "lift_fresh"))):
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def aten_ops_per_step(impl: str, mode: str = "R1E", k: int = 16, batch: int = 256, device="cpu",
+                      arch: str = "resnet32") -> int:
+    """The aten ops (views, detach, empty left out) of one local-learning training step of
+    `arch` (CIFAR-10 shapes, channels_last, as the trainer runs it) with the context encoders
+    run by `impl` (lean | fused | plain, or auto: as resolve_context_impl picks for `device`),
+    counted on the second step (the first warms up)."""
+    device = torch.device(device)
+    torch.manual_seed(0)
+    net = ContSupNet(ModelConfig(arch=arch, k=k, mode=mode, dataset="cifar10"))
+    net = set_context_impl(net, resolve_context_impl(impl, device)).to(device, memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
+    local_learning_step(net.train(), x, y)
+    net.zero_grad(set_to_none=True)
+    with _OpCounter() as counter:
+        local_learning_step(net, x, y)
+    return counter.ops
+
+
+def ops_table(modes=OPS_MODES, k: int = 16, batch: int = 256, device="cpu", arch: str = "resnet32") -> dict:
+    """aten_ops_per_step for every mode and implementation (R0 has no encoders: one count),
+    with each count's ratio to plain's in the same mode."""
+    rows = []
+    for mode in modes:
+        impls = IMPLS if mode != "R0" else ("plain",)   # R0 has no encoders
+        counts = {impl: aten_ops_per_step(impl, mode, k, batch, device, arch) for impl in impls}
+        rows.append({"mode": mode, "ops": counts, "vs_plain": {i: n / counts["plain"] for i, n in counts.items()}})
+        print(f"  {mode:5} " + "  ".join(f"{i} {n} ({n / counts['plain']:.2f}x plain)" for i, n in counts.items()),
+              flush=True)
+    return {"meta": {"arch": arch, "k": k, "batch": batch, "device": str(device), "torch": torch.__version__,
+                     "auto": resolve_context_impl("auto", device),
+                     "counted": "aten ops of one training step (views, detach, empty left out)"},
+            "rows": rows}
 
 
 def encoder_inputs(net, x, y):
@@ -77,7 +136,21 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", default=None, help="JSON path (default: results/encoders_cpu.json)")
+    p.add_argument("--ops", action="store_true", help="count aten ops per step instead (results/encoder_ops_cpu.json)")
+    p.add_argument("--device", default="cpu", help="--ops: the device to count on")
+    p.add_argument("--ops-modes", default=",".join(OPS_MODES), help="--ops: the modes to count")
     a = p.parse_args(argv)
+    if a.ops:
+        device = torch.device(a.device)
+        print(f"aten ops per training step, {a.arch} K={a.k} batch {a.batch} on {device}:", flush=True)
+        out = Path(a.out) if a.out else RESULTS / f"encoder_ops_{device.type}.json"
+        result = None
+        for mode in a.ops_modes.split(","):  # saved after each mode (R16 at batch 256 is slow on a CPU)
+            part = ops_table([mode], a.k, a.batch, device, a.arch)
+            result = part if result is None else {**result, "rows": result["rows"] + part["rows"]}
+            out.write_text(jsonio.dumps(result, indent=1))
+        print(f"wrote {out}")
+        return
     reuse_freed_cpu_memory()  # as the trainer does on CPU
     torch.manual_seed(0)
     x = torch.randn(a.batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)

@@ -4,11 +4,19 @@
     python benchmarks/bench_step.py --no-targets --grid-batch 256 --archs resnet32   # one grid, added
     python benchmarks/bench_step.py --device cuda         # + max_memory_allocated and images/s
     python benchmarks/bench_step.py --markdown            # the README's tables from the JSON
+    python benchmarks/bench_step.py --compiled-vs-eager   # train.compile_model against eager, small
 
 Every configuration is timed in the same process, and the repetitions are interleaved
 (rep 1 of every config, then rep 2, ...), so ratios between rows are robust to a machine
 whose load changes; compare ratios, not absolute seconds. Writes
 benchmarks/results/step_<device>.json and step_<device>.png.
+
+--compiled-vs-eager (`compiled_vs_eager`) times the trainer's `--compile` (train.compile_model,
+inductor) against the eager step the trainer runs by default on the device, per mode: the
+steady-state step time of each, the first compiled step (tracing and compiling every part),
+the graphs dynamo made and any frame it compiled again after the first step. On a CPU it is
+run small (digits8, K=4); the GPU's numbers come from benchmarks/gpu_check.py, which calls
+`compiled_vs_eager`. Writes benchmarks/results/compile_<device>.json.
 """
 from __future__ import annotations
 
@@ -23,13 +31,16 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from contsup import jsonio  # noqa: E402
+from contsup.data import random_batch  # noqa: E402
 from contsup.speed.memory import cuda_peak_bytes, peak_activation_bytes, reuse_freed_cpu_memory  # noqa: E402
 from contsup.model import ContSupNet, ModelConfig  # noqa: E402
-from contsup.speed.encoders import set_context_impl  # noqa: E402
+from contsup.speed.encoders import resolve_context_impl, set_context_impl  # noqa: E402
 from contsup.step import local_learning_step  # noqa: E402
 from contsup.train import compile_model  # noqa: E402
 
@@ -109,6 +120,48 @@ def measure(rows, batch_size, reps, device):
         r["images_per_s"] = batch_size / r["step_seconds"]
         r["batch"] = batch_size
     return rows
+
+
+def compiled_vs_eager(mode: str = "R1E", k: int = 4, batch: int = 32, reps: int = 5, device="cpu",
+                      dataset: str = "digits8", arch: str = "resnet32", backend: str = "inductor") -> dict:
+    """One network eager (its encoders as resolve_context_impl("auto") picks for `device`) and
+    the same network through train.compile_model(backend=...): the first compiled step (its
+    compile), then `reps` interleaved steady-state steps of each. Seconds are synchronised
+    wall times; `graphs`: dynamo's graphs after the first step; `recompiled`: frames compiled
+    in the timed steps (0: every part runs the graph of its first step)."""
+    device = torch.device(device)
+    x, y, _ = random_batch(dataset, batch)
+    x, y = x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
+    torch.manual_seed(0)
+    base = ContSupNet(ModelConfig(arch=arch, k=k, mode=mode, dataset=dataset))
+    eager_impl = resolve_context_impl("auto", device)
+    eager = set_context_impl(copy.deepcopy(base), eager_impl).to(device, memory_format=torch.channels_last).train()
+    compiled = copy.deepcopy(base).to(device, memory_format=torch.channels_last).train()
+    torch._dynamo.reset()
+    counters.clear()
+    compile_model(compiled, backend=backend)
+
+    def timed(net):
+        sync(device)
+        t = time.perf_counter()
+        step(net, x, y)
+        sync(device)
+        return time.perf_counter() - t
+
+    first = timed(compiled)
+    graphs, frames = counters["stats"]["unique_graphs"], counters["frames"]["total"]
+    timed(eager)  # warm-up
+    times = {"eager": [], "compiled": []}
+    for _ in range(reps):
+        times["eager"].append(timed(eager))
+        times["compiled"].append(timed(compiled))
+    eager_s, compiled_s = statistics.median(times["eager"]), statistics.median(times["compiled"])
+    fallbacks = [r for r in counters["unimplemented"] if "recompile" in r.lower() or "cache_size" in r]
+    return {"arch": arch, "k": k, "mode": mode, "dataset": dataset, "batch": batch, "device": str(device),
+            "backend": backend, "eager_impl": eager_impl, "eager_step_s": eager_s, "compiled_step_s": compiled_s,
+            "compiled_vs_eager": compiled_s / eager_s, "first_compiled_step_s": first,
+            "compile_overhead_s": first - compiled_s, "graphs": graphs,
+            "recompiled": counters["frames"]["total"] - frames, "recompile_limit_fallbacks": len(fallbacks)}
 
 
 def row(arch, k, mode, loss="softmax", impl="lean"):
@@ -242,7 +295,30 @@ def main(argv=None):
                    help="leave glibc's malloc as it is (the trainer's default is reuse_freed_cpu_memory)")
     p.add_argument("--compile", action="store_true", help="add torch.compile'd target rows (slow to compile)")
     p.add_argument("--markdown", action="store_true", help="measure nothing; print the README tables of --out")
+    p.add_argument("--compiled-vs-eager", action="store_true",
+                   help="only compiled_vs_eager (results/compile_<device>.json), with --ce-* below")
+    p.add_argument("--ce-modes", default="R0,R1E")
+    p.add_argument("--ce-k", type=int, default=4)
+    p.add_argument("--ce-batch", type=int, default=32)
+    p.add_argument("--ce-dataset", default="digits8")
     a = p.parse_args(argv)
+    if a.compiled_vs_eager:
+        device = torch.device(a.device)
+        load_before, rows = os.getloadavg(), []
+        for mode in a.ce_modes.split(","):
+            rows.append(compiled_vs_eager(mode, a.ce_k, a.ce_batch, a.reps, device, a.ce_dataset))
+            r = rows[-1]
+            print(f"  {a.ce_dataset} K={a.ce_k} {mode} batch {a.ce_batch}: eager ({r['eager_impl']}) "
+                  f"{r['eager_step_s']:.3f} s, compiled {r['compiled_step_s']:.3f} s "
+                  f"({r['compiled_vs_eager']:.2f}x), first compiled step {r['first_compiled_step_s']:.0f} s, "
+                  f"{r['graphs']} graphs, {r['recompiled']} recompiled", flush=True)
+        out = Path(a.out) if a.out else RESULTS / f"compile_{device.type}.json"
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
+                "reps": a.reps, "load_before": load_before, "load_after": os.getloadavg(),
+                "note": "medians of interleaved repetitions; the machine is shared: compare within a row"}
+        out.write_text(jsonio.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(f"wrote {out}")
+        return
     if a.markdown:
         print(markdown(json.loads(Path(a.out or RESULTS / f"step_{a.device.split(':')[0]}.json").read_text())))
         return

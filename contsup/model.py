@@ -12,7 +12,7 @@ trained by the next module's loss; no gradient ever crosses a cut. K=1 is plain 
 
 This file only builds modules and composes inputs; the loop that calls `loss.backward()`
 per module is `step.local_learning_step`. The encoders here are the paper's plain ones;
-`speed/encoders.py` can run the same function with less memory (the trainer's default).
+`speed/encoders.py` can run the same function with less memory (the trainer's default on a CPU).
 """
 from __future__ import annotations
 
@@ -200,7 +200,8 @@ class ContextSupply(nn.Module):
 
     `sources[i]` is the index of the module whose (detached) input feeds `residual[i]`;
     module 0's input is the image itself. Under RnE the image is covered by Enc_k, so no
-    residual encoder reads it.
+    residual encoder reads it. `forward` takes exactly those inputs, in that order (a
+    fixed-arity tuple: what torch.compile guards on does not grow with the cut).
     """
 
     def __init__(self, cut: int, mode: ContextMode, input_shapes, out_shape, widen: float = 1.0):
@@ -210,10 +211,11 @@ class ContextSupply(nn.Module):
         self.sources = mode.residual_sources(cut)
         self.residual = nn.ModuleList(ResidualEncoder(input_shapes[m][0], channels, side) for m in self.sources)
 
-    def forward(self, x, module_inputs):
+    def forward(self, x, inputs):
+        """x: the image; inputs[i]: the detached input of module sources[i]."""
         ctx = self.image(x) if self.image is not None else 0
-        for m, enc in zip(self.sources, self.residual):
-            ctx = ctx + enc(module_inputs[m])
+        for h, enc in zip(inputs, self.residual):
+            ctx = ctx + enc(h)
         return ctx
 
 
@@ -334,9 +336,9 @@ class ContSupNet(nn.Module):
         h: [B, C, H, W] output of module `cut`; x: [B, 3, S, S] image; module_inputs[m]: the
         detached input of module m (or None once no later cut needs it).
         """
-        next_input = h.detach()
-        if self.context[cut].image is not None or self.context[cut].sources:
-            next_input = next_input + self.context[cut](x, module_inputs)
+        next_input, context = h.detach(), self.context[cut]
+        if context.image is not None or context.sources:
+            next_input = next_input + context(x, tuple(module_inputs[m] for m in context.sources))
         # Free inputs no later cut reads (cut+1 reads back to cut+1-keep_inputs).
         for m in range(0, cut + 1 - self.keep_inputs):
             module_inputs[m] = None

@@ -50,7 +50,7 @@ from .speed.memory import reuse_freed_cpu_memory
 from .step import autocast, module_step
 from .train import (TrainConfig, _atomic_save, append_metrics, checkpoint, compile_model, finish_run,
                     first_step_memory, learning_rate, make_optimizer, metrics_row, open_run, pick_device,
-                    prepare_model, prepare_run_folder, to_format, DivergenceWatch)
+                    prepare_model, prepare_run_folder, resolved_for, to_format, DivergenceWatch)
 
 DEPTH = 2            # in-flight messages per link (the ring)
 TIMEOUT_S = 300.0    # a peer silent for this long counts as hung
@@ -760,6 +760,7 @@ def train_pipelined(cfg: TrainConfig, resume: bool = False, progress: bool = Tru
     if depth < 1 or timeout_s <= 0:
         raise UsageError("--pipeline-depth must be >= 1 and --rank-timeout > 0")
     device = _device(cfg)
+    cfg = resolved_for(cfg, device)   # 'auto' encoders named as they run (config.json, checkpoint, result)
     watch, made_group = None, False
     try:
         with ExitStack() as stack:

@@ -23,8 +23,9 @@ import numbers
 import os
 import sys
 import time
+import types
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from .errors import (DivergedError, UsageError, check_bool, check_float, check_i
                      command_line, option)
 from .model import ContSupNet, ModelConfig, check_model_fields
 from .runlock import run_lock
-from .speed.encoders import CONTEXT_IMPLS, set_context_impl
+from .speed.encoders import AUTO, CONTEXT_IMPLS, resolve_context_impl, set_context_impl
 from .speed.memory import measure_step_memory, reuse_freed_cpu_memory
 from .step import autocast, local_learning_step
 
@@ -48,9 +49,11 @@ class TrainConfig(ModelConfig):
     loss_scales, balanced, dataset, widen), then how it is trained; each field with its
     command-line help (errors.option)."""
     dataset: str = "digits"         # the embedded data, so a config trains offline (the model's default: CIFAR-10)
-    context_impl: str = option("lean", "how the context encoders run, the same function each way: lean (recompute, "
-                               "least memory), fused (faster, more memory), plain (autograd reference)",
-                               choices=CONTEXT_IMPLS)
+    context_impl: str = option(AUTO, "how the context encoders run, the same function each way: lean "
+                               "(recompute, least memory), fused (faster, more memory), plain (autograd "
+                               "reference); auto: speed/encoders.resolve_context_impl's choice for the "
+                               "device (lean on a CPU, plain on a GPU), recorded in config.json",
+                               choices=(AUTO, *CONTEXT_IMPLS))
     # speed: none of these changes the function computed, except bf16's rounding
     channels_last: bool = option(True, "NHWC activations: faster convolutions on CPU and GPU alike")
     bf16: bool = option(False, "bfloat16 autocast for the forward passes (weights stay fp32)")
@@ -90,9 +93,9 @@ class TrainConfig(ModelConfig):
         combinations (cut tables, mode vs K) are the model's: `model_config()` checks them."""
         check_model_fields(self)
         check_str("context_impl", self.context_impl)
-        if self.context_impl not in CONTEXT_IMPLS:
+        if self.context_impl not in (AUTO, *CONTEXT_IMPLS):
             raise UsageError(f"unknown context implementation '{self.context_impl}'; "
-                             f"choose one of: {', '.join(CONTEXT_IMPLS)}")
+                             f"choose one of: {', '.join((AUTO, *CONTEXT_IMPLS))}")
         recipe = tables.check_dataset(self.dataset)
         self.batch_size = recipe.batch_size if self.batch_size is None else self.batch_size
         self.lr = recipe.lr if self.lr is None else self.lr
@@ -227,13 +230,22 @@ def check_deterministic(net: ContSupNet, cfg: TrainConfig, device) -> None:
                          "backward; use --context-impl lean without --compile")
 
 
+def resolved_for(cfg: TrainConfig, device) -> TrainConfig:
+    """`cfg` with context_impl "auto" replaced by the implementation that runs on `device`
+    (speed/encoders.resolve_context_impl), so that config.json, the checkpoint and result.json
+    name it. context_impl may change on resume (MAY_CHANGE_ON_RESUME)."""
+    return replace(cfg, context_impl=resolve_context_impl(cfg.context_impl, device, cfg.torch_compile,
+                                                          cfg.deterministic))
+
+
 def prepare_model(net: ContSupNet, cfg: TrainConfig, device) -> ContSupNet:
     """Move `net` to the device in the memory format `cfg` asks for, with the context
     encoders run the way `cfg.context_impl` says (the same function each way), and the
     kernels deterministic or not as `cfg.deterministic` says (checked first, see there)."""
     check_deterministic(net, cfg, device)
     use_deterministic(cfg.deterministic)   # before the model reaches the device
-    net = set_context_impl(net.to(device), cfg.context_impl)
+    net = set_context_impl(net.to(device), resolve_context_impl(cfg.context_impl, device, cfg.torch_compile,
+                                                                 cfg.deterministic))
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     if device.type == "cuda":
@@ -241,12 +253,28 @@ def prepare_model(net: ContSupNet, cfg: TrainConfig, device) -> ContSupNet:
     return net
 
 
-def compile_model(net: ContSupNet) -> ContSupNet:
-    """torch.compile every part in place (state_dict keys stay the same). The encoders then
-    run their plain autograd version: inductor fuses BN/ReLU/pool by itself."""
+def _own_caller(part, i: int):
+    """A function calling `part` (uncompiled) with a code object of its own."""
+    def call(*args, **kwargs):
+        return part._call_impl(*args, **kwargs)
+    code = call.__code__.replace(co_name=f"call_part{i}")
+    return types.FunctionType(code, call.__globals__, code.co_name, None, call.__closure__)
+
+
+def compile_model(net: ContSupNet, **options) -> ContSupNet:
+    """torch.compile every part in place (state_dict keys stay the same); `options` go to
+    torch.compile (e.g. backend="eager" in tests). The encoders then run their plain autograd
+    version (speed/encoders.resolve_context_impl: inductor fuses BN/ReLU/pool by itself).
+
+    Each part is compiled through a function with a code object of its own (`_own_caller`):
+    dynamo keeps one cache of graphs per code object and caps it (recompile_limit, 8);
+    `Module.compile` would put all the K modules, heads and context supplies in the one cache of
+    its shared wrapper, overflow it beyond 8 parts (K=4 R1E has 11) and run the rest eagerly
+    without a word. With a cache per part, a part recompiles only for what changes its own
+    graph (eval mode, a last smaller batch)."""
     set_context_impl(net, "plain")
-    for part in [*net.blocks, *net.heads, net.classifier, *net.context, *net.decoders]:
-        part.compile()
+    for i, part in enumerate([*net.blocks, *net.heads, net.classifier, *net.context, *net.decoders]):
+        part._compiled_call_impl = torch.compile(_own_caller(part, i), **options)
     return net
 
 
@@ -667,6 +695,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, progress: bool) -> dict:
     ckpt_path = out / "ckpt.pt"
 
     device = pick_device(cfg.device)
+    cfg = resolved_for(cfg, device)
     if device.type == "cpu" and cfg.reuse_cpu_memory:
         reuse_freed_cpu_memory()   # process-wide, for the rest of the process
     torch.manual_seed(cfg.seed)

@@ -29,7 +29,7 @@ def digits8(**kw) -> ModelConfig:
                          ids=["e2e", "K4-R1E-recon", "r110-K8-R2"])
 def test_flops_are_linear_in_the_batch_without_contrast_heads(mc):
     assert not est.has_quadratic_term(mc)
-    cost = est.step_cost(TrainConfig(**vars(mc)))   # fitted at B=1 and B=2; B=8 is a prediction
+    cost = est.step_cost(TrainConfig(**vars(mc), context_impl="lean"))  # fitted at B=1 and B=2; B=8 is a prediction
     assert est.count_step_flops(mc, 8) == cost.step(8)
     assert est.count_eval_flops(mc, 4) == 2 * est.count_eval_flops(mc, 2)
     # the constant part: the BN statistics of lean's 1x1 (residual) encoders, nothing else
@@ -41,7 +41,7 @@ def test_flops_are_linear_in_the_batch_without_contrast_heads(mc):
 def test_contrast_heads_add_exactly_the_supcon_quadratic_term():
     mc = digits8(arch="resnet32", k=4, mode="R1E", loss="contrast")
     assert est.has_quadratic_term(mc)
-    cost = est.step_cost(TrainConfig(**vars(mc)))
+    cost = est.step_cost(TrainConfig(**vars(mc), context_impl="lean"))
     # Fitted at B=1, 2 and 3; B=16 is a prediction. Per head: z@z.T forward 2*B^2*D, backward
     # twice that, D = 128 -> 768 B^2; K-1 = 3 heads.
     assert est.count_step_flops(mc, 16) == cost.step(16)

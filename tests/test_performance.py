@@ -115,10 +115,26 @@ def test_the_model_builds_plain_encoders_and_the_trainer_runs_lean_by_default():
     assert encoders and not any(isinstance(m.net, EncoderChain) for m in encoders)
     keys = list(net.state_dict())
     cfg = TrainConfig(k=4, mode="R1E", dataset="cifar10")
-    assert cfg.context_impl == "lean"
-    prepare_model(net, cfg, torch.device("cpu"))
+    assert cfg.context_impl == "auto"
+    prepare_model(net, cfg, torch.device("cpu"))   # auto: lean on a CPU
     assert all(isinstance(m.net, EncoderChain) and m.net.lean for m in encoders)
     assert list(net.state_dict()) == keys   # the swap keeps every state_dict key
+
+
+def test_auto_context_impl_resolves_per_device_and_is_recorded():
+    from contsup.speed.encoders import resolve_context_impl
+    from contsup.train import TrainConfig, config_diff, resolved_for
+    assert [resolve_context_impl("auto", d) for d in ("cpu", torch.device("cuda", 1), "mps")] == ["lean", "plain",
+                                                                                                   "plain"]
+    assert resolve_context_impl("fused", "cuda") == "fused" and resolve_context_impl("fused", "cpu") == "fused"
+    assert resolve_context_impl("lean", "cpu", compiled=True) == "plain"   # compile_model runs plain
+    # --deterministic on CUDA: plain's adaptive-pool backward has no deterministic kernel there
+    assert resolve_context_impl("auto", "cuda", deterministic=True) == "fused"
+    assert resolve_context_impl("auto", "cpu", deterministic=True) == "lean"
+    cfg = TrainConfig(dataset="digits8", k=4, mode="R1E")
+    ran = resolved_for(cfg, torch.device("cpu"))
+    assert (cfg.context_impl, ran.context_impl) == ("auto", "lean")
+    assert config_diff(cfg, vars(ran)) == []   # a run resumed with auto (elsewhere) is the same run
 
 
 def test_flop_count_sanity():
@@ -200,7 +216,7 @@ def test_compiled_context_supply_matches_eager():
     compiled = copy.deepcopy(eager)
     compiled.compile()
     x, h = torch.randn(6, 3, 8, 8), torch.randn(6, 16, 8, 8)
-    out, out_ref = compiled(x, [x, h]), eager(x, [x, h])
+    out, out_ref = compiled(x, (h,)), eager(x, (h,))
     g = torch.randn_like(out)
     out.backward(g)
     out_ref.backward(g)

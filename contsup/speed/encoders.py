@@ -7,8 +7,8 @@ each encoder's `nn.Sequential` for an `EncoderChain` holding the *same* layer ob
 same parameters, buffers and state_dict keys), which runs them through `encoder_chain`
 while training:
 
-- `lean` (the trainer's default) keeps the least and recomputes the widest conv in the
-  backward;
+- `lean` (the trainer's default on a CPU: `resolve_context_impl`) keeps the least and
+  recomputes the widest conv in the backward;
 - `fused` keeps the pre-BN conv outputs (faster, more memory);
 - `plain` puts the autograd `nn.Sequential` back (the reference).
 
@@ -365,6 +365,40 @@ class EncoderChain(nn.Sequential):
 
 
 CONTEXT_IMPLS = ("lean", "fused", "plain")
+AUTO = "auto"  # TrainConfig.context_impl's default: `resolve_context_impl` picks one per device
+
+
+def resolve_context_impl(impl: str, device, compiled: bool = False, deterministic: bool = False) -> str:
+    """The encoders' implementation a run uses on `device` (a torch.device or its type name),
+    asked for as `impl` ("auto" or one of CONTEXT_IMPLS), compiled or not. The rule, written
+    only here:
+
+    - under torch.compile, plain, whatever was asked (train.compile_model runs it): inductor
+      fuses BN, ReLU and pool by itself, and `_EncoderChainFn` (Python loops over batch
+      slices, BN buffers updated in place) is not something dynamo captures in one graph;
+    - otherwise `impl` itself, unless it is "auto":
+    - auto on a CPU, lean: the encoders are memory-bound there, so a step pays for passes
+      over memory, not for the number of ops; lean keeps the least activation memory (the
+      paper's point) at a time close to fused's (bench_step.py, lean_R1E_time_vs_fused);
+    - auto on a GPU (CUDA, MPS), plain: each aten op is a kernel launch, and lean (batch
+      slices, chunked BN statistics) launches several times plain's ops in a step and fused
+      (BN backward by hand) clearly more than plain, while a GPU has the memory that plain's
+      saved activations take. A run that must fit the least memory there asks for lean;
+    - auto on CUDA with `deterministic`, fused: plain's adaptive-pool backward has no
+      deterministic CUDA kernel (train.check_deterministic refuses it), fused pools with
+      avg_pool2d, whose backward is deterministic, in fewer ops than lean.
+
+    The op counts and times behind it: benchmarks/bench_encoders.py (aten_ops_per_step),
+    benchmarks/results/encoder_ops_cpu.json and the GPU numbers of benchmarks/gpu_check.py.
+    """
+    if compiled:
+        return "plain"
+    if impl != AUTO:
+        return impl
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return "lean"
+    return "fused" if deterministic and kind == "cuda" else "plain"
 
 
 def set_context_impl(net: nn.Module, impl: str) -> nn.Module:

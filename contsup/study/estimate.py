@@ -89,7 +89,7 @@ from ..data import random_batch
 from ..errors import UsageError
 from ..model import ContSupNet, ModelConfig
 from ..step import local_learning_step
-from ..speed.encoders import set_context_impl
+from ..speed.encoders import resolve_context_impl, set_context_impl
 from ..train import TrainConfig, make_optimizer, pick_device, prepare_model
 from . import experiments
 
@@ -250,8 +250,10 @@ def _cost(model_key: tuple, context_impl: str) -> StepCost:
 
 
 def step_cost(cfg: TrainConfig) -> StepCost:
-    """The run's `StepCost`, keyed (and cached) by its model config and encoder implementation."""
-    return _cost(astuple(cfg.model_config()), cfg.context_impl)
+    """The run's `StepCost`, keyed (and cached) by its model config and the encoder
+    implementation the trainer runs on the GPU (resolve_context_impl)."""
+    return _cost(astuple(cfg.model_config()),
+                 resolve_context_impl(cfg.context_impl, "cuda", cfg.torch_compile, cfg.deterministic))
 
 
 def step_flops(cfg: TrainConfig) -> int:
