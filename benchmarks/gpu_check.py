@@ -14,8 +14,8 @@ their budget):
    each encoder implementation (lean, fused, plain; E2E and R0 have no encoders: one row),
    timed with CUDA events after warm-up steps; beside it our tracker's peak activation bytes
    and `cuda_peak_bytes` (contsup.speed.memory.measure_step_memory, on copies, eager).
-2. `syncs`: the trainer's real epoch loop (train.train_epoch where it exists, else main's
-   step body) over a DeviceLoader on the device, under
+2. `syncs`: the trainer's real epoch loop (train.train_epoch) over a DeviceLoader on the
+   device, under
    torch.cuda.set_sync_debug_mode("warn"): the synchronising calls it makes, counted.
 3. `calibrate`: `python -m contsup estimate --profile paper --calibrate --json`: each
    architecture's measured FLOP/s and the paper grid's GPU-hours at that rate.
@@ -28,10 +28,7 @@ their budget):
    breaks, and the frames it compiled again during the timed steps (recompiles).
 6. `ops`: aten ops per step per encoder implementation, and compiled vs eager at K=4 when
    30 s are left, from the benchmarks' own functions (bench_encoders.aten_ops_per_step,
-   bench_step.compiled_vs_eager) where they exist.
-
-Pieces that other parts of the code may not have yet are looked up by name and, where
-missing, the section runs without them and records "missing: ..." (see MISSING in the JSON).
+   bench_step.compiled_vs_eager).
 """
 from __future__ import annotations
 
@@ -46,7 +43,6 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +184,7 @@ def step_items():
 
 # --------------------------------------------------------------------------------------
 # Section 2: host syncs of the trainer's own loop
-def section_syncs(device, budget: Budget, missing: list) -> dict:
+def section_syncs(device, budget: Budget) -> dict:
     import torch
     from contsup import tables, train
     from contsup.data import DeviceLoader
@@ -206,26 +202,8 @@ def section_syncs(device, budget: Budget, missing: list) -> dict:
         labels = torch.randint(0, 10, (steps * cfg.batch_size,), generator=g)
         loader = DeviceLoader(images, labels, tables.DATA_RECIPES["cifar10"], cfg.batch_size, True, device, g)
 
-        if hasattr(train, "train_epoch"):
-            how = "train.train_epoch"
-
-            def epoch(e):
-                train.train_epoch(net, loader, optimizer, cfg, e, cfg.lr, progress=False)
-        else:
-            how = "main's step body (train.train_epoch missing)"
-            missing.append("train.train_epoch (syncs measured on a copy of main's loop body)")
-            from contsup.step import local_learning_step
-
-            def epoch(e):
-                net.train()
-                wrong = 0
-                for x, y in loader:
-                    logits, losses = local_learning_step(net, x.contiguous(memory_format=torch.channels_last), y)
-                    if not torch.isfinite(losses).all():
-                        raise RuntimeError("non-finite loss")
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    wrong = wrong + (logits.argmax(1) != y).sum()
+        def epoch(e):
+            train.train_epoch(net, loader, optimizer, cfg, e, cfg.lr, progress=False)
 
         epoch(0)                                 # warm-up: cuDNN's search, the allocator
         torch.cuda.synchronize(device)
@@ -238,8 +216,8 @@ def section_syncs(device, budget: Budget, missing: list) -> dict:
                 torch.cuda.set_sync_debug_mode(0)
         syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
         where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})
-    progress(f"syncs: {len(syncs)} in an epoch of {steps} steps ({how})")
-    return {"how": how, "steps": steps, "syncs": len(syncs), "syncs_per_step": len(syncs) / steps, "where": where,
+    progress(f"syncs: {len(syncs)} in an epoch of {steps} steps (train.train_epoch)")
+    return {"steps": steps, "syncs": len(syncs), "syncs_per_step": len(syncs) / steps, "where": where,
             "messages": sorted({str(w.message).splitlines()[0][:160] for w in syncs})[:5]}
 
 
@@ -278,18 +256,14 @@ def section_calibrate(budget: Budget) -> dict:
     return out
 
 
-def section_nccl(budget: Budget, missing: list) -> dict:
+def section_nccl(budget: Budget) -> dict:
     import torch
-    from contsup.train import TrainConfig
 
     if torch.cuda.device_count() < 2:
         return {"skipped": f"{torch.cuda.device_count()} GPU: needs two"}
-    deterministic = "deterministic" in {f.name for f in fields(TrainConfig)}
-    if not deterministic:
-        missing.append("TrainConfig.deterministic / --deterministic (two-rank run compared without it)")
     args = ["train", "--dataset", "digits8", "-k", "4", "--mode", "R1E", "--context-impl", "lean", "--epochs", "2",
             "--warmup-epochs", "1", "--batch-size", "64", "--train-subset", "512", "--device", "cuda",
-            "--no-progress"] + (["--deterministic"] if deterministic else [])
+            "--no-progress", "--deterministic"]
     with tempfile.TemporaryDirectory() as tmp:
         one, two = Path(tmp) / "one", Path(tmp) / "two"
         progress("nccl: one process ...")
@@ -297,7 +271,7 @@ def section_nccl(budget: Budget, missing: list) -> dict:
         progress("nccl: torchrun, 2 ranks ...")
         r2 = run_bounded([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           "-m", "contsup", *args, "--out", str(two)], budget.left(), cwd=tmp)
-        out = {"deterministic": deterministic, "single_rc": r1.get("rc"), "ranks2_rc": r2.get("rc"),
+        out = {"deterministic": True, "single_rc": r1.get("rc"), "ranks2_rc": r2.get("rc"),
                "single_s": r1["s"], "ranks2_s": r2["s"]}
         if r1.get("rc") != 0 or r2.get("rc") != 0:
             out["error"] = (r1.get("stderr") or "") + (r2.get("stderr") or "") or "timed out"
@@ -324,28 +298,20 @@ def tensors(obj, prefix: str = "") -> dict:
 
 # --------------------------------------------------------------------------------------
 # Section 6: the other benchmarks' functions
-def section_ops(device, budget: Budget, missing: list) -> dict:
+def section_ops(device, budget: Budget) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    out = {}
-    try:
-        from bench_encoders import aten_ops_per_step
-    except ImportError:
-        missing.append("bench_encoders.aten_ops_per_step")
-    else:
-        out["aten_ops_per_step"] = {}
-        for mode in ("R1E", "R16"):
-            if not budget.allows(5):
-                break
-            out["aten_ops_per_step"][mode] = {impl: aten_ops_per_step(impl, mode, K, BATCH, device, ARCH)
-                                              for impl in IMPLS}
-            progress(f"ops {mode}: {out['aten_ops_per_step'][mode]}")
-    try:
-        from bench_step import compiled_vs_eager
-    except ImportError:
-        missing.append("bench_step.compiled_vs_eager")
-    else:
-        if budget.allows(30):   # it compiles a K=4 network: the slowest item here
-            out["compiled_vs_eager"] = compiled_vs_eager("R1E", 4, BATCH, 5, device, "cifar10", ARCH)
+    from bench_encoders import aten_ops_per_step
+    from bench_step import compiled_vs_eager
+
+    out = {"aten_ops_per_step": {}}
+    for mode in ("R1E", "R16"):
+        if not budget.allows(5):
+            break
+        out["aten_ops_per_step"][mode] = {impl: aten_ops_per_step(impl, mode, K, BATCH, device, ARCH)
+                                          for impl in ("auto", *IMPLS)}
+        progress(f"ops {mode}: {out['aten_ops_per_step'][mode]}")
+    if budget.allows(30):   # it compiles a K=4 network: the slowest item here
+        out["compiled_vs_eager"] = compiled_vs_eager("R1E", 4, BATCH, 5, device, "cifar10", ARCH)
     return out
 
 
@@ -379,7 +345,7 @@ def markdown(result: dict) -> str:
     s = result.get("syncs", {})
     lines += [""]
     if "syncs" in s:
-        lines.append(f"- syncs: {s['syncs']} in an epoch of {s['steps']} steps of {s['how']} under "
+        lines.append(f"- syncs: {s['syncs']} in an epoch of {s['steps']} steps of train.train_epoch under "
                      f"set_sync_debug_mode('warn')" + (f" ({', '.join(s['where'])})" if s["where"] else ""))
     c = result.get("calibrate", {})
     if "gpu_hours" in c:
@@ -395,8 +361,6 @@ def markdown(result: dict) -> str:
         lines.append(f"- 2 NCCL ranks: {n['skipped']}")
     if failed:
         lines.append("- sections failed: " + "; ".join(failed))
-    if result.get("missing"):
-        lines.append("- missing pieces: " + "; ".join(result["missing"]))
     return "\n".join(lines)
 
 
@@ -427,10 +391,9 @@ def main(argv=None) -> int:
     deadline = time.monotonic() + TOTAL_S
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
-    missing: list[str] = []
     result = {"device": torch.cuda.get_device_name(device), "gpus": torch.cuda.device_count(),
               "torch": torch.__version__, "cuda": torch.version.cuda, "platform": platform.platform(),
-              "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]), "missing": missing}
+              "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}
     progress(f"{result['device']} x{result['gpus']}, torch {torch.__version__}")
 
     def section(name, fn, *args):
@@ -443,12 +406,12 @@ def main(argv=None) -> int:
             progress(f"  {name} failed: {result[name]['error']}")
 
     section("steps", lambda b: section_rows(step_items(), device, b, compiled=False))
-    section("syncs", lambda b: section_syncs(device, b, missing))
+    section("syncs", section_syncs, device)
     section("calibrate", section_calibrate)
-    section("nccl", lambda b: section_nccl(b, missing))
+    section("nccl", section_nccl)
     section("compiled", lambda b: section_rows([(m, "plain") for m in ["E2E", "R0", "R1E", "E", "R16"]], device,
                                                b, compiled=True))
-    section("ops", lambda b: section_ops(device, b, missing))
+    section("ops", section_ops, device)
     json_path, md_path = write_results(result, Path(a.out_dir))
     print(markdown(result))
     progress(f"wrote {json_path} and {md_path}")

@@ -47,10 +47,10 @@ def fake_result():
            "tracker_peak_bytes": 150 * 2**20}
     compiled = {**row, "impl": "compiled", "tracker_peak_bytes": None, "cuda_peak_bytes": None, "recompiles": 0,
                 "graphs": 47, "graph_breaks": 0}
-    return {"device": "NVIDIA Fake GPU 80GB", "gpus": 1, "missing": ["train.train_epoch"],
+    return {"device": "NVIDIA Fake GPU 80GB", "gpus": 1,
             "steps": {"rows": [row, {"mode": "R16", "impl": "plain", "error": "OutOfMemoryError: boom"}],
                       "skipped_for_time": []},
-            "syncs": {"how": "train.train_epoch", "steps": 8, "syncs": 1, "syncs_per_step": 0.125,
+            "syncs": {"steps": 8, "syncs": 1, "syncs_per_step": 0.125,
                       "where": ["train.py:300"], "messages": []},
             "calibrate": {"gpu_hours": 3.5, "runs": 99, "pflops": 991.2,
                           "archs": {"resnet32": {"tflops": 40.0, "images_per_s": 9000.0}}},
@@ -72,7 +72,7 @@ def test_results_json_and_markdown(tmp_path, capsys):
     assert "- syncs: 1 in an epoch of 8 steps of train.train_epoch under set_sync_debug_mode('warn') " \
            "(train.py:300)" in md
     assert any(line.startswith("- paper grid: 3.50 GPU-hours for 99 runs") for line in md)
-    assert "- 2 NCCL ranks: 1 GPU: needs two" in md and "- missing pieces: train.train_epoch" in md
+    assert "- 2 NCCL ranks: 1 GPU: needs two" in md
     assert "- sections failed: ops: RuntimeError: no kernel" in md
     # --markdown prints the same table from the JSON, measuring nothing
     assert gpu_check.main(["--markdown", str(json_path)]) == 0
