@@ -14,6 +14,7 @@ from contsup import tables
 from contsup.cli import main
 from contsup.data import load_dataset
 from contsup.model import ModelConfig, parse_mode
+from contsup.speed.encoders import resolve_context_impl
 from contsup.train import TrainConfig
 
 
@@ -74,7 +75,8 @@ def test_run_flops_equals_the_slow_direct_count_of_every_step(cfg):
     n_train, n_test = est.dataset_sizes(cfg)
     full, last = divmod(n_train, cfg.batch_size)
     mc = cfg.model_config()
-    slow_step = lambda b: est.count_step_flops(mc, b, cfg.context_impl, FlopCounterMode)  # noqa: E731
+    impl = resolve_context_impl(cfg.context_impl, "cuda", cfg.torch_compile)   # what the estimate charges: the GPU's
+    slow_step = lambda b: est.count_step_flops(mc, b, impl, FlopCounterMode)  # noqa: E731
     slow = full * slow_step(cfg.batch_size) + (slow_step(last) if last else 0) \
         + n_test * est.count_eval_flops(mc, 1, FlopCounterMode)
     assert est.run_flops(cfg) == cfg.epochs * slow
