@@ -10,14 +10,16 @@ is the *detached* module output plus the context supply (`ContextSupply`): encod
 raw image (mode E) and/or of the inputs of the last n modules (mode Rn). The encoders are
 trained by the next module's loss; no gradient ever crosses a cut. K=1 is plain end-to-end.
 
-This file only builds modules and composes inputs; the loop that calls `loss.backward()`
-per module is `step.local_learning_step`. The encoders here are the paper's plain ones;
+This file builds the modules and composes their inputs: `ContSupNet.run_modules` is the
+loop over the modules, written once; inference runs it with the forward alone, the step
+(`step.local_learning_step`) with a local loss and `loss.backward()` per module. The encoders here are the paper's plain ones;
 `speed/encoders.py` can run the same function with less memory (the trainer's default on a CPU).
 """
 from __future__ import annotations
 
 import math
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -344,15 +346,37 @@ class ContSupNet(nn.Module):
             module_inputs[m] = None
         return next_input
 
+    def run_modules(self, x, run_module, modules=None, h=None, inputs=None, precision=nullcontext):
+        """The loop over the modules (SPEC §1-§2), written only here: for each module k, its
+        input h_in (the image for module 0, else supply(k-1): module k-1's output h, detached,
+        plus context), then h = run_module(k, h_in). `run_module` is the forward alone
+        (inference: `module_forward`) or forward, local loss and backward (`step.module_step`).
+        Returns the last module's output.
+
+        `modules` (default: all K) may start later: a pipeline stage passes the previous
+        stage's output `h` and the detached `inputs` of the modules before its own (None where
+        no later cut reads one); `inputs` grows by each module's input. `precision()` is the
+        context each supply runs in (the step's autocast)."""
+        inputs = [] if inputs is None else inputs
+        for k in range(self.k) if modules is None else modules:
+            if k == 0:
+                h_in = x                                               # [B, 3, S, S]
+            else:
+                with precision():
+                    h_in = self.supply(k - 1, h, x, inputs)           # h.detach() + context
+                h = None  # module k-1's output is not needed any more (frees it where h_in is a new tensor)
+            inputs.append(h_in.detach())
+            h = run_module(k, h_in)
+        return h
+
+    def module_forward(self, k: int, h_in):
+        """Module k's forward; the last module ends in the classifier (class logits)."""
+        h = self.blocks[k](h_in)                                       # [B, C_k, H_k, W_k]
+        return self.classifier(h) if k == self.k - 1 else h           # [B, classes]
+
     def forward(self, x):
         """Inference: the same composition as training, without the local losses."""
-        module_inputs, h_in = [], x
-        for k, block in enumerate(self.blocks):
-            module_inputs.append(h_in.detach())
-            h = block(h_in)
-            if k < self.k - 1:
-                h_in = self.supply(k, h, x, module_inputs)
-        return self.classifier(h)
+        return self.run_modules(x, self.module_forward)
 
     def parts(self) -> dict[str, int]:
         """Parameter count of each part (backbone, heads, context encoders, decoders)."""

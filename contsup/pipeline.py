@@ -5,7 +5,7 @@
 
 Local learning needs no gradient across a cut, so only activations flow: rank r owns its
 modules, their heads and decoders, and the context encoders of the cuts that feed its
-modules (`module_of`), runs forward + local loss + backward for them (train.module_step) and
+modules (`module_of`), runs forward + local loss + backward for them (step.module_step) and
 steps its own optimizer. Processing the batches in order (a FIFO pipeline) gives exactly
 the single-process result of train.train, bit for bit; world size 1 runs the same code.
 
@@ -43,14 +43,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from . import tables
-from .data import DeviceLoader, denormalize, load_dataset
 from .errors import UsageError, stop_on_signals
 from .model import ContSupNet, feature_shape
-from .speed.memory import reuse_freed_cpu_memory
 from .step import autocast, module_step
-from .train import (TrainConfig, _atomic_save, append_metrics, checkpoint, compile_model, finish_run,
-                    first_step_memory, learning_rate, make_optimizer, metrics_row, open_run, pick_device,
-                    prepare_model, prepare_run_folder, resolved_for, to_format, DivergenceWatch)
+from .train import (TrainConfig, append_metrics, checkpoint_fits, compile_model, finish_run, learning_rate,
+                    make_optimizer, metrics_row, open_run, pick_device, reconstruction_target, resolved_for,
+                    save_checkpoint, set_up_run, to_format, DivergenceWatch)
 
 DEPTH = 2            # in-flight messages per link (the ring)
 TIMEOUT_S = 300.0    # a peer silent for this long counts as hung
@@ -355,35 +353,32 @@ class Link:
 # 4. The stage's step: modules a..b of one batch
 def stage_step(net: ContSupNet, modules: range, h, x, y, image, module_inputs: list, train: bool,
                bf16: bool, seconds: list | None = None):
-    """For each module k: its input (the image for module 0, else supply(k-1): the previous
-    output, detached, plus context), then forward + local loss + backward (train) or the
-    forward alone (eval, no grad). `module_inputs` holds the inputs of modules before
+    """Modules `modules` of one batch, through the method's loop (ContSupNet.run_modules: the
+    input of module k is the image for module 0, else supply(k-1)), each running forward +
+    local loss + backward (train, step.module_step) or the forward alone (eval, no grad). `h`
+    is the previous rank's output; `module_inputs` holds the inputs of modules before
     `modules` (None where not needed) and grows. Returns the last output (detached) and the
-    losses. As local_learning_step, cut by rank; `seconds[k]` accumulates each module's time."""
+    losses. As local_learning_step, cut by rank; `seconds[k]` accumulates each module's time
+    (the supply feeding it, and its step), from the end of the previous module's."""
     losses = []
     like = x if x is not None else h   # x is None where no encoder of this rank reads the image
+    last = [_clock(like)] if seconds is not None else None
+
+    def run(k, h_in):
+        if train:
+            h, loss = module_step(net, k, h_in, like, y, image, bf16)
+            losses.append(loss)
+        else:
+            with autocast(like, bf16):
+                h = net.module_forward(k, h_in)
+        if seconds is not None:
+            now = _clock(like)
+            seconds[k] += now - last[0]
+            last[0] = now
+        return h
+
     with torch.set_grad_enabled(train):
-        for k in modules:
-            if seconds is not None:
-                t0 = _clock(like)
-            if k == 0:
-                h_in = x
-            else:
-                with autocast(like, bf16):
-                    h_in = net.supply(k - 1, h, x, module_inputs)   # h.detach() + context
-                h = None
-            module_inputs.append(h_in.detach())
-            if train:
-                h, loss = module_step(net, k, h_in, like, y, image, bf16)
-                losses.append(loss)
-            else:
-                with autocast(like, bf16):
-                    h = net.blocks[k](h_in)
-                    if k == net.k - 1:
-                        h = net.classifier(h)
-            h_in = None
-            if seconds is not None:
-                seconds[k] += _clock(like) - t0
+        h = net.run_modules(x, run, modules, h, module_inputs, precision=lambda: autocast(like, bf16))
     return h.detach(), losses
 
 
@@ -800,43 +795,29 @@ def _run(cfg, resume, progress, split, depth, watch, device, lock: ExitStack) ->
     if result is not None:
         return result
 
-    # Every rank builds the whole model from the seed (so the same initial weights) and
-    # keeps training only its own parts.
-    if device.type == "cpu" and cfg.reuse_cpu_memory:
-        reuse_freed_cpu_memory()
-    torch.manual_seed(cfg.seed)
-    net = prepare_model(ContSupNet(cfg.model_config()), cfg, device)
-    recipe = tables.DATA_RECIPES[cfg.dataset]
-    if world > net.k:
-        raise UsageError(f"{world} ranks but only K={net.k} modules; use at most {net.k} ranks")
-    if split is not None and len(split_from_sizes(list(split), net.k)) - 1 != world:   # before any file is written
+    if world > cfg.k:
+        raise UsageError(f"{world} ranks but only K={cfg.k} modules; use at most {cfg.k} ranks")
+    if split is not None and len(split_from_sizes(list(split), cfg.k)) - 1 != world:   # before any file is written
         raise UsageError(f"--split {','.join(map(str, split))} is for {len(split)} ranks, but there are {world}; "
                          f"give one number per rank")
-    if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        torch.set_rng_state(ckpt["torch_rng"])
 
-    # Rank 0: data, run folder, memory, the split; then everyone learns the split and the
-    # number of batches per epoch.
+    # Every rank builds the whole model as train.train does (from the seed, so the same
+    # initial weights; the checkpoint's) and keeps training only its own parts. Rank 0
+    # alone reads data; it opens the run folder, measures memory and finds the split, then
+    # everyone learns the split and the number of batches per epoch.
+    run = set_up_run(cfg, device, ckpt, data=first)
+    net = run.net
     plan = None
     if first:
-        data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.train_subset)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        train_loader = DeviceLoader(data.train_x, data.train_y, recipe, cfg.batch_size, True, device, gen)
-        test_loader = DeviceLoader(data.test_x, data.test_y, recipe, max(cfg.batch_size, 256), False, device)
-        if ckpt is not None:
-            gen.set_state(ckpt["data_rng"])
-        start_epoch, best, memory = prepare_run_folder(cfg, ckpt, lambda: first_step_memory(net, data, cfg, device))
+        start_epoch, best, memory = run.open_folder(ckpt)
         if split is not None:
             bounds, seconds = split_from_sizes(list(split), net.k), None
         elif world == 1:
             bounds, seconds = [0, net.k], None
         else:
-            x, y = next(iter(DeviceLoader(data.train_x, data.train_y, recipe, cfg.batch_size, False, device)))
-            image = denormalize(x, recipe) if cfg.reconstruct else None
-            seconds = profile_modules(net, to_format(x, cfg.channels_last), y, image, cfg.bf16)
+            seconds = profile_modules(net, *run.first_batch(), cfg.bf16)
             bounds = balanced_split(seconds, world)
-        plan = {"bounds": bounds, "seconds": seconds, "batches": (len(train_loader), len(test_loader)),
+        plan = {"bounds": bounds, "seconds": seconds, "batches": (len(run.train_loader), len(run.test_loader)),
                 "max_batch": max(cfg.batch_size, 256), "start_epoch": start_epoch}
     plan = _broadcast(watch, plan, SETUP_TIMEOUT_S)
     bounds, (n_train, n_eval) = plan["bounds"], plan["batches"]
@@ -845,7 +826,8 @@ def _run(cfg, resume, progress, split, depth, watch, device, lock: ExitStack) ->
 
     stage = Stage(net, cfg, bounds, rank, world, plan["max_batch"], depth, watch)
     if ckpt is not None:
-        stage.optimizer.load_state_dict(_local_optimizer_state(ckpt["optimizer"], stage.mine))
+        with checkpoint_fits(cfg):
+            stage.optimizer.load_state_dict(_local_optimizer_state(ckpt["optimizer"], stage.mine))
 
     epochs = range(plan["start_epoch"], cfg.epochs)
     if first:
@@ -856,8 +838,8 @@ def _run(cfg, resume, progress, split, depth, watch, device, lock: ExitStack) ->
         lr = learning_rate(epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs)
         source = None
         if first:
-            source = itertools.chain(((TRAIN, x, y, denormalize(x, recipe, train_loader.stats) if cfg.reconstruct else None)
-                                      for x, y in train_loader), ((EVAL, x, y, None) for x, y in test_loader))
+            source = itertools.chain(((TRAIN, x, y, reconstruction_target(x, run.train_loader, cfg))
+                                      for x, y in run.train_loader), ((EVAL, x, y, None) for x, y in run.test_loader))
         numbers = stage.run_epoch(epoch, lr, source, n_train, n_eval)
 
         # The pipe is drained: rank 0 gathers the epoch's numbers and the ranks' parts.
@@ -876,7 +858,7 @@ def _run(cfg, resume, progress, split, depth, watch, device, lock: ExitStack) ->
             append_metrics(cfg, row)
             whole = {n: next(p["model"][n] for p in parts if n in p["model"]) for n in net.state_dict()}
             optimizer = _whole_optimizer_state([p["optimizer"] for p in parts], len(stage.names))
-            _atomic_save(checkpoint(whole, optimizer, epoch, cfg, gen, best, memory), Path(cfg.out_dir) / "ckpt.pt")
+            save_checkpoint(cfg, whole, optimizer, epoch, run.gen, best, memory)
             epochs.set_postfix(test_error=f"{test_error:.2f}%")
 
     result = None

@@ -5,6 +5,8 @@
                          loss_k.backward()                 reaches module k and the encoders that built h_in
                          h_in = h.detach() + context_k     the next module's input: no gradient crosses the cut
 
+The loop itself (which module, its input: the image or supply(k-1)) is `ContSupNet.run_modules`,
+shared with inference and the pipeline's stages; this file is what a module does in training.
 The caller zeroes the gradients before and steps the optimizer after (train.py).
 """
 from __future__ import annotations
@@ -26,9 +28,8 @@ def module_step(net: ContSupNet, k: int, h_in, x, y, image=None, bf16: bool = Fa
     the context encoders that made `h_in`, nothing earlier). Returns the module's output (the
     class logits for the last module) and its loss, detached (0 where the loss is empty)."""
     with autocast(x, bf16):
-        h = net.blocks[k](h_in)                                       # [B, C_k, H_k, W_k]
+        h = net.module_forward(k, h_in)                               # [B, C_k, H_k, W_k]; last: [B, classes]
         if k == net.k - 1:
-            h = net.classifier(h)                                     # [B, classes]
             loss = F.cross_entropy(h, y)
         else:
             a, b = net.loss_weights[k]                                # reconstruction, head weights
@@ -45,18 +46,17 @@ def local_learning_step(net: ContSupNet, x, y, image=None, bf16: bool = False):
     """Forward and backward through the K modules, one at a time (SPEC §1-§2).
 
     For module k: forward, its own local loss, backward (`module_step`), then the detached
-    output plus context becomes the next input. K=1 is end-to-end. `image` ([B,3,S,S] in
+    output plus context becomes the next input (the loop: `ContSupNet.run_modules`). K=1 is end-to-end. `image` ([B,3,S,S] in
     [0,1]) is the reconstruction target. Returns the final logits (detached) and the K losses.
     Gradients accumulate into .grad; the caller zeroes and steps the optimizer.
     `bf16` runs the forward passes under bfloat16 autocast.
     """
-    module_inputs, h_in, losses = [], x, []
-    for k in range(net.k):
-        module_inputs.append(h_in.detach())
+    losses = []
+
+    def learn(k, h_in):   # module k: forward, local loss, backward
         h, loss = module_step(net, k, h_in, x, y, image, bf16)
         losses.append(loss)
-        if k < net.k - 1:
-            with autocast(x, bf16):
-                h_in = net.supply(k, h, x, module_inputs)             # h.detach() + context
-            h = None  # module k's output is not needed any more (frees it where h_in is a new tensor)
-    return h.detach(), torch.stack(losses)
+        return h
+
+    logits = net.run_modules(x, learn, precision=lambda: autocast(x, bf16))   # h_in: x, then supply(k-1)
+    return logits.detach(), torch.stack(losses)

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 import types
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import jsonio, tables
-from .data import DeviceLoader, denormalize, load_dataset
+from .data import DeviceLoader, ImageData, denormalize, load_dataset
 from .errors import (DivergedError, UsageError, check_bool, check_float, check_int, check_str, check_writable_folder,
                      command_line, option)
 from .model import ContSupNet, ModelConfig, check_model_fields
@@ -283,6 +283,12 @@ def to_format(x, channels_last: bool):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def reconstruction_target(x, loader: DeviceLoader, cfg: TrainConfig):
+    """The decoders' target for batch `x` of `loader`: the image in [0,1] (None without
+    --reconstruct)."""
+    return denormalize(x, loader.recipe, loader.stats) if cfg.reconstruct else None
+
+
 # --------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(net: ContSupNet, loader, channels_last: bool = False, bf16: bool = False) -> float:
@@ -373,7 +379,7 @@ def train_epoch(net: ContSupNet, loader: DeviceLoader, optimizer, cfg: TrainConf
     shown = time.perf_counter()  # when the step bar's running losses were last shown
     with tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress) as steps:
         for step, (x, y) in enumerate(steps):
-            image = denormalize(x, loader.recipe, loader.stats) if cfg.reconstruct else None
+            image = reconstruction_target(x, loader, cfg)
             logits, losses = local_learning_step(net, to_format(x, cfg.channels_last), y, image, cfg.bf16)
             watch.record(losses)
             if (step + 1) % cfg.check_every == 0:   # a non-finite loss is caught before it is applied
@@ -626,18 +632,16 @@ def prepare_run_folder(cfg: TrainConfig, ckpt: dict | None, measure_memory) -> t
     return 0, (math.inf, -1), measure_memory()
 
 
-def first_step_memory(net: ContSupNet, data, cfg: TrainConfig, device) -> dict:
+def first_step_memory(run: "RunSetup") -> dict:
     """measure_step_memory on the first (unshuffled) training batch. It runs with
     torch.use_deterministic_algorithms off (restored after): it measures on copies, and its
     reference step runs the plain encoders, whose adaptive pool has no deterministic CUDA
     backward (check_deterministic)."""
-    recipe = tables.DATA_RECIPES[cfg.dataset]
-    x, y = next(iter(DeviceLoader(data.train_x, data.train_y, recipe, cfg.batch_size, False, device)))
-    image = denormalize(x, recipe) if cfg.reconstruct else None
+    x, y, image = run.first_batch()
     strict, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(False)
     try:
-        return measure_step_memory(net, to_format(x, cfg.channels_last), y, image, cfg.bf16)
+        return measure_step_memory(run.net, x, y, image, run.cfg.bf16)
     finally:
         torch.use_deterministic_algorithms(strict, warn_only=warn_only)
 
@@ -648,6 +652,24 @@ def checkpoint(model_state: dict, optimizer_state: dict, epoch: int, cfg: TrainC
     return {"model": model_state, "optimizer": optimizer_state, "epoch": epoch, "config": _config_json(cfg),
             "data_rng": data_rng.get_state(), "torch_rng": torch.get_rng_state(), "best": list(best),
             "memory": memory}
+
+
+def save_checkpoint(cfg: TrainConfig, model_state: dict, optimizer_state: dict, epoch: int, data_rng, best,
+                    memory: dict) -> None:
+    """Write the run's ckpt.pt (`checkpoint`), whole or not at all (_atomic_save)."""
+    _atomic_save(checkpoint(model_state, optimizer_state, epoch, cfg, data_rng, best, memory),
+                 Path(cfg.out_dir) / "ckpt.pt")
+
+
+@contextmanager
+def checkpoint_fits(cfg: TrainConfig):
+    """Around loading a checkpoint's states: one whose tensors do not fit (damaged, or from
+    other code) is a UsageError naming it."""
+    try:
+        yield
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"checkpoint {Path(cfg.out_dir) / 'ckpt.pt'} does not fit this network "
+                         f"({type(e).__name__}); move it away to start the run over") from None
 
 
 def metrics_row(epoch: int, lr: float, train_error: float, test_error: float, local_losses: list,
@@ -689,51 +711,83 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         return _train(cfg, ckpt, progress)
 
 
-def _train(cfg: TrainConfig, ckpt: dict | None, progress: bool) -> dict:
-    """The run itself, from `ckpt` (None: from scratch), in a folder `open_run` has opened."""
-    out = Path(cfg.out_dir)
-    ckpt_path = out / "ckpt.pt"
+@dataclass
+class RunSetup:
+    """What a run trains with, set up one way (`set_up_run`) for `train` and for every rank
+    of the pipeline. The optimizer is not part of it: `train` steps all the parameters, a
+    pipeline rank only its stage's (pipeline.Stage), each loading its part of the checkpoint."""
+    cfg: TrainConfig                    # context_impl resolved for the device (resolved_for)
+    device: torch.device
+    net: ContSupNet                     # on the device (prepare_model), the checkpoint's weights loaded
+    data: ImageData | None              # None where the run reads no data (pipeline ranks but 0)
+    train_loader: DeviceLoader | None   # shuffled by `gen`
+    test_loader: DeviceLoader | None
+    gen: torch.Generator | None         # data order and augmentation, at the checkpoint's state
 
-    device = pick_device(cfg.device)
+    def first_batch(self):
+        """(x in the model's memory format, y, reconstruction target or None): the first
+        training batch, unshuffled (memory measurement, the pipeline's profiling)."""
+        loader = DeviceLoader(self.data.train_x, self.data.train_y, self.train_loader.recipe, self.cfg.batch_size,
+                              False, self.device)
+        x, y = next(iter(loader))
+        return to_format(x, self.cfg.channels_last), y, reconstruction_target(x, loader, self.cfg)
+
+    def open_folder(self, ckpt: dict | None) -> tuple[int, tuple, dict]:
+        """prepare_run_folder, measuring a new run's memory on its first batch."""
+        return prepare_run_folder(self.cfg, ckpt, lambda: first_step_memory(self))
+
+
+def set_up_run(cfg: TrainConfig, device, ckpt: dict | None, data: bool = True) -> RunSetup:
+    """The run's model (from the seed, then the checkpoint's weights), data, loaders and data
+    generator on `device`, and the torch RNG at the checkpoint's state. Writes nothing.
+    `data` False: no data (a pipeline rank that receives its batches)."""
     cfg = resolved_for(cfg, device)
     if device.type == "cpu" and cfg.reuse_cpu_memory:
         reuse_freed_cpu_memory()   # process-wide, for the rest of the process
     torch.manual_seed(cfg.seed)
     net = prepare_model(ContSupNet(cfg.model_config()), cfg, device)  # validates the model choices first
-    recipe = tables.DATA_RECIPES[cfg.dataset]
-    data = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.train_subset)
-    gen = torch.Generator().manual_seed(cfg.seed)   # data order and augmentation
-    train_loader = DeviceLoader(data.train_x, data.train_y, recipe, cfg.batch_size, True, device, gen)
-    test_loader = DeviceLoader(data.test_x, data.test_y, recipe, max(cfg.batch_size, 256), False, device)
-    optimizer = make_optimizer(net, cfg)
-
+    images = gen = train_loader = test_loader = None
+    if data:
+        recipe = tables.DATA_RECIPES[cfg.dataset]
+        images = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.train_subset)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        train_loader = DeviceLoader(images.train_x, images.train_y, recipe, cfg.batch_size, True, device, gen)
+        test_loader = DeviceLoader(images.test_x, images.test_y, recipe, max(cfg.batch_size, 256), False, device)
     if ckpt is not None:
-        try:  # a checkpoint of this config whose tensors do not fit (damaged, or from other code)
+        with checkpoint_fits(cfg):
             net.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            gen.set_state(ckpt["data_rng"])
+            if gen is not None:
+                gen.set_state(ckpt["data_rng"])
             torch.set_rng_state(ckpt["torch_rng"])
-        except (RuntimeError, KeyError, TypeError, ValueError) as e:
-            raise UsageError(f"checkpoint {ckpt_path} does not fit this network ({type(e).__name__}); "
-                             f"move it away to start the run over") from None
-    start_epoch, best, memory = prepare_run_folder(cfg, ckpt, lambda: first_step_memory(net, data, cfg, device))
+    return RunSetup(cfg, device, net, images, train_loader, test_loader, gen)
+
+
+def _train(cfg: TrainConfig, ckpt: dict | None, progress: bool) -> dict:
+    """The run itself, from `ckpt` (None: from scratch), in a folder `open_run` has opened."""
+    run = set_up_run(cfg, pick_device(cfg.device), ckpt)
+    cfg, net = run.cfg, run.net
+    optimizer = make_optimizer(net, cfg)
+    if ckpt is not None:
+        with checkpoint_fits(cfg):
+            optimizer.load_state_dict(ckpt["optimizer"])
+    start_epoch, best, memory = run.open_folder(ckpt)
     if cfg.torch_compile:  # after the memory measurement, which runs eagerly on a copy
         compile_model(net)
 
-    (out / "error.json").unlink(missing_ok=True)  # this attempt replaces an earlier failed one
+    (Path(cfg.out_dir) / "error.json").unlink(missing_ok=True)  # this attempt replaces an earlier failed one
     epochs = tqdm(range(start_epoch, cfg.epochs), desc=Path(cfg.out_dir).name, disable=not progress,
                   initial=start_epoch, total=cfg.epochs)
     for epoch in epochs:
         lr = learning_rate(epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs)
         t0 = time.perf_counter()
-        seen, wrong, loss_sum = train_epoch(net, train_loader, optimizer, cfg, epoch, lr, progress)
+        seen, wrong, loss_sum = train_epoch(net, run.train_loader, optimizer, cfg, epoch, lr, progress)
         train_time = time.perf_counter() - t0
-        test_error = evaluate(net, test_loader, cfg.channels_last, cfg.bf16)
+        test_error = evaluate(net, run.test_loader, cfg.channels_last, cfg.bf16)
         if test_error < best[0]:
             best = (test_error, epoch)
         append_metrics(cfg, metrics_row(epoch, lr, 100.0 * float(wrong) / seen, test_error,
                                         (loss_sum / seen).tolist(), train_time, seen))
-        _atomic_save(checkpoint(net.state_dict(), optimizer.state_dict(), epoch, cfg, gen, best, memory), ckpt_path)
+        save_checkpoint(cfg, net.state_dict(), optimizer.state_dict(), epoch, run.gen, best, memory)
         epochs.set_postfix(test_error=f"{test_error:.2f}%")
 
-    return finish_run(cfg, net, best, memory, device)
+    return finish_run(cfg, net, best, memory, run.device)

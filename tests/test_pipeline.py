@@ -6,6 +6,7 @@ Ranks run as real processes of `python -m contsup train` with the environment to
 gives them (gloo on CPU), one thread each; the single-process references run here, also
 with one thread, so that every kernel sums in the same order.
 """
+import copy
 import itertools
 import json
 import os
@@ -24,6 +25,7 @@ from contsup import pipeline
 from contsup.cli import main
 from contsup.errors import UsageError
 from contsup.model import ContSupNet, ModelConfig
+from contsup.step import local_learning_step
 from contsup.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,6 +263,28 @@ def test_balanced_split_minimises_the_slowest_stage():
     p = pipeline.predicted_speedup([1, 1, 1, 5], [0, 3, 4])
     assert p["stage_costs"] == [3, 5] and p["speedup"] == 8 / 5 and p["bubble"] == pytest.approx(0.2)
     assert pipeline.predicted_speedup([1, 1], [0, 1, 2], batches=3)["speedup"] == pytest.approx(6 / 4)
+
+
+@pytest.mark.parametrize("mode, loss, reconstruct", [("R1E", "softmax", False), ("R2", "contrast", True)])
+def test_stages_run_the_steps_loop_cut_by_rank(mode, loss, reconstruct):
+    """stage_step over modules [0, 1), [1, 4) is local_learning_step's loop (the one loop,
+    ContSupNet.run_modules) cut in two: the same logits, losses and gradients, bit for bit;
+    in eval mode, the same logits as the network's forward."""
+    torch.manual_seed(0)
+    net = ContSupNet(ModelConfig(dataset="digits8", k=4, mode=mode, loss=loss, reconstruct=reconstruct))
+    staged = copy.deepcopy(net)
+    x, y, image = torch.randn(6, 3, 8, 8), torch.arange(6), torch.rand(6, 3, 8, 8) if reconstruct else None
+    logits, losses = local_learning_step(net, x, y, image)
+    inputs = []
+    h, first = pipeline.stage_step(staged, range(0, 1), None, x, y, image, inputs, True, False)
+    out, rest = pipeline.stage_step(staged, range(1, 4), h, x, y, image, inputs, True, False)
+    assert torch.equal(out, logits) and torch.equal(torch.stack(first + rest), losses)
+    grads = [(p.grad, q.grad) for p, q in zip(net.parameters(), staged.parameters())]
+    assert all(g is None and h is None or torch.equal(g, h) for g, h in grads)   # None: a head weighted 0
+    assert sum(g is not None for g, _ in grads) > len(grads) // 2
+    staged.eval()
+    with torch.no_grad():
+        assert torch.equal(pipeline.stage_step(staged, range(4), None, x, y, None, [], False, False)[0], staged(x))
 
 
 def test_links_carry_what_later_ranks_need():
