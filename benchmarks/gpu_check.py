@@ -103,6 +103,7 @@ def measure_row(mode: str, impl: str, compiled: bool, device) -> dict:
     from contsup.model import ContSupNet
     from contsup.speed.memory import measure_step_memory
     from contsup.step import local_learning_step
+    from contsup.study.estimate import cuda_step_seconds
     from contsup.train import compile_model, make_optimizer, prepare_model
 
     cfg = step_config(mode, impl, compiled)
@@ -139,14 +140,7 @@ def measure_row(mode: str, impl: str, compiled: bool, device) -> dict:
         frames = counters["frames"]["total"]
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(TIMED + 1)]
-    events[0].record()
-    for i in range(TIMED):
-        one_step()
-        events[i + 1].record()
-    torch.cuda.synchronize(device)
-    times = [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(TIMED)]
-    row["step_s"] = statistics.median(times)
+    row["step_s"] = statistics.median(cuda_step_seconds(one_step, TIMED, device))
     row["images_per_s"] = cfg.batch_size / row["step_s"]
     row["max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
     if compiled:

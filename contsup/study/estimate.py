@@ -422,6 +422,12 @@ def _timed_steps(cfg: TrainConfig, device, warmup: int, steps: int) -> list[floa
 
     for _ in range(warmup):
         one_step()
+    return cuda_step_seconds(one_step, steps, device)
+
+
+def cuda_step_seconds(one_step, steps: int, device) -> list[float]:
+    """Seconds of each of `steps` calls of `one_step` on the CUDA `device`, from CUDA events
+    recorded between them (what the device spent, not when the host queued it)."""
     events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
     events[0].record()
     for i in range(steps):
