@@ -65,6 +65,7 @@ import itertools
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -762,7 +763,7 @@ def reproduce(profile: str, out=None, only=None, runs=None, notebook_per: str | 
 def _stopped(stop: Stopped, state: dict, t0) -> dict:
     """The summary of a `reproduce` stopped by a signal -- written once the training had
     started (`stop.rows`, or `state['rows']` when it was over) -- and its one line on stderr."""
-    summary = {"exit_code": 128 + stop.signum, "signal": str(stop), "wall_seconds": round(time.perf_counter() - t0, 1)}
+    summary = {"exit_code": 128 + stop.signum, "signal": str(stop), **_elapsed(t0)}
     rows, where = getattr(stop, "rows", None) or state.get("rows"), ""
     if rows is not None:
         summary = {**state["summary"], **summary, "runs": rows, "notebooks": [],
@@ -839,7 +840,7 @@ def _reproduce(profile, out, only, runs, notebook_per, figures_dir, analysis, pr
     failed = [s for s in statuses if s["status"] == "failed"] + [n for n in notebooks if n["status"] == "failed"]
     summary = {
         **state["summary"], **{key: sum(s["status"] == key for s in statuses) for key in RUN_STATUSES},
-        "notebooks": notebooks, "wall_seconds": round(time.perf_counter() - t0, 1),
+        "notebooks": notebooks, **_elapsed(t0),
         "exit_code": 1 if failed else 0, "runs": statuses,
     }
     path = state["path"]  # (state["summary"]["registry"]: which run folder each group's entries use)
@@ -878,7 +879,7 @@ def _report(profile, out: Path, groups, runs, registry, figures: Path, t0) -> di
     summary = {
         "profile": profile, "out": str(out), "groups": groups, "report": True,
         "runs_total": len(statuses), "done": count_of("done"), "missing": count_of("missing"),
-        "failed": count_of("failed"), "notebooks": notebooks, "wall_seconds": round(time.perf_counter() - t0, 1),
+        "failed": count_of("failed"), "notebooks": notebooks, **_elapsed(t0),
         "exit_code": 1 if any(n["status"] == "failed" for n in notebooks) else 0, "runs": statuses,
         "registry": _registry_json(registry),
     }
@@ -894,11 +895,19 @@ def _report(profile, out: Path, groups, runs, registry, figures: Path, t0) -> di
     return summary
 
 
+def _elapsed(t0) -> dict:
+    """How long `reproduce` took since `t0`: wall seconds, and CPU seconds of this process and
+    of its children that ended (the notebook processes, each having waited for its kernel)."""
+    cpu = sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                resource.getrusage(resource.RUSAGE_CHILDREN)))
+    return {"wall_seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(cpu, 1)}
+
+
 def _print_summary(s: dict, path: Path) -> None:
     minutes = s["wall_seconds"] / 60
     others = f"{s['elsewhere']} trained by another process meanwhile, " if s["elsewhere"] else ""
     print(f"\n{s['runs_total']} runs: {s['done']} done, {s['skipped']} skipped (already finished), {others}"
-          f"{s['failed']} failed; {minutes:.1f} min. Summary: {path}")
+          f"{s['failed']} failed; {minutes:.1f} min ({s['cpu_seconds'] / 60:.1f} min of CPU). Summary: {path}")
     for n in s["notebooks"]:
         if n["status"] != "missing":
             print(f"  {n['notebook']}: {n['status']} ({n['output']})")
