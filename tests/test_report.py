@@ -263,10 +263,19 @@ def test_headline_mean_sd_and_what_is_beyond_seed_noise(tmp_path):
     assert bool(noise.loc["R0 - E2E", "beyond noise"])
     paths = report.headline_figure(df, tmp_path / "fig")
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+    # The same verdicts in words, every number from the runs (notebook 04 prints this)
+    text = report.headline_text(df).splitlines()
+    assert text[0] == ("At K=16, plain greedy learning (R0) ends at 62.0 ± 2.0 % test error against "
+                       "30.0 ± 1.0 % end-to-end (mean ± sd over seeds).")
+    assert text[1].startswith("E against R0: +0.8 points") and text[1].endswith("within seed noise.")
+    assert text[2].startswith("R1E against R0: +21.0 points") and text[2].endswith("beyond seed noise.")
+    assert text[3].startswith("Closest to E2E: R1E, 11.0 points above it") and text[3].endswith("beyond seed noise.")
+    assert text[4].startswith("E against R1E: R1E is 20.2 points lower") and text[4].endswith("beyond seed noise.")
 
 
 def test_seed_noise_needs_two_seeds_a_side(results):
     assert report.seed_noise(runs.collect(results)).empty  # one seed per config: no verdict
+    assert report.headline_text(runs.collect(results)).startswith("The headline needs E2E and R0 trained on two")
 
 
 def _noisy_results(root, e2e_110=75.6):

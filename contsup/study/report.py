@@ -274,6 +274,35 @@ def seed_noise(df: pd.DataFrame, dataset: str | None = None, metric: str = "fina
     return pd.DataFrame(rows, columns=["comparison", "difference (points)", "2 SE (points)", "beyond noise"])
 
 
+def headline_text(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_error") -> str:
+    """The headline in words, every number computed from the runs: R0 and E2E's mean ± sd,
+    which context modes are beyond seed noise against R0 (seed_noise's rule), how far the
+    closest local method stays from E2E, and E against R1E by the same rule."""
+    h, noise = headline(df, dataset, metric), seed_noise(df, dataset, metric).set_index("comparison")
+    if not {"E2E", "R0"} <= set(h.index) or noise.empty:
+        return "The headline needs E2E and R0 trained on two or more seeds each; not all are finished yet."
+    m, sd, n = h["mean (%)"], h["sd (%)"], h["seeds"]
+    verdict = lambda beyond: "beyond seed noise" if beyond else "within seed noise"  # noqa: E731
+    lines = [f"At K=16, plain greedy learning (R0) ends at {m['R0']:.1f} ± {sd['R0']:.1f} % test error against "
+             f"{m['E2E']:.1f} ± {sd['E2E']:.1f} % end-to-end (mean ± sd over seeds)."]
+    for mode in [x for x in tables.ABLATION_MODES if f"{x} - R0" in noise.index]:
+        r = noise.loc[f"{mode} - R0"]
+        lines.append(f"{mode} against R0: {-r['difference (points)']:+.1f} points of error removed, twice its "
+                     f"standard error {r['2 SE (points)']:.1f}: {verdict(r['beyond noise'])}.")
+    local = [x for x in tables.ABLATION_MODES if x != "R0" and f"{x} - E2E" in noise.index]
+    if local:
+        closest = min(local, key=lambda x: noise.loc[f"{x} - E2E", "difference (points)"])
+        r = noise.loc[f"{closest} - E2E"]
+        lines.append(f"Closest to E2E: {closest}, {r['difference (points)']:.1f} points above it (twice the "
+                     f"standard error {r['2 SE (points)']:.1f}): {verdict(r['beyond noise'])}.")
+    if {"E", "R1E"} <= set(h.index) and min(n["E"], n["R1E"]) >= 2:
+        diff = m["R1E"] - m["E"]
+        two_se = 2 * math.sqrt(sd["E"] ** 2 / n["E"] + sd["R1E"] ** 2 / n["R1E"])
+        lines.append(f"E against R1E: {('E' if diff > 0 else 'R1E')} is {abs(diff):.1f} points lower, twice the "
+                     f"standard error {two_se:.1f}: {verdict(abs(diff) > two_se)}.")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------
 # Which entries are noise: a short profile (quick: three epochs on 8x8 digits) trains some
 # networks too little for their numbers to mean anything, and nothing in a bare table says so.
