@@ -340,6 +340,8 @@ def test_figure4_keeps_legend_off_the_data_and_labels_apart(tmp_path):
         boxes = [t.get_window_extent(renderer) for t in ax.texts if t.get_text().startswith(("K=", "E2E"))]
         assert boxes
         assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        frame = ax.get_window_extent(renderer)   # and none spills over the tick labels
+        assert all(frame.x0 - 1 <= b.x0 and b.x1 <= frame.x1 + 1 for b in boxes), [t.get_text() for t in ax.texts]
     assert "noise: E2E did not train" in fig.axes[1].get_title()
     plt.close(fig)
 

@@ -628,9 +628,10 @@ def figure4_notes(df: pd.DataFrame, dataset: str | None = None, metric: str = "f
 
 
 def _label_points(ax, points: list[tuple], fontsize: float = 8):
-    """Annotate [(x, y, text, color)] so that no label covers another label or a marker:
-    each takes the first of a few offsets (right/left, above/below, then further out) whose
-    box, estimated from the text's length, is free; else the least covered one."""
+    """Annotate [(x, y, text, color)] so that no label covers another label or a marker, nor
+    leaves the axes (where it would cover the tick labels): each takes the first of a few
+    offsets (right/left, above/below, then further out) whose box, estimated from the text's
+    length, is free and inside; else the least covered one."""
     ax.autoscale_view()
     to_px = ax.transData.transform
     scale = ax.figure.dpi / 72                                   # points -> pixels
@@ -639,6 +640,8 @@ def _label_points(ax, points: list[tuple], fontsize: float = 8):
     markers = [to_px((x, y)) for line in ax.get_lines() for x, y in line.get_xydata()]
     taken = [(mx - r, my - r, mx + r, my + r) for mx, my in markers]
     offsets = [(4, 3), (4, -3), (-4, 3), (-4, -3), (0, 9), (0, -9), (10, 12), (10, -12), (-10, 12), (-10, -12)]
+    frame = ax.get_window_extent()
+    frame = (frame.x0, frame.y0, frame.x1, frame.y1)
 
     def overlap(a, b):
         return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -650,7 +653,8 @@ def _label_points(ax, points: list[tuple], fontsize: float = 8):
             x0 = px + dx * scale - (w if dx < 0 else w / 2 if dx == 0 else 0)
             y0 = py + dy * scale - (h if dy < 0 else 0)
             box = (x0, y0, x0 + w, y0 + h)
-            cost = sum(overlap(box, t) for t in taken)
+            outside = (box[2] - box[0]) * (box[3] - box[1]) - overlap(box, frame)
+            cost = sum(overlap(box, t) for t in taken) + outside
             if best is None or cost < best[0]:
                 best = (cost, dx, dy, box)
             if cost == 0:
