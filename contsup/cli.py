@@ -150,7 +150,7 @@ def cmd_train(args) -> int:
         if int(os.environ.get("RANK", "0")) != 0:
             return 0
     else:
-        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+        result = train(cfg, resume=args.resume, progress=not args.no_progress, note_fresh_start=True)
     print(f"{out}: test error {result['final_error']:.2f}% (best {result['best_error']:.2f}% "
           f"at epoch {result['best_epoch']}), peak activation memory "
           f"{result['peak_activation_bytes'] / 2**20:.1f} MiB"

@@ -696,16 +696,18 @@ def finish_run(cfg: TrainConfig, net: ContSupNet, best: tuple, memory: dict, dev
     return json.loads((out / "result.json").read_text())  # the same types as a skipped rerun returns
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, note_fresh_start: bool = False) -> dict:
     """Train one configuration; returns (and writes) its result. With `resume`, continue from
     the run folder's checkpoint (or return the result of a finished run of the same config);
     without, refuse to touch a folder that already holds a run (see `open_run`). The run
-    folder's lock is held from before the folder is read until result.json is written."""
+    folder's lock is held from before the folder is read until result.json is written.
+    `note_fresh_start`: say on stderr when `resume` finds nothing to resume (the CLI's
+    --resume; `reproduce` resumes whatever it finds and says nothing)."""
     with ExitStack() as lock:
         ckpt, result = open_run(cfg, resume, lock)
         if result is not None:
             return result
-        if resume and ckpt is None:
+        if note_fresh_start and resume and ckpt is None:
             print(f"contsup: note: nothing to resume in {cfg.out_dir} (no ckpt.pt); starting a fresh run",
                   file=sys.stderr)
         return _train(cfg, ckpt, progress)
