@@ -28,7 +28,8 @@ class UsageError(ValueError):
 
 
 class DivergedError(RuntimeError):
-    """A training step produced a non-finite loss; training stopped before applying it.
+    """A training step produced a non-finite loss; training stopped before applying it, or
+    at the next divergence check (--check-every), before the next checkpoint either way.
 
     The message is one line naming the epoch, step and module and the likely fix; the
     attributes say the same for code (epoch and step count from 0, as in metrics.jsonl;
