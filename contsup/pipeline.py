@@ -47,7 +47,7 @@ from .errors import UsageError, stop_on_signals
 from .model import ContSupNet, feature_shape
 from .step import autocast, module_step
 from .train import (TrainConfig, append_metrics, checkpoint_fits, compile_model, finish_run, learning_rate,
-                    make_optimizer, metrics_row, open_run, pick_device, reconstruction_target, resolved_for,
+                    make_optimizer, metrics_row, open_run, pick_device, reconstruction_target,
                     save_checkpoint, set_up_run, to_format, DivergenceWatch)
 
 DEPTH = 2            # in-flight messages per link (the ring)
@@ -755,7 +755,6 @@ def train_pipelined(cfg: TrainConfig, resume: bool = False, progress: bool = Tru
     if depth < 1 or timeout_s <= 0:
         raise UsageError("--pipeline-depth must be >= 1 and --rank-timeout > 0")
     device = _device(cfg)
-    cfg = resolved_for(cfg, device)   # 'auto' encoders named as they run (config.json, checkpoint, result)
     watch, made_group = None, False
     try:
         with ExitStack() as stack:
@@ -806,7 +805,7 @@ def _run(cfg, resume, progress, split, depth, watch, device, lock: ExitStack) ->
     # alone reads data; it opens the run folder, measures memory and finds the split, then
     # everyone learns the split and the number of batches per epoch.
     run = set_up_run(cfg, device, ckpt, data=first)
-    net = run.net
+    cfg, net = run.cfg, run.net   # 'auto' encoders named as they run (config.json, checkpoint, result)
     plan = None
     if first:
         start_epoch, best, memory = run.open_folder(ckpt)
