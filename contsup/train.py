@@ -549,9 +549,7 @@ def finished_result(cfg: TrainConfig, path: Path) -> dict:
     result = read_run_json(path)
     check_fields(str(path), result, RESULT_FIELDS, optional=RESULT_OPTIONAL)
     check_same_config(cfg, result["config"], path)
-    config_path = path.parent / "config.json"
-    if config_path.exists():
-        check_same_config(cfg, read_run_json(config_path), config_path)
+    _check_folder_config(cfg, path.parent / "config.json")
     return result
 
 
@@ -578,7 +576,7 @@ def open_run(cfg: TrainConfig, resume: bool, lock: ExitStack) -> tuple[dict | No
     lock.enter_context(run_lock(out))      # from here on, no one else writes the folder
     if ckpt_path.exists() or result_path.exists():
         if not resume:
-            _refuse_other_config(cfg, config_path)
+            _check_folder_config(cfg, config_path)
             raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         if result_path.exists():   # finished while we waited for the lock
             return None, finished_result(cfg, result_path)
@@ -587,22 +585,21 @@ def open_run(cfg: TrainConfig, resume: bool, lock: ExitStack) -> tuple[dict | No
         if ckpt["epoch"] >= cfg.epochs:
             raise UsageError(f"checkpoint {ckpt_path}: 'epoch' is {ckpt['epoch']}, past the run's last epoch "
                              f"{cfg.epochs - 1}; move it away to start the run over")
-        if config_path.exists():
-            check_same_config(cfg, read_run_json(config_path), config_path)
+        _check_folder_config(cfg, config_path)
         return ckpt, None
     if config_path.exists() or (out / "metrics.jsonl").exists():  # started, killed before its first checkpoint
         if not resume:
-            _refuse_other_config(cfg, config_path)
+            _check_folder_config(cfg, config_path)
             raise UsageError(f"{out} holds a run that stopped before its first checkpoint; pass --resume to "
                              f"start it over or choose another --out")
-        if config_path.exists():  # starting over rewrites it: only if it is this run's own
-            check_same_config(cfg, read_run_json(config_path), config_path)
+        _check_folder_config(cfg, config_path)   # starting over rewrites it: only if it is this run's own
     return None, None
 
 
-def _refuse_other_config(cfg: TrainConfig, config_path: Path) -> None:
-    """A fresh start into a folder holding a run: if that run is of another config, say so
-    (--resume would not help)."""
+def _check_folder_config(cfg: TrainConfig, config_path: Path) -> None:
+    """Refuse a run folder whose config.json (where there is one) is of another config: to
+    resume, to report, or to start over in it (and without --resume, say that --resume
+    would not help)."""
     if config_path.exists():
         check_same_config(cfg, read_run_json(config_path), config_path)
 
