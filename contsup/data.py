@@ -55,7 +55,7 @@ def load_dataset(name: str, root: str = "data", download: bool = False,
             check_writable_folder(root, "--data-root")
         elif os.path.exists(root) and not os.path.isdir(root):
             raise UsageError(f"--data-root {root} is a file, not a folder; choose another --data-root")
-        cache = os.path.join(root, f"{name}_uint8.pt")
+        cache = cache_path(name, root)
         tensors = _read_cache(cache, name)
         if tensors is None:
             tensors = _read_torchvision(name, root, download)
@@ -127,6 +127,12 @@ def _read_torchvision(name: str, root: str, download: bool) -> dict[str, torch.T
         out[f"{split}_x"] = x.contiguous()
         out[f"{split}_y"] = torch.from_numpy(np.asarray(y, dtype=np.int64))
     return out
+
+
+def cache_path(name: str, root) -> str:
+    """Where a torchvision dataset's uint8 tensors are cached: `<root>/<name>_uint8.pt`,
+    read first by `load_dataset`, written by it and by `download`."""
+    return os.path.join(root, f"{name}_uint8.pt")
 
 
 def _read_cache(path: str, name: str) -> dict[str, torch.Tensor] | None:
@@ -406,4 +412,4 @@ def download(name: str, root: str = "data") -> None:
     check_writable_folder(root, "--data-root")
     os.makedirs(root, exist_ok=True)
     tensors = _read_torchvision(name, root, download=True)
-    _write_cache(os.path.join(root, f"{name}_uint8.pt"), name, tensors)
+    _write_cache(cache_path(name, root), name, tensors)

@@ -504,10 +504,6 @@ def slot_environment(device: str, threads: int | None) -> tuple[dict, int | str 
     return env, int(gpu) if gpu.isdigit() else gpu, "cuda"
 
 
-def _cache_file(name: str, root) -> Path:
-    return Path(root) / f"{name}_uint8.pt"  # what data.load_dataset reads first
-
-
 def prefetch_data(runs) -> list:
     """Download each dataset that runs ask to download, once, before any notebook starts (N
     slots downloading and extracting into one folder at once corrupt it); skipped when its
@@ -517,11 +513,11 @@ def prefetch_data(runs) -> list:
     needed = sorted({(r.config.dataset, str(Path(r.config.data_root).resolve())) for r in runs
                      if r.config.download and r.config.dataset in data.TORCHVISION_DATASETS})
     for name, root in needed:
-        if _cache_file(name, root).is_file():
+        if os.path.isfile(data.cache_path(name, root)):
             continue
         check_writable_folder(root, "--data-root")
         with run_lock(root, blocking=True):
-            if not _cache_file(name, root).is_file():  # not fetched meanwhile by another process
+            if not os.path.isfile(data.cache_path(name, root)):  # not fetched meanwhile by another process
                 print(f"downloading {name} into {root} ...", flush=True)
                 data.download(name, root)
     return [replace(r, config=replace(r.config, download=False)) for r in runs]
