@@ -256,6 +256,11 @@ def headline(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_
     return out.reindex([m for m in HEADLINE_METHODS if m in out.index]).rename_axis("method")
 
 
+def _two_se(h: pd.DataFrame, a: str, b: str) -> float:
+    """Twice the standard error of mean(a) - mean(b) over seeds, from `headline`'s table."""
+    return 2 * math.sqrt(h.loc[a, "sd (%)"] ** 2 / h.loc[a, "seeds"] + h.loc[b, "sd (%)"] ** 2 / h.loc[b, "seeds"])
+
+
 def seed_noise(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_error") -> pd.DataFrame:
     """Which differences of the headline are beyond seed noise: for every context mode against
     plain greedy learning (R0) and every local method against E2E, the difference of the
@@ -268,7 +273,7 @@ def seed_noise(df: pd.DataFrame, dataset: str | None = None, metric: str = "fina
         if a not in h.index or b not in h.index or min(h.loc[a, "seeds"], h.loc[b, "seeds"]) < 2:
             continue
         diff = h.loc[a, "mean (%)"] - h.loc[b, "mean (%)"]
-        two_se = 2 * math.sqrt(h.loc[a, "sd (%)"] ** 2 / h.loc[a, "seeds"] + h.loc[b, "sd (%)"] ** 2 / h.loc[b, "seeds"])
+        two_se = _two_se(h, a, b)
         rows.append({"comparison": f"{a} - {b}", "difference (points)": diff, "2 SE (points)": two_se,
                      "beyond noise": bool(abs(diff) > two_se)})
     return pd.DataFrame(rows, columns=["comparison", "difference (points)", "2 SE (points)", "beyond noise"])
@@ -297,7 +302,7 @@ def headline_text(df: pd.DataFrame, dataset: str | None = None, metric: str = "f
                      f"standard error {r['2 SE (points)']:.1f}): {verdict(r['beyond noise'])}.")
     if {"E", "R1E"} <= set(h.index) and min(n["E"], n["R1E"]) >= 2:
         diff = m["R1E"] - m["E"]
-        two_se = 2 * math.sqrt(sd["E"] ** 2 / n["E"] + sd["R1E"] ** 2 / n["R1E"])
+        two_se = _two_se(h, "E", "R1E")
         lines.append(f"E against R1E: {('E' if diff > 0 else 'R1E')} is {abs(diff):.1f} points lower, twice the "
                      f"standard error {two_se:.1f}: {verdict(abs(diff) > two_se)}.")
     return "\n".join(lines)
