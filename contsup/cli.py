@@ -160,15 +160,16 @@ def cmd_train(args) -> int:
 
 
 def describe(args) -> dict:
-    from .model import ContSupNet, ModelConfig
+    from .model import ModelConfig
     from .train import TrainConfig
+    from .wrap import build_net
     from .data import random_batch
     from .speed.encoders import set_context_impl
     from .speed.memory import measure_step_memory
     if args.batch_size < 2:
         raise UsageError(f"--batch-size must be >= 2 for a training step, got {args.batch_size}")
     cfg = TrainConfig(**given(args, ModelConfig)).model_config()   # with train's defaults (digits)
-    net = ContSupNet(cfg)
+    net = build_net(cfg)
     report = {"config": vars(cfg) | {"loss_scales": cfg.loss_scales}, "cut_points": net.cuts,
               "modules": len(net.blocks), "params": net.parts(), "loss_weights": net.loss_weights}
     if not args.no_memory:
