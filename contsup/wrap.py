@@ -61,6 +61,7 @@ class Place:
     value: fx.Node
     name: str
     block: bool = False   # a module with submodules ends here (a block, a stage)
+    module: bool = False  # named after a module (else after its fx node)
 
 
 def trace(model: nn.Module, image_size: int) -> fx.GraphModule:
@@ -151,7 +152,7 @@ def places(nodes: list, alive: list, ends: dict, blocks: set) -> list[Place]:
     for value, place in found.items():
         if value in names:
             place.name = min(names[value], key=lambda s: (s.count("."), len(s)))
-            place.block = any(n in blocks for n in names[value])
+            place.block, place.module = any(n in blocks for n in names[value]), True
     return sorted(found.values(), key=lambda p: p.pos)
 
 
@@ -181,6 +182,7 @@ def balanced(costs: list[int], candidates: list[int], k: int) -> list[int]:
 
 
 def _nearest(found: list[Place], pos: int) -> str:
+    found = [p for p in found if p.module] or found
     before = [p.name for p in found if p.pos < pos][-1:]
     after = [p.name for p in found if p.pos > pos][:1]
     return " or ".join(f"'{n}'" for n in before + after) or "none"
@@ -197,8 +199,10 @@ def named_places(found: list[Place], names, nodes: list, alive: list, ends: dict
             raise UsageError(f"no module '{name}' runs in {what}'s forward; places to cut: {some} ...")
         place = next((p for p in found if len(alive[pos]) == 1 and p.value in alive[pos]), None)
         if place is None:
-            raise UsageError(f"cannot cut after '{name}': {len(alive[pos])} values cross there (inside a residual "
-                             f"block, or no shape rule); the nearest places: {_nearest(found, pos)}")
+            shapes = [_shape(v) for v in alive[pos]]
+            why = f"{len(shapes)} values cross there (inside a residual block)" if len(shapes) != 1 else \
+                f"the tensor there, [B, {', '.join(map(str, shapes[0] or ()))}], has no head or encoder rule"
+            raise UsageError(f"cannot cut after '{name}': {why}; the nearest places: {_nearest(found, pos)}")
         if chosen and place.pos <= chosen[-1].pos:
             raise UsageError(f"cut '{name}' is not after cut '{chosen[-1].name}': give the cuts in forward order, "
                              "each after the last")
@@ -225,8 +229,6 @@ def choose_places(gm: fx.GraphModule, cuts, what: str) -> tuple[list, list[Place
     names = [cuts] if isinstance(cuts, str) else cuts
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise UsageError(f"cuts is an int K or a list of module names, got {cuts!r}")
-    if len(names) > len(found):
-        raise UsageError(f"{what} has {len(found)} places where one tensor crosses: at most {len(found)} cuts")
     return nodes, named_places(found, names, nodes, alive, ends, what)
 
 
