@@ -5,6 +5,9 @@ weights=None (nothing is downloaded)."""
 import copy
 import json
 
+import torch._dynamo
+from torch._dynamo.utils import counters
+
 import pytest
 import torch
 import torch.nn as nn
@@ -15,7 +18,9 @@ import contsup
 from contsup import UsageError
 from contsup.cli import main
 from contsup.model import ModelConfig
+from contsup.speed.encoders import encoder_impls, set_context_impl
 from contsup.step import local_learning_step, module_step
+from contsup.train import compile_model
 from contsup.tokens import PatchEncoder, TokenLayout
 from contsup.wrap import build_net
 
@@ -114,7 +119,8 @@ def test_shapes_without_a_rule_and_untraceable_models_are_refused():
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 64), nn.ReLU(), nn.Linear(64, 10))
     with pytest.raises(UsageError, match="has 0 places where one tensor crosses: at most K=1"):
         contsup.wrap(mlp, cuts=2, image_size=32)
-    with pytest.raises(UsageError, match=r"cannot cut after '1': the tensor there, \[B, 64\], has no head or encoder rule"):
+    with pytest.raises(UsageError, match=r"cannot cut after '1': the tensor there, \[B, 64\], has no head or "
+                                         "encoder rule"):
         contsup.wrap(mlp, cuts=["1"], image_size=32)
 
     class Branchy(nn.Module):
@@ -215,3 +221,63 @@ def test_train_and_describe_a_torchvision_model_from_the_command_line(tmp_path, 
     assert report["cut_points"] == ["layer1", "layer2", "layer3"] and report["modules"] == 4
     assert report["peak_activation_MiB"] > 0
     assert main(["train", "--arch", "torchvision:resnet18", "--balanced"]) == 2
+
+
+@pytest.mark.parametrize("family", ["resnet18", "vit"])
+def test_compiled_wrapped_net_steps_without_a_recompile_and_matches_eager(models, family):
+    """--compile on a wrapped net: each piece (an fx GraphModule), head and encoder compiles
+    on its own code object (train.compile_model); the second step recompiles nothing."""
+    torch.manual_seed(0)
+    net = contsup.wrap(models[family], cuts=4, mode="R1E", image_size=32).train()
+    ref = set_context_impl(copy.deepcopy(net), "plain")
+    x, y = batch(8)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_model(net, backend="eager")
+    _, losses = local_learning_step(net, x, y)
+    assert not any("recompile" in r.lower() or "cache_size" in r for r in counters["unimplemented"])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        net.zero_grad(set_to_none=True)
+        local_learning_step(net, x, y)
+    _, losses_ref = local_learning_step(ref, x, y)
+    torch.testing.assert_close(losses, losses_ref)
+
+
+def test_bf16_step_and_encoder_impls_of_a_wrapped_vit(models):
+    torch.manual_seed(0)
+    net = set_context_impl(contsup.wrap(models["vit"], cuts=3, mode="R1E", image_size=32), "lean").train()
+    assert encoder_impls(net) == {"plain": 3}        # token encoders have no lean form: they run plain
+    cnn = set_context_impl(contsup.wrap(models["resnet18"], cuts=3, mode="R1E", image_size=32), "lean")
+    assert encoder_impls(cnn) == {"lean": 3}
+    x, y = batch(8)
+    logits, losses = local_learning_step(net, x, y, bf16=True)
+    assert torch.isfinite(losses).all() and logits.dtype == torch.bfloat16
+
+
+def _wrapped_cfg(out, **changes):
+    from contsup.train import TrainConfig
+    return TrainConfig(**{"dataset": "digits8", "arch": "tests.test_wrap:factory", "k": 3, "mode": "R1E", "epochs": 3,
+                          "warmup_epochs": 1, "batch_size": 64, "lr": 0.05, "train_subset": 256, "out_dir": str(out),
+                          "device": "cpu", "seed": 3} | changes)
+
+
+def test_a_wrapped_run_interrupted_and_resumed_equals_the_uninterrupted_one(tmp_path, interrupt_in_second_evaluation):
+    from contsup.train import train
+    straight = train(_wrapped_cfg(tmp_path / "straight"), progress=False)
+    restore = interrupt_in_second_evaluation()
+    with pytest.raises(KeyboardInterrupt):
+        train(_wrapped_cfg(tmp_path / "resumed"), progress=False)
+    restore()
+    resumed = train(_wrapped_cfg(tmp_path / "resumed"), resume=True, progress=False)
+    assert resumed["final_error"] == straight["final_error"] and resumed["cuts"] == straight["cuts"]
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_diverging_wrapped_run_stops_with_the_module_named(tmp_path):
+    from contsup.errors import DivergedError
+    from contsup.train import train
+    with pytest.raises(DivergedError) as e:
+        train(_wrapped_cfg(tmp_path / "run", lr=1e12, warmup_epochs=0, check_every=1), progress=False)
+    assert 1 <= e.value.module <= 3 and "--lr" in str(e.value)
