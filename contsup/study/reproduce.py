@@ -824,7 +824,7 @@ def _reproduce(profile, out, only, runs, notebook_per, figures_dir, analysis, pr
     notebooks = []
     if analysis and count == 1:
         names = (["01_information_motivation.ipynb"] if "motivation" in groups else []) + \
-                ["03_tables.ipynb", "04_figures.ipynb"]
+                ["03_tables.ipynb", "04_figures.ipynb", "05_any_backbone.ipynb"]   # 05 trains its own runs
         notebooks = run_notebooks(names, out, profile, figures)
         if publish_notebooks:
             env = kernel_environment()
