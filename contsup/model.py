@@ -10,6 +10,12 @@ is the *detached* module output plus the context supply (`ContextSupply`): encod
 raw image (mode E) and/or of the inputs of the last n modules (mode Rn). The encoders are
 trained by the next module's loss; no gradient ever crosses a cut. K=1 is plain end-to-end.
 
+The K modules come as a `Backbone` (blocks and the activation shape at each cut): the
+paper's ResNet split at its cut table (`paper_backbone`, the default), or any network
+`contsup.wrap` cut with torch.fx (wrap.py). The heads and encoders are chosen and sized by
+the shape at each cut (`local_head`, `context_encoder`, `decoder_for`): the paper's on
+feature maps, tokens.py's on token sequences; the composition below is the same for both.
+
 This file builds the modules and composes their inputs: `ContSupNet.run_modules` is the
 loop over the modules, written once; inference runs it with the forward alone, the step
 (`step.local_learning_step`) with a local loss and `loss.backward()` per module. The encoders here are the paper's plain ones;
@@ -489,7 +495,7 @@ class ContSupNet(nn.Module):
     def supply(self, cut: int, h, x, module_inputs):
         """Input of module cut+1: the detached output of module `cut` plus its context.
 
-        h: [B, C, H, W] output of module `cut`; x: [B, 3, S, S] image; module_inputs[m]: the
+        h: [B, C, H, W] (or tokens [B, N, D]) output of module `cut`; x: [B, 3, S, S] image; module_inputs[m]: the
         detached input of module m (or None once no later cut needs it).
         """
         next_input, context = h.detach(), self.context[cut]
@@ -525,7 +531,7 @@ class ContSupNet(nn.Module):
 
     def module_forward(self, k: int, h_in):
         """Module k's forward; the last module ends in the classifier (class logits)."""
-        h = self.blocks[k](h_in)                                       # [B, C_k, H_k, W_k]
+        h = self.blocks[k](h_in)                                       # [B, C_k, H_k, W_k] or [B, N, D]
         return self.classifier(h) if k == self.k - 1 else h           # [B, classes]
 
     def forward(self, x):

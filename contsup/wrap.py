@@ -280,11 +280,24 @@ def wrap(model: nn.Module, cuts, *, mode: str = "R1E", loss: str = "softmax", im
     """`model` (an fx-traceable classification nn.Module or an nn.Sequential, on images
     [B, 3, image_size, image_size]) cut into K gradient-isolated modules with context supply.
 
-    cuts: an int K (K-1 cuts balanced by activation memory) or module names from
-    `model.named_modules()` (the cut goes after each); the rules are in the module doc.
-    num_classes: checked against the model's output width where given. `arch`/`dataset`
-    only name the network in its config (`build_net` passes them). The model itself is not
-    changed; the net holds a copy of its weights, none re-initialised.
+    cuts: an int K, or names from `model.named_modules()` (the cut goes after each). A cut
+    goes only where exactly one tensor crosses (not inside a residual block); with an int,
+    K-1 such places (block ends where there are enough) balanced by activation memory, as
+    the paper's E*: the largest module's activations set a local step's peak. Refused in
+    one line: a named cut inside a residual block (naming the nearest valid places), an
+    unknown name, names out of order, K above the number of places (naming the maximum).
+    Heads and encoders by the shape at a cut: a square feature map [B, C, H, H] gets the
+    paper's AuxHead, ImageEncoder, ResidualEncoder (pooled to H) and Decoder; tokens
+    [B, N, D] with N = g*g (+1 class token, first) get TokenHead (LayerNorm, mean over
+    tokens, MLP), PatchEncoder for the image or an earlier map (patch conv to the g*g
+    tokens; the class token gets zero context), TokenEncoder (a linear map per token,
+    class token included) for earlier tokens of the same N; tokens -> map or another N,
+    and any other shape, have no rule (refused). The rules in full: the module doc.
+
+    The model is not changed: the net holds a copy of it, no weight re-initialised (only
+    the heads, encoders and decoders are new); in eval mode under R0, net(x) == model(x)
+    bit for bit on a CPU. num_classes: checked against the model's output width where
+    given. `arch`/`dataset` only name the network in its config (`build_net` passes them).
     """
     gm = trace(model, image_size)
     what = type(model).__name__
