@@ -158,7 +158,7 @@ def learning_rate(epoch: int, base_lr: float, epochs: int, warmup_epochs: int = 
                   warmup_from: float = tables.PAPER_SCHEDULE.warmup_from) -> float:
     """The lr of 0-based epoch `epoch`, set once per epoch, as the authors' train.py sets it.
 
-    SPEC §5's lr_e = lr*(1+cos(pi*e/E))/2 counts epochs from 1: the authors call their
+    METHOD §5's lr_e = lr*(1+cos(pi*e/E))/2 counts epochs from 1: the authors call their
     schedule with e = epoch + 1, so the first epoch (0-based 0) trains at cos(1), the last
     (E-1) at cos(E) = lr 0. The warm-up epochs e = 1..W blend from `warmup_from` towards
     that same epoch's cosine value:

@@ -103,3 +103,39 @@ def test_committed_notebook_outputs_name_no_machine_and_carry_no_debris():
                 found += [f"{path.name} cell {i}: {what}: {m.group(0)!r}"
                           for what, pattern in MACHINE_TEXT for m in [pattern.search(text)] if m]
     assert not found, "\n".join(found)
+
+
+CITATION = re.compile(r"METHOD(?:\.md)?(?:\]\([^)\s]*\))?\s+(§\d+(?:\s*(?:[-–,]|and)\s*§?\d+)*)")
+SKIP_DIRS = {".git", ".venv", "data", "results", "runs", "build", "__pycache__", ".ipynb_checkpoints"}
+
+
+def _cited_sections(text: str) -> set[int]:
+    """The section numbers of every "METHOD §n" citation in `text`; a range §2-§4 names
+    every section from its first to its last."""
+    found = set()
+    for m in CITATION.finditer(text):
+        for part in re.split(r"\s*(?:,|and)\s*", m.group(1)):
+            ends = [int(n) for n in re.findall(r"\d+", part)]
+            found |= set(range(ends[0], ends[-1] + 1))
+    return found
+
+
+def test_every_cited_method_section_is_a_heading_of_method_md():
+    """The code, tests, notebooks and docs cite the method document as "METHOD §n" (or
+    "METHOD.md §n"); each cited section must be a heading of METHOD.md, and the old
+    citations of a document outside the repository are gone."""
+    headings = {int(n) for n in re.findall(r"^#{2,3} §(\d+)\b", (ROOT / "METHOD.md").read_text(), re.M)}
+    assert headings >= set(range(1, 11)), sorted(headings)
+    assert _cited_sections("x (METHOD §2-§4), METHOD.md §1–§3 and [METHOD.md](../METHOD.md) §6, §8") \
+        == {1, 2, 3, 4, 6, 8}
+    cited, stale = {}, []
+    for path in ROOT.rglob("*"):
+        if path.suffix not in {".py", ".md", ".ipynb", ".toml", ".cff"} or SKIP_DIRS & set(path.relative_to(ROOT).parts):
+            continue
+        text = path.read_text(encoding="utf-8")
+        for n in _cited_sections(text):
+            cited.setdefault(n, []).append(str(path.relative_to(ROOT)))
+        stale += [str(path.relative_to(ROOT))] if re.search(r"\bSPEC §", text) else []
+    missing = {n: files for n, files in cited.items() if n not in headings}
+    assert not missing, f"cited sections without a heading in METHOD.md: {missing}"
+    assert len(cited) >= 8 and not stale, (sorted(cited), stale)
