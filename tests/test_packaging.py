@@ -139,3 +139,53 @@ def test_every_cited_method_section_is_a_heading_of_method_md():
     missing = {n: files for n, files in cited.items() if n not in headings}
     assert not missing, f"cited sections without a heading in METHOD.md: {missing}"
     assert len(cited) >= 8 and not stale, (sorted(cited), stale)
+
+
+def test_licence_and_citation_name_the_paper_and_agree_with_pyproject():
+    """LICENSE is the MIT licence pyproject declares; CITATION.cff parses, describes this
+    software and prefers the paper (arXiv 2312.07636), which the README links with the
+    authors' code."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT" and (ROOT / "LICENSE").read_text().startswith("MIT License")
+    cff = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["type"] == "software"
+    assert cff["license"] == project["license"] and cff["version"] == project["version"]
+    paper = cff["preferred-citation"]
+    assert paper["title"].startswith("Go beyond End-to-End Training")
+    assert [a["family-names"] for a in paper["authors"]] == ["Yu", "Zhang", "Ma", "Wang", "Li"]
+    assert "2312.07636" in paper["url"] and any("2312.07636" in i["value"] for i in paper["identifiers"])
+    readme = (ROOT / "README.md").read_text()
+    for link in ("https://arxiv.org/abs/2312.07636", "https://github.com/Tab-ct/ContSup", "CITATION.cff"):
+        assert link in readme, link
+
+
+def _make_dry_run(target: str) -> str:
+    import shutil
+    import subprocess
+    if shutil.which("make") is None:
+        pytest.skip("no `make` on this machine: the Makefile's targets cannot be dry-run")
+    return subprocess.run(["make", "--dry-run", "--always-make", target], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def test_make_venv_builds_the_environment_and_nothing_else_and_lab_starts_as_root():
+    """`make venv` installs .venv and runs nothing (no tests, no reproduction, no server);
+    `make lab` passes --allow-root exactly when it runs as root."""
+    import os
+    venv = _make_dry_run("venv")
+    assert "-m venv .venv" in venv and "pip install" in venv and venv.strip().endswith("touch .venv/.installed")
+    assert not re.search(r"pytest|reproduce|jupyter lab", venv), venv
+    lab = _make_dry_run("lab").strip().splitlines()[-1]
+    assert "jupyter lab" in lab and ("--allow-root" in lab) == (os.geteuid() == 0), lab
+
+
+def test_readme_set_up_block_can_be_pasted_in_order():
+    """The README's first command block names `make venv`, activates .venv before the first
+    `python -m contsup` line and ends with the one command that blocks (`make lab`)."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+    assert commands[0] == "make venv" and commands[-1] == "make lab", commands
+    assert commands.index("source .venv/bin/activate") < min(
+        i for i, c in enumerate(commands) if c.startswith("python -m contsup")), commands
+    assert "<!-- demo-duration -->" in readme
