@@ -34,9 +34,8 @@ def test_ci_runs_the_readme_test_command():
 
 def test_committed_notebooks_show_their_results_and_pin_what_is_deterministic():
     """Every notebook opens with its papermill parameters and is committed executed (the
-    quick profile's outputs, `make demo`), without papermill's injected cell, without an
-    error output and under 2 MB; the cells nbval compares (NBVAL_CHECK_OUTPUT) carry small
-    text outputs."""
+    quick profile's outputs, `make demo`), without an error output and under 2 MB; the cells
+    nbval compares (NBVAL_CHECK_OUTPUT) carry small text outputs."""
     import json
     notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
     assert [p.name[:2] for p in notebooks] == ["00", "01", "02", "03", "04"]
@@ -46,7 +45,6 @@ def test_committed_notebooks_show_their_results_and_pin_what_is_deterministic():
         cells = json.loads(path.read_text())["cells"]
         code = [c for c in cells if c["cell_type"] == "code"]
         assert "parameters" in code[0]["metadata"].get("tags", []), path.name
-        assert not any("injected-parameters" in c["metadata"].get("tags", []) for c in code), path.name
         assert any(c["outputs"] for c in code), f"{path.name} is committed without outputs (run make demo)"
         assert not any(o["output_type"] == "error" for c in code for o in c["outputs"]), path.name
         for cell in code:
@@ -58,19 +56,24 @@ def test_committed_notebooks_show_their_results_and_pin_what_is_deterministic():
     assert pinned >= 5
 
 
-def test_published_notebook_loses_papermills_additions(tmp_path):
+def test_published_notebook_keeps_the_injected_parameters_and_loses_papermills_bookkeeping(tmp_path):
     from contsup.study import publish
     nb = {"cells": [{"cell_type": "code", "metadata": {"tags": ["parameters"]}, "source": "k = 4", "outputs": []},
-                    {"cell_type": "code", "metadata": {"tags": ["injected-parameters"]}, "source": "k = 8",
-                     "outputs": []},
+                    {"cell_type": "code", "metadata": {"tags": ["injected-parameters"]},
+                     "source": "# Parameters\nk = 8\nout = \"/home/me/contsup/results/quick\"\n", "outputs": []},
                     {"cell_type": "code", "metadata": {"papermill": {"duration": 1.0}}, "source": "print(k)",
                      "outputs": [{"output_type": "stream", "name": "stdout", "text": "8\n"}]}],
           "metadata": {"papermill": {"parameters": {"k": 8}}, "kernelspec": {"name": "python3"}}}
-    publish.write(nb, tmp_path / "x.ipynb")
+    publish.write(nb, tmp_path / "x.ipynb", root="/home/me/contsup")
     out = json.loads((tmp_path / "x.ipynb").read_text())
-    assert [c["source"] for c in out["cells"]] == ["k = 4", "print(k)"]
-    assert "papermill" not in out["metadata"] and "papermill" not in out["cells"][1]["metadata"]
-    assert out["cells"][1]["outputs"][0]["text"] == "8\n"   # the outputs stay
+    injected = out["cells"][1]
+    assert out["cells"][0]["source"] == "k = 4" and out["cells"][2]["source"] == "print(k)"
+    assert injected["metadata"]["tags"] == ["injected-parameters", "nbval-skip"]
+    assert "".join(injected["source"]) == publish.INJECTED_NOTE + '# Parameters\nk = 8\nout = "../results/quick"\n'
+    assert "papermill" not in out["metadata"] and "papermill" not in out["cells"][2]["metadata"]
+    assert out["cells"][2]["outputs"][0]["text"] == "8\n"   # the outputs stay
+    publish.write(out, tmp_path / "x2.ipynb", root="/home/me/contsup")   # published twice: one note
+    assert json.loads((tmp_path / "x2.ipynb").read_text())["cells"][1]["source"] == injected["source"]
     publish.write({**nb, "cells": [{"cell_type": "code", "metadata": {}, "source": "print(path)", "outputs": [
         {"output_type": "stream", "name": "stdout", "text": ["/home/me/contsup/figures/a.png\n"]}]}]},
         tmp_path / "z.ipynb", root="/home/me/contsup")
@@ -81,6 +84,77 @@ def test_published_notebook_loses_papermills_additions(tmp_path):
     with pytest.raises(UsageError, match="2 MB"):
         publish.write(big, tmp_path / "y.ipynb")
     assert not (tmp_path / "y.ipynb").exists()
+
+
+def _code_cell(source: str, tags=()) -> dict:
+    return {"cell_type": "code", "execution_count": None, "metadata": {"tags": list(tags)},
+            "outputs": [], "source": source}
+
+
+def test_a_tiny_notebook_published_shows_its_parameters_and_nbval_runs_its_defaults(tmp_path, monkeypatch):
+    """Executed by papermill with injected values, published by `publish.publish`: the stored
+    notebook shows the injected values (paths relative to its folder) over the outputs they
+    made; nbval, run on the stored notebook as the tests run the real ones, skips that cell
+    and runs the parameters cell's defaults (both runs record what they ran with)."""
+    import subprocess
+    import sys
+    papermill = pytest.importorskip("papermill", reason="papermill (the dev extra) executes the notebook")
+    from contsup.study import publish
+    notebooks, executed, results = tmp_path / "notebooks", tmp_path / "executed", tmp_path / "results"
+    for folder in (notebooks, executed, results):
+        folder.mkdir()
+    defaults = tmp_path / "defaults"
+    defaults.mkdir()
+    cells = [_code_cell(f'profile = "smoke"\nresults_dir = "{defaults}"', ["parameters"]),
+             _code_cell('from pathlib import Path\nPath(results_dir, "ran_with.txt").write_text(profile)\nprint(profile)'),
+             _code_cell("# NBVAL_CHECK_OUTPUT\nprint(2 + 2)")]
+    tiny = {"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                         "language": "python"}},
+            "nbformat": 4, "nbformat_minor": 4}
+    (notebooks / "tiny.ipynb").write_text(json.dumps(tiny))
+    papermill.execute_notebook(str(notebooks / "tiny.ipynb"), str(executed / "tiny.ipynb"),
+                               parameters={"profile": "quick", "results_dir": str(results)},
+                               kernel_name="python3", progress_bar=False, cwd=str(notebooks))
+    monkeypatch.setattr(publish, "RUN_NOW", ())
+    monkeypatch.setattr(publish, "FROM_REPRODUCE", ("tiny.ipynb",))
+    assert publish.publish(executed, notebooks, lambda src, dst, params: None) == [notebooks / "tiny.ipynb"]
+
+    stored = json.loads((notebooks / "tiny.ipynb").read_text())["cells"]
+    injected = "".join(stored[1]["source"])
+    assert stored[1]["metadata"]["tags"] == ["injected-parameters", "nbval-skip"]
+    assert 'profile = "quick"' in injected and 'results_dir = "../results"' in injected
+    assert str(tmp_path) not in injected
+    assert "".join(stored[2]["outputs"][0]["text"]) == "quick\n" and (results / "ran_with.txt").read_text() == "quick"
+
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+                          "-o", "addopts=", "--rootdir", str(tmp_path), "--nbval-lax", str(notebooks / "tiny.ipynb")],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert (defaults / "ran_with.txt").read_text() == "smoke"
+
+
+def test_committed_notebooks_keep_the_parameters_that_produced_their_outputs():
+    """`make demo` publishes the notebooks `reproduce` executed with injected parameters
+    (publish.FROM_REPRODUCE) with papermill's injected cell kept right under the parameters
+    cell: it sets the quick profile, only names the parameters cell defines, no machine's
+    path, and nbval skips it. The notebooks executed with their own defaults
+    (publish.RUN_NOW) have no injected cell: their parameters cell made their outputs."""
+    import ast
+    from contsup.study import publish
+    names = lambda source: {t.id for node in ast.parse(source).body if isinstance(node, ast.Assign)  # noqa: E731
+                            for t in node.targets if isinstance(t, ast.Name)}
+    assert {p.name for p in (ROOT / "notebooks").glob("*.ipynb")} == set(publish.RUN_NOW + publish.FROM_REPRODUCE)
+    for name in publish.RUN_NOW + publish.FROM_REPRODUCE:
+        code = [c for c in json.loads((ROOT / "notebooks" / name).read_text())["cells"] if c["cell_type"] == "code"]
+        injected = [i for i, c in enumerate(code) if "injected-parameters" in c["metadata"].get("tags", [])]
+        if name in publish.RUN_NOW:
+            assert not injected, f"{name} is executed with its defaults; it should have no injected cell"
+            continue
+        assert injected == [1], f"{name}: no injected-parameters cell under its parameters cell (make demo)"
+        source = "".join(code[1]["source"])
+        assert "nbval-skip" in code[1]["metadata"]["tags"] and 'profile = "quick"' in source, name
+        assert names(source) <= names("".join(code[0]["source"])), name
+        assert not MACHINE_TEXT[0][1].search(source), name
 
 
 MACHINE_TEXT = [("an absolute path", re.compile(r"(?<![\w.])/(tmp|home|work|root|Users|var/folders)/")),
