@@ -266,8 +266,8 @@ class DeviceLoader:
     RandomHorizontalFlip do, but for the whole batch at once. Every random number comes
     from `generator`, a CPU torch.Generator, so the batches are the same on every device,
     and a run resumes exactly where it stopped when the caller restores the generator's
-    state (the training itself repeats bit for bit on a CPU, and on CUDA with
-    --deterministic: train.TrainConfig.deterministic).
+    state (the training itself repeats bit for bit on the same device, thread count and versions:
+    on a CPU as it is, on CUDA with --deterministic: train.TrainConfig.deterministic).
     train=False yields the data in order, only normalised.
 
     No batch waits on the host: when an epoch starts, `draw_epoch` draws all its random
