@@ -4,7 +4,7 @@ torch.fx and returns the same `ContSupNet` the paper's ResNets are.
     net = contsup.wrap(torchvision.models.resnet18(num_classes=10), cuts=4, image_size=32)
     logits, losses = step.local_learning_step(net, x, y)       # as for the paper's networks
 
-How a model is cut (the rules; the method document repeats them):
+How a model is cut (the rules; METHOD §9 repeats them):
 
 1. The model is copied (the caller's model is left as it is, weights included) and traced
    with `torch.fx.symbolic_trace` (an `nn.Sequential` traces as its children in order); its
