@@ -25,7 +25,8 @@ How a model is cut (the rules; METHOD §9 repeats them):
    unknown name, a name out of forward order, and K beyond the number of places (one line:
    the maximum) too. A place no module ends at is named by its fx node (e.g. `flatten`).
 5. Each piece is an `fx.GraphModule` holding the model's own submodules and parameters
-   (state_dict keys `blocks.<k>.<the model's name>`); the last piece ends in the model's own
+   (state_dict keys `blocks.<k>.<the model's name>`; a weight two pieces would share, as a
+   module called on both sides of a cut, is refused); the last piece ends in the model's own
    classifier, so `ContSupNet.classifier` is an identity. Nothing in the backbone is
    re-initialised (`Backbone.keep_weights`): only the heads, encoders and decoders ContSup
    adds are. In eval mode under R0 the net computes the model's own ops in the same order.
@@ -271,6 +272,12 @@ def split(gm: fx.GraphModule, nodes: list, chosen: list[Place]) -> tuple[list, l
     blocks = [piece(gm, nodes, (bounds[t], bounds[t + 1]), values[t], values[t + 1]) for t in range(len(chosen) + 1)]
     labels = [[n.target for n in nodes[bounds[t] + 1:bounds[t + 1] + 1] if n.op == "call_module"]
               for t in range(len(blocks))]
+    owner: dict[int, int] = {}
+    for t, block in enumerate(blocks):
+        for name, p in block.named_parameters():
+            if owner.setdefault(id(p), t) != t:   # a weight two modules use: its gradient would cross the cut
+                raise UsageError(f"parameter '{name}' is used by modules {owner[id(p)]} and {t}; a weight shared "
+                                 "across a cut carries gradient across it: cut elsewhere")
     return blocks, labels
 
 

@@ -128,6 +128,10 @@ def test_shapes_without_a_rule_and_untraceable_models_are_refused():
             return x.mean() if x.sum() > 0 else x   # data-dependent control flow: fx cannot trace it
     with pytest.raises(UsageError, match="torch.fx cannot trace Branchy"):
         contsup.wrap(Branchy(), cuts=2, image_size=32)
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    tied = nn.Sequential(conv, nn.ReLU(), conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 10))
+    with pytest.raises(UsageError, match="parameter '0.weight' is used by modules 0 and 1"):
+        contsup.wrap(tied, cuts=["1"], image_size=32)
     with pytest.raises(UsageError, match="returns 10 logits, not num_classes=100"):
         contsup.wrap(small_sequential(), cuts=2, image_size=32, num_classes=100)
 
