@@ -313,7 +313,7 @@ class ModelConfig:
     """The network; each field with its command-line help (errors.option)."""
     arch: str = option("resnet32", ARCH_HELP)
     k: int = option(4, "number of local modules (1 = end-to-end)", flag="-k")
-    cuts: tuple | None = option(None, "not the paper's archs: cut after these modules (names from "
+    cuts: str | tuple | None = option(None, "not the paper's archs: cut after these modules (names from "
                                       "model.named_modules()), e.g. layer1,layer3; K = names + 1 (-k: leave it out)")
     mode: str = option("R1E", "context supply: R0, E, Rn or RnE (n = 1, 2, 4, ... up to K), e.g. R1E")
     loss: str = option("softmax", f"local head loss: {' or '.join(LOSSES)}")

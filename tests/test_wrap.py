@@ -285,3 +285,13 @@ def test_a_diverging_wrapped_run_stops_with_the_module_named(tmp_path):
     with pytest.raises(DivergedError) as e:
         train(_wrapped_cfg(tmp_path / "run", lr=1e12, warmup_epochs=0, check_every=1), progress=False)
     assert 1 <= e.value.module <= 3 and "--lr" in str(e.value)
+
+
+def test_cuts_flag_takes_names_that_look_like_numbers():
+    from contsup import cli
+    from contsup.train import TrainConfig
+    train = cli.build_parser().subcommands["train"]
+    args = train.parse_args(["--arch", "tests.test_wrap:factory", "--cuts", "2,5"])
+    cfg = TrainConfig(**cli.given(args, TrainConfig))
+    assert cfg.cuts == ("2", "5") and cfg.k == 3
+    assert build_net(cfg.model_config()).cuts == ["2", "5"]
