@@ -294,7 +294,8 @@ def wrap(model: nn.Module, cuts, *, mode: str = "R1E", loss: str = "softmax", im
     one line: a named cut inside a residual block (naming the nearest valid places), an
     unknown name, names out of order, K above the number of places (naming the maximum).
     Heads and encoders by the shape at a cut: a square feature map [B, C, H, H] gets the
-    paper's AuxHead, ImageEncoder, ResidualEncoder (pooled to H) and Decoder; tokens
+    paper's AuxHead, ImageEncoder (the image pooled to at most 4H first), ResidualEncoder
+    (pooled to H) and Decoder; tokens
     [B, N, D] with N = g*g (+1 class token, first) get TokenHead (LayerNorm, mean over
     tokens, MLP), PatchEncoder for the image or an earlier map (patch conv to the g*g
     tokens; the class token gets zero context), TokenEncoder (a linear map per token,

@@ -295,3 +295,16 @@ def test_cuts_flag_takes_names_that_look_like_numbers():
     cfg = TrainConfig(**cli.given(args, TrainConfig))
     assert cfg.cuts == ("2", "5") and cfg.k == 3
     assert build_net(cfg.model_config()).cuts == ["2", "5"]
+
+
+def test_image_encoders_pool_the_image_only_beyond_the_papers_ratio(models):
+    from contsup.model import ContSupNet, ImageEncoder
+    for cfg in (ModelConfig(arch="resnet32", k=16, mode="R1E"), ModelConfig(arch="resnet110", k=4, mode="E",
+                                                                              dataset="stl10")):
+        encoders = [m for m in ContSupNet(cfg).modules() if isinstance(m, ImageEncoder)]
+        assert encoders and all(isinstance(e.pre, nn.Identity) for e in encoders)   # the paper's, unchanged
+    net = contsup.wrap(models["resnet18"], cuts=["layer1", "layer2", "layer3"], mode="E", image_size=32)
+    sides = [(e.pre.output_size if isinstance(e.pre, nn.AdaptiveAvgPool2d) else None) for e in
+             (c.image for c in net.context)]
+    assert sides == [None, 16, 8]                                     # feature sides 8, 4, 2: at most 4x
+    assert net.context[2].image(torch.randn(2, 3, 32, 32)).shape == (2, 256, 2, 2)
