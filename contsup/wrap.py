@@ -7,8 +7,9 @@ torch.fx and returns the same `ContSupNet` the paper's ResNets are.
 How a model is cut (the rules; METHOD §9 repeats them):
 
 1. The model is copied (the caller's model is left as it is, weights included) and traced
-   with `torch.fx.symbolic_trace` (an `nn.Sequential` traces as its children in order); its
-   graph runs once on a zero image [2, 3, S, S] in eval mode (`ShapeProp`) for the shapes.
+   with `torch.fx.symbolic_trace` in eval mode (see `trace`; an `nn.Sequential` traces as its
+   children in order); its graph runs once on a zero image [2, 3, S, S] (`ShapeProp`) for
+   the shapes. The net comes back in the mode the model was in.
 2. A cut can go after a node of the graph where exactly one value crosses: one tensor made
    before it is read after it, nothing else (no second tensor, as inside a residual block,
    nor a number such as a batch size read from the input's shape). Parameters read by
@@ -66,10 +67,15 @@ class Place:
 
 
 def trace(model: nn.Module, image_size: int) -> fx.GraphModule:
-    """A traced copy of `model`, its nodes annotated with shapes (`node.meta['tensor_meta']`)."""
+    """A traced copy of `model` in eval mode, its nodes annotated with shapes
+    (`node.meta['tensor_meta']`). Eval mode, because fx bakes forward code that reads
+    `self.training` itself into the graph: traced in training mode, torchvision's stochastic
+    depth would drop paths at test time too. Modules (BN, dropout) still follow train() and
+    eval(); such code keeps its eval branch (no stochastic depth, no GoogLeNet/Inception aux
+    logits, whose role the local heads take)."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"wrap takes an nn.Module, got {type(model).__name__}")
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model).eval()
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:  # fx raises many kinds (TraceError, TypeError, NotImplementedError ...)
@@ -78,16 +84,13 @@ def trace(model: nn.Module, image_size: int) -> fx.GraphModule:
                          "or an nn.Sequential") from e
     param = next(model.parameters(), None)
     example = torch.zeros(2, 3, image_size, image_size, device=param.device if param is not None else None)
-    training = gm.training
     try:
         with torch.no_grad():
-            ShapeProp(gm.eval()).propagate(example)
+            ShapeProp(gm).propagate(example)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UsageError(f"{type(model).__name__} does not run on a [2, 3, {image_size}, {image_size}] image "
-                         f"({first}); give the image_size it takes") from e
-    finally:
-        gm.train(training)
+                         f"({first}); build it for that size (or give the image_size it takes)") from e
     return gm
 
 
@@ -323,8 +326,9 @@ def wrap(model: nn.Module, cuts, *, mode: str = "R1E", loss: str = "softmax", im
                       dataset=dataset, widen=widen)
     blocks, labels = split(gm, nodes, chosen)
     shapes = [(3, image_size, image_size)] + [_shape(p.value) for p in chosen]
-    return ContSupNet(cfg, Backbone(blocks, nn.Identity(), shapes, labels, names, out_shape[0], image_size,
-                                    keep_weights=True))
+    net = ContSupNet(cfg, Backbone(blocks, nn.Identity(), shapes, labels, names, out_shape[0], image_size,
+                                   keep_weights=True))
+    return net.train(model.training)   # the mode the model was in (it was traced in eval mode)
 
 
 def make_model(arch: str, num_classes: int) -> nn.Module:

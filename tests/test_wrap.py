@@ -308,3 +308,16 @@ def test_image_encoders_pool_the_image_only_beyond_the_papers_ratio(models):
              (c.image for c in net.context)]
     assert sides == [None, 16, 8]                                     # feature sides 8, 4, 2: at most 4x
     assert net.context[2].image(torch.randn(2, 3, 32, 32)).shape == (2, 256, 2, 2)
+
+
+
+def test_a_model_in_training_mode_is_traced_in_eval_mode():
+    """fx bakes `self.training` read in forward code into the graph: traced in training mode,
+    efficientnet's stochastic depth would drop paths at test time too."""
+    torch.manual_seed(0)
+    model = torchvision.models.efficientnet_b0(num_classes=10)           # training mode, as built
+    net = contsup.wrap(model, cuts=3, mode="R0", image_size=32)
+    assert net.training and all(m.training for m in net.modules())      # back in the model's mode
+    x, _ = batch()
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), model.eval()(x))
