@@ -8,8 +8,8 @@ How a model is cut (the rules; METHOD §9 repeats them):
 
 1. The model is copied (the caller's model is left as it is, weights included) and traced
    with `torch.fx.symbolic_trace` in eval mode (see `trace`; an `nn.Sequential` traces as its
-   children in order); its graph runs once on a zero image [2, 3, S, S] (`ShapeProp`) for
-   the shapes. The net comes back in the mode the model was in.
+   children in order); its graph runs once on a zero image [2, 3, S, S] for the
+   shapes. The net comes back in the mode the model was in.
 2. A cut can go after a node of the graph where exactly one value crosses: one tensor made
    before it is read after it, nothing else (no second tensor, as inside a residual block,
    nor a number such as a batch size read from the input's shape). Parameters read by
@@ -49,7 +49,6 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from . import tables
 from .errors import UsageError
@@ -64,6 +63,22 @@ class Place:
     name: str
     block: bool = False   # a module with submodules ends here (a block, a stage)
     module: bool = False  # named after a module (else after its fx node)
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+class _RecordShapes(fx.Interpreter):
+    """Runs the graph once, recording each tensor value's shape (node.meta['tensor_meta'])."""
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = TensorMeta(result.shape, result.dtype)
+        return result
 
 
 def trace(model: nn.Module, image_size: int) -> fx.GraphModule:
@@ -86,7 +101,7 @@ def trace(model: nn.Module, image_size: int) -> fx.GraphModule:
     example = torch.zeros(2, 3, image_size, image_size, device=param.device if param is not None else None)
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(example)
+            _RecordShapes(gm).run(example)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UsageError(f"{type(model).__name__} does not run on a [2, 3, {image_size}, {image_size}] image "
