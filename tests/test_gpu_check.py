@@ -227,6 +227,10 @@ def test_a_compiled_row_that_would_not_fit_is_skipped_and_says_why(monkeypatch):
     assert expected >= 47 * 3.0                            # estimated from its graph count
 
 
+def test_graphs_as_planned_match_the_compiled_parts():
+    assert [gpu_check.graph_count(m) for m in ("E2E", "R0", "R1E")] == [2, 32, 47]
+
+
 def test_a_running_row_stops_its_steps_at_the_end():
     clock = FakeClock()
     budget = gpu_check.Budget(clock() + 3.0, clock)
