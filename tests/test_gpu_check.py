@@ -252,3 +252,11 @@ def test_a_compiled_row_past_the_end_is_killed_and_recorded(monkeypatch):
         "rc": None, "timed_out_after_s": round(timeout), "s": timeout})
     row = gpu_check.measure_compiled(("R1E", "float32"), gpu_check.Budget(time.monotonic() + 30))
     assert row["error"].startswith("stopped at the section's end after 30 s") and row["graphs_expected"] == 47
+
+
+def test_the_batch_is_the_one_the_docs_quote():
+    """One batch for every section, the one benchmarks/README.md's op counts are printed at."""
+    readme = (BENCH / "README.md").read_text()
+    assert f"aten ops per training step, resnet32 K=16 batch {gpu_check.BATCH} on cpu" in readme
+    assert f"ResNet-32 at batch {gpu_check.BATCH} (`BATCH`" in readme
+    assert gpu_check.step_config("R1E", "plain").batch_size == gpu_check.BATCH
