@@ -572,8 +572,9 @@ def markdown(result: dict) -> str:
     skipped = [s for t in tables for s in t.get("skipped_for_time", [])]
     if skipped:
         lines += ["", "Not measured (time budget): " + ", ".join(skipped) + "."]
-    lines += [""] + [line for line in (syncs_line(result.get("syncs", {})), calibrate_line(result.get("calibrate", {})),
-                                       nccl_line(result.get("nccl", {}))) if line]
+    lines += [""] + [line for line in (syncs_line(result.get("syncs", {})), ops_line(result.get("ops", {})),
+                                       calibrate_line(result.get("calibrate", {})), nccl_line(result.get("nccl", {})))
+                     if line]
     failed = [f"{name}: {result[name]['error'][:200]}" for name in BUDGET_S if "error" in result.get(name, {})]
     if failed:
         lines.append("- sections failed: " + "; ".join(failed))
@@ -589,6 +590,12 @@ def syncs_line(s: dict) -> str | None:
         return (f"- syncs: {s['syncs']} in an epoch of {s['steps']} steps of train.train_epoch ({s['impl']} encoders) "
                 f"under set_sync_debug_mode('warn')" + (f" ({', '.join(s['where'])})" if s["where"] else ""))
     return f"- syncs: not measured, {s['skipped']}" if "skipped" in s else None
+
+
+def ops_line(o: dict) -> str | None:
+    counts = "; ".join(f"{mode} " + ", ".join(f"{impl} {n}" for impl, n in c.items())
+                       for mode, c in o.get("aten_ops_per_step", {}).items() if c)
+    return f"- aten ops per step, K={o['k']} batch {o['batch']}: {counts}" if counts else None
 
 
 def calibrate_line(c: dict) -> str | None:
