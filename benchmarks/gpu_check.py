@@ -271,24 +271,23 @@ def measure_row(item: tuple, budget: Budget, device, compiled: bool = False) -> 
     one_step, row = build_step(mode, impl, dtype, compiled, device)
     row.update(mode=mode, k=1 if mode == "E2E" else K, batch=BATCH, dtype=dtype,
                impl="compiled" if compiled else ("-" if mode in ("E2E", "R0") else impl))  # E2E, R0: no encoders
+    from torch._dynamo.utils import counters
+    counters.clear()
     warm = {}
-    if compiled:
-        from torch._dynamo.utils import counters
-        counters.clear()
 
-        def on_warm():   # the graphs of the first steps; frames compiled after them are recompiles
-            warm.update(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()),
-                        frames=counters["frames"]["total"])
-    reset_peak(device)
+    def on_warm():   # the timed steps' memory peak from here; frames compiled after here are recompiles
+        reset_peak(device)
+        warm.update(frames=counters["frames"]["total"])
     setup = budget.clock() - t0
-    row.update(timed_steps(one_step, budget, lambda step: step_seconds(step, device), on_warm if compiled else None))
+    row.update(timed_steps(one_step, budget, lambda step: step_seconds(step, device), on_warm))
     row["setup_s"] = setup + row["first_step_s"]   # the part of a row no clock check can cut short
-    row["max_memory_allocated"] = peak_bytes(device)
     if "step_s" in row:
         row["images_per_s"] = BATCH / row["step_s"]
-    if compiled and warm:
-        row.update(graphs=warm["graphs"], graph_breaks=warm["graph_breaks"],
-                   recompiles=counters["frames"]["total"] - warm["frames"])
+        row["max_memory_allocated"] = peak_bytes(device)
+    if compiled:
+        row.update(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()))
+        if warm:
+            row["recompiles"] = counters["frames"]["total"] - warm["frames"]
     del one_step
     free_cached(device)
     return row
