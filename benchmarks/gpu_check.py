@@ -535,8 +535,9 @@ def compiled_row_main(spec: str, until: float) -> int:
     mode, dtype = spec.split(",")
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
+    from contsup import jsonio
     row = measure_row((mode, "plain", dtype), Budget(until), device, compiled=True)
-    print(json.dumps(row))
+    print(jsonio.dumps(row))
     return 0
 
 
