@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from contsup import tables
-from contsup.study import experiments, information, report, runs
+from contsup.study import experiments, figures, information, report, runs
 from contsup.errors import UsageError
 from contsup.train import TrainConfig
 
@@ -168,16 +168,16 @@ def _check_written(paths, names):
 def test_figures_are_written_with_partial_and_no_results(results, tmp_path):
     df = runs.collect(results)
     for data, out in ((df, tmp_path / "fig"), (runs.collect(tmp_path / "empty"), tmp_path / "fig-empty")):
-        _check_written(report.figure4(data, out), ["figure4_memory_vs_error"])
-        _check_written(report.figure4(data, out, authors=True), ["figure4_authors_memory_vs_error"])
-        _check_written(report.figure5(data, out), ["figure5_ablation"])
-        _check_written(report.table4_chart(data, out), ["table4_modes"])
+        _check_written(figures.figure4(data, out), ["figure4_memory_vs_error"])
+        _check_written(figures.figure4(data, out, authors=True), ["figure4_authors_memory_vs_error"])
+        _check_written(figures.figure5(data, out), ["figure5_ablation"])
+        _check_written(figures.table4_chart(data, out), ["table4_modes"])
     info = pd.DataFrame({"method": ["E2E"] * 3 + ["GLL (R0)"] * 3, "depth_fraction": [0, .5, 1] * 2,
                          "psnr_db": [30, 20, 15, 30, 18, 12], "probe_accuracy": [10, 60, 90, 10, 70, 85],
                          "is_cut": [False, False, False, False, True, False], "dataset": "digits",
                          "arch": "resnet32", "k": [1] * 3 + [2] * 3})
-    _check_written(report.motivation_figure(info, tmp_path / "fig"), ["motivation_information"])
-    _check_written(report.motivation_figure(pd.DataFrame(), tmp_path / "fig-empty"), ["motivation_information"])
+    _check_written(figures.motivation_figure(info, tmp_path / "fig"), ["motivation_information"])
+    _check_written(figures.motivation_figure(pd.DataFrame(), tmp_path / "fig-empty"), ["motivation_information"])
 
 
 # --------------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_headline_mean_sd_and_what_is_beyond_seed_noise(tmp_path):
     assert bool(noise.loc["R1E - R0", "beyond noise"]) and noise.loc["R1E - R0", "difference (points)"] < -15
     assert not bool(noise.loc["E - R0", "beyond noise"])
     assert bool(noise.loc["R0 - E2E", "beyond noise"])
-    paths = report.headline_figure(df, tmp_path / "fig")
+    paths = figures.headline_figure(df, tmp_path / "fig")
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
     # The same verdicts in words, every number from the runs (notebook 04 prints this)
     text = report.headline_text(df).splitlines()
@@ -328,9 +328,9 @@ def test_figure4_keeps_legend_off_the_data_and_labels_apart(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     df = _noisy_results(tmp_path / "r")
-    notes = report.figure4_notes(df)
+    notes = figures.figure4_notes(df)
     assert notes.splitlines()[1].startswith("ResNet-110: Noise: end-to-end reaches only 75.6 %")
-    report.figure4(df, tmp_path / "fig", show=True)
+    figures.figure4(df, tmp_path / "fig", show=True)
     fig = plt.gcf()
     renderer = fig.canvas.get_renderer()
     assert all(ax.get_legend() is None for ax in fig.axes) and fig.legends   # one legend, below the panels
