@@ -5,12 +5,14 @@ runs' table (`runs.collect`) and a folder and returns the written paths.
     motivation_figure(info_df, figures_dir)                            -> written paths
 
 The numbers, and what is noise among them, come from `report`; a panel whose entries are
-noise says so under its title. Every function accepts partial results: a panel without
-runs says so.
+noise says so under its title, computed from the runs' seeds. Labels are placed where they
+cover no other label, marker or tick label; legends sit below the panels. Every function
+accepts partial results: a panel without runs says so.
 """
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -19,7 +21,7 @@ import seaborn as sns
 
 from .. import tables
 from .report import (ARCH_NAMES, HEADLINE_METHODS, KS, chance_error, headline_runs, mean_of, noise_flag,
-                     noise_sentences, noise_verdict, select)
+                     noise_sentences, noise_verdict, select, spread_note)
 from .runs import pick_dataset
 
 
@@ -43,6 +45,31 @@ def _save(fig, figures_dir, name: str, show: bool = False) -> list[Path]:
 def _note(ax, text: str):
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=10, color="0.4",
             wrap=True)
+
+
+def _note_color(note: str) -> str:
+    """A panel's subtitle in red when it warns that its differences are noise."""
+    return "C3" if note.startswith("noise") else "k"
+
+
+def _titled(ax, title: str, note: str, width: int, fontsize: float = 10) -> None:
+    """`title` above a panel, `note` under it wrapped to `width` characters (so that it stays
+    over its own panel), in red when it warns of noise."""
+    lines = [title] + (textwrap.wrap(note, width) if note else [])
+    ax.set_title("\n".join(line for line in lines if line), fontsize=fontsize, color=_note_color(note))
+
+
+def _legend_below(fig, axes, ncol: int) -> None:
+    """One legend for all panels, below them: off every point, bar and label (each entry once)."""
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=ncol, fontsize=8, frameon=False)
 
 
 def _k_axis(ax, ks):
@@ -89,42 +116,59 @@ def figure4_notes(df: pd.DataFrame, dataset: str | None = None, metric: str = "f
                      for arch, n in _figure4_noise(df, dataset, metric, authors).items())
 
 
+def _overlap(a, b) -> float:
+    """Area shared by two boxes (x0, y0, x1, y1)."""
+    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def marker_boxes(ax) -> list[tuple]:
+    """The pixel box (x0, y0, x1, y1) of every marker the lines of `ax` draw, at its real size."""
+    boxes = []
+    for line in ax.get_lines():
+        if line.get_marker() in (None, "None", "", " ") or not len(line.get_xydata()):
+            continue
+        half = line.get_markersize() / 2 * ax.figure.dpi / 72
+        boxes += [(x - half, y - half, x + half, y + half) for x, y in ax.transData.transform(line.get_xydata())]
+    return boxes
+
+
 def _label_points(ax, points: list[tuple], fontsize: float = 8):
-    """Annotate [(x, y, text, color)] so that no label covers another label or a marker, nor
-    leaves the axes (where it would cover the tick labels): each takes the first of a few
-    offsets (right/left, above/below, then further out) whose box, estimated from the text's
-    length, is free and inside; else the least covered one."""
+    """Annotate [(x, y, text, color)] so that no label covers another label or a marker (its
+    own included), nor leaves the axes (where it would cover the tick labels): each takes the
+    first of a few places -- right/left and above/below its marker, then further out -- whose
+    box, measured as drawn, is free and inside; else the least covered one. Call it once the
+    panel's size is final: the labels keep out of the layout, so a later `tight_layout`
+    cannot move the markers under them."""
     ax.autoscale_view()
-    to_px = ax.transData.transform
-    scale = ax.figure.dpi / 72                                   # points -> pixels
-    w_char, h = 0.62 * fontsize * scale, 1.25 * fontsize * scale
-    r = 4 * scale                                                # a marker's half size
-    markers = [to_px((x, y)) for line in ax.get_lines() for x, y in line.get_xydata()]
-    taken = [(mx - r, my - r, mx + r, my + r) for mx, my in markers]
-    offsets = [(4, 3), (4, -3), (-4, 3), (-4, -3), (0, 9), (0, -9), (10, 12), (10, -12), (-10, 12), (-10, -12)]
-    frame = ax.get_window_extent()
+    renderer = ax.figure.canvas.get_renderer()
+    taken = marker_boxes(ax)
+    sizes = {(float(x), float(y)): line.get_markersize() / 2 for line in ax.get_lines()
+             for x, y in line.get_xydata()}
+    frame = ax.get_window_extent(renderer)
     frame = (frame.x0, frame.y0, frame.x1, frame.y1)
-
-    def overlap(a, b):
-        return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
-
     for x, y, text, color in sorted(points, key=lambda p: (p[0], p[1])):
-        px, py = to_px((x, y))
-        w, best = w_char * len(text), None
-        for dx, dy in offsets:
-            x0 = px + dx * scale - (w if dx < 0 else w / 2 if dx == 0 else 0)
-            y0 = py + dy * scale - (h if dy < 0 else 0)
-            box = (x0, y0, x0 + w, y0 + h)
-            outside = (box[2] - box[0]) * (box[3] - box[1]) - overlap(box, frame)
-            cost = sum(overlap(box, t) for t in taken) + outside
-            if best is None or cost < best[0]:
-                best = (cost, dx, dy, box)
-            if cost == 0:
+        label = ax.annotate(text, (x, y), xytext=(0, 0), textcoords="offset points", fontsize=fontsize, color=color)
+        label.set_in_layout(False)
+        edge, best = sizes.get((float(x), float(y)), 3.5) + 1.5, None
+        for far in (1, 2.5, 4):
+            for sx, sy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (0, 1), (0, -1)):
+                label.xyann = (sx * edge * far, sy * (edge if sx == 0 else 1) * far)
+                label.set_ha({1: "left", 0: "center", -1: "right"}[sx])
+                label.set_va("bottom" if sy > 0 else "top")
+                box = label.get_window_extent(renderer)
+                box = (box.x0, box.y0, box.x1, box.y1)
+                outside = (box[2] - box[0]) * (box[3] - box[1]) - _overlap(box, frame)
+                cost = sum(_overlap(box, t) for t in taken) + outside
+                if best is None or cost < best[0]:
+                    best = (cost, label.xyann, label.get_ha(), label.get_va(), box)
+                if cost == 0:
+                    break
+            if best[0] == 0:
                 break
-        _, dx, dy, box = best
+        _, label.xyann, ha, va, box = best
+        label.set_ha(ha)
+        label.set_va(va)
         taken.append(box)
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize, color=color,
-                    ha="right" if dx < 0 else "center" if dx == 0 else "left", va="top" if dy < 0 else "bottom")
 
 
 FIGURE4_COLORS = {"E* (memory-balanced)": "C3", "E* (equal cuts, authors' ResNet-32)": "C3",
@@ -162,8 +206,9 @@ def figure4(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: s
     is drawn twice: filled at the peak activation memory of our (lean) step, hollow and dashed
     at the training memory as the paper counts it (parameters + gradients + momentum + the
     authors' plain encoders' activations), the one comparable with the paper's axis. The
-    legend sits below the panels, off the data; a panel whose points are noise says so under
-    its title (`figure4_notes` gives the sentences).
+    legend sits below the panels, off the data; a panel whose points are noise -- E2E did not
+    train, points beat E2E beyond seed noise or learned little, or all lie within seed noise of
+    each other -- says so under its title (`figure4_notes` gives the sentences).
 
     E* follows the paper's text: memory-balanced cuts for both archs (group `figure4`).
     `authors=True` draws it as the authors' command.sh trains it (group `figure4-authors`):
@@ -175,20 +220,18 @@ def figure4(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: s
     archs = [a for a in ("resnet32", "resnet110") if (base["arch"] == a).any()] or ["resnet32"]
     noise = _figure4_noise(df, dataset, metric, authors)
     fig, axes = plt.subplots(1, len(archs), figsize=(5.2 * len(archs), 4.4), squeeze=False)
-    handles, to_label = {}, []
+    to_label = []
     for ax, arch in zip(axes[0], archs):
         series, modes = _figure4_series(base, arch, authors)
         labels = _figure4_panel(ax, series, metric)
         mode_text = ", ".join(f"{m}/{l}" for m, l in modes)
-        flag = noise_flag(noise[arch]) if arch in noise else ""
-        ax.set_title(f"{ARCH_NAMES.get(arch, arch)} on {dataset or '—'} ({mode_text})"
-                     + (f"\n{flag}" if flag else ""), fontsize=10, color="C3" if flag else "k")
+        flag = noise_flag(noise[arch]) or spread_note({None: [e[1] for e in noise[arch]["entries"]]}, df, metric) \
+            if arch in noise else ""
+        if labels and select(base, arch=arch, balanced=True).empty and not (authors and arch == "resnet32"):
+            flag = "; ".join(filter(None, [flag, "no memory-balanced (E*) runs yet"]))  # over the panel, off its points
+        _titled(ax, f"{ARCH_NAMES.get(arch, arch)} on {dataset or '—'} ({mode_text})", flag, 60)
         if labels:
             to_label.append((ax, labels))
-            handles.update(zip(*reversed(ax.get_legend_handles_labels())))
-            if select(base, arch=arch, balanced=True).empty and not (authors and arch == "resnet32"):
-                ax.text(0.5, 0.02, "no memory-balanced (E*) runs yet", ha="center", va="bottom",
-                        transform=ax.transAxes, fontsize=9, color="0.4")
         else:
             _note(ax, "no finished runs for this panel yet")
     cuts = ("E*: ResNet-32 on equal cuts, ResNet-110 memory-balanced, as the authors' command.sh"
@@ -199,9 +242,7 @@ def figure4(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: s
     fig.tight_layout()  # the panels' final size first: the labels are placed in pixels
     for ax, labels in to_label:
         _label_points(ax, labels)
-    if handles:  # below the panels, off every point
-        fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.0),
-                   ncol=2, fontsize=8, frameon=False)
+    _legend_below(fig, axes[0], ncol=2)
     return _save(fig, figures_dir, "figure4_authors_memory_vs_error" if authors else "figure4_memory_vs_error",
                  show)
 
@@ -214,7 +255,9 @@ def figure5(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: s
             show: bool = False) -> list[Path]:
     """Figure 5 (ablation): test error vs K, ResNet-32, modes R0/E/R1/R1E, one panel per
     local-loss variant (softmax, softmax + reconstruction — R0 there is the GDL decoder
-    baseline —, contrast). Dashed: E2E. Grey: InfoPro's published curve when comparable."""
+    baseline —, contrast). Dashed: E2E. Grey: InfoPro's published curve when comparable.
+    Under each panel's title, its seed-noise note (`report.spread_note`): at which K the
+    modes lie within seed noise of each other. One legend, below the panels."""
     _theme()
     dataset = pick_dataset(df, "cifar10", dataset)
     base = select(df, dataset=dataset, arch="resnet32", balanced=False) if dataset else df.iloc[0:0]
@@ -228,10 +271,13 @@ def figure5(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: s
     refs = {"softmax": "Greedy SL", "softmax + reconstruction": "InfoPro softmax", "contrast": "InfoPro contrast"}
     for ax, variant in zip(axes[0], variants):
         sel = runs[[(_variant(r) == variant) for _, r in runs.iterrows()]] if not runs.empty else runs
+        by_k = {}  # K -> the modes' errors there
         for mode in tables.ABLATION_MODES:
             pts = select(sel, mode=mode).groupby("k")[metric].mean()
             if pts.empty:
                 continue
+            for k, v in pts.items():
+                by_k.setdefault(int(k), []).append(v)
             label = "R0 (GDL)" if mode == "R0" and "reconstruction" in variant else mode
             ax.plot(pts.index, pts.values, "o-", color=colors[mode], label=label)
         if not math.isnan(e2e):
@@ -240,14 +286,14 @@ def figure5(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: s
             ref = tables.INFOPRO_REFERENCE[("cifar10", "resnet32", refs[variant])]
             ax.plot(list(ref), list(ref.values()), "s:", color="0.6", label=f"{refs[variant]} (paper)")
         _k_axis(ax, KS)
-        ax.set_title(variant, fontsize=10)
+        note = spread_note(dict(sorted(by_k.items())), df, metric, "modes")
+        _titled(ax, variant, note, 48)
         ax.set_xlabel("K (local modules)")
         ax.set_ylabel("test error (%)")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
         if sel.empty:
             _note(ax, "no finished runs yet")
     fig.suptitle(f"Figure 5: context-supply ablation, ResNet-32 on {dataset or '—'}", fontsize=11)
+    _legend_below(fig, axes[0], ncol=6)
     return _save(fig, figures_dir, "figure5_ablation", show)
 
 
@@ -255,7 +301,8 @@ def table4_chart(df: pd.DataFrame, figures_dir, dataset: str | None = None, metr
                  show: bool = False) -> list[Path]:
     """Table 4 as bars: test error, peak activation memory of our (lean) step and training
     memory as the paper counts it, per context mode at K=8 and K=16 (ResNet-32, softmax);
-    E2E as a dashed line. Runs recorded before the paper-counted memory leave that panel empty."""
+    E2E as a dashed line. Runs recorded before the paper-counted memory leave that panel empty.
+    Over the error panel, its seed-noise note (`report.spread_note`); one legend, below."""
     _theme()
     dataset = pick_dataset(df, "cifar10", dataset)
     base = select(df, dataset=dataset, arch="resnet32", reconstruct=False, balanced=False, loss="softmax") \
@@ -276,10 +323,13 @@ def table4_chart(df: pd.DataFrame, figures_dir, dataset: str | None = None, metr
                         palette="deep")
             if not e2e.empty:
                 ax.axhline(mean_of(e2e, col), color="k", ls="--", lw=1, label="E2E")
-            ax.legend(fontsize=8)
+            if col == metric:
+                note = spread_note({k: list(agg[agg["k"] == k][metric]) for k in (8, 16)}, df, metric, "modes")
+                _titled(ax, "", note, 60, fontsize=9)
         ax.set_ylabel(label)
         ax.set_xlabel("context mode")
     fig.suptitle(f"Table 4: context modes at K=8 and K=16, ResNet-32 on {dataset or '—'}", fontsize=11)
+    _legend_below(fig, axes, ncol=3)
     return _save(fig, figures_dir, "table4_modes", show)
 
 
@@ -310,13 +360,13 @@ def motivation_figure(info_df: pd.DataFrame, figures_dir, show: bool = False) ->
                          marker="o", markersize=4, ax=ax, errorbar=None)
             ax.set_xlabel("depth (fraction of layers; 0 = input image)")
             ax.set_ylabel(label)
-            ax.legend(fontsize=8)
         settings = info[["dataset", "arch", "k"]].drop_duplicates() if {"dataset", "arch", "k"} <= set(info) else None
         if settings is not None and not settings.empty:
             ks = sorted(int(k) for k in settings["k"].unique() if k > 1)
             fig.suptitle(f"Layer-wise information, {ARCH_NAMES.get(settings['arch'].iloc[0], '')} on "
                          f"{settings['dataset'].iloc[0]} (local learning with K={', '.join(map(str, ks))}; "
                          f"dotted: cuts)", fontsize=11)
+    _legend_below(fig, axes, ncol=4)
     return _save(fig, figures_dir, "motivation_information", show)
 
 

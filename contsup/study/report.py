@@ -401,6 +401,29 @@ def noise_flag(n: dict) -> str:
     return ("noise: " + ", ".join(parts)) if parts else ""
 
 
+def spread_note(errors: dict, df: pd.DataFrame, metric: str = "final_error", what: str = "points") -> str:
+    """A figure panel's seed-noise note, computed from the runs' seeds (`noise_margin`, as the
+    tables' notes): `errors` maps a K (or None: the whole panel) to the errors compared there;
+    are they within seed noise of each other (largest minus smallest at most the margin)? A
+    note starting with 'noise' warns that differences in the panel are not to be read. ''
+    when nothing has two errors to compare."""
+    spreads = {}
+    for key, values in errors.items():
+        values = [float(v) for v in values if not math.isnan(v)]
+        if len(values) >= 2:
+            spreads[key] = max(values) - min(values)
+    if not spreads:
+        return ""
+    margin = noise_margin(df, metric)
+    if math.isnan(margin):
+        return "noise unknown: no config was trained on several seeds"
+    within = [key for key, spread in spreads.items() if spread <= margin]
+    if not within:
+        return f"{what} apart by more than seed noise ({margin:.1f} points)"
+    where = "" if len(within) == len(spreads) else " at K=" + ", ".join(str(k) for k in within)
+    return f"noise: {what} within seed noise ({margin:.1f} points) of each other{where}"
+
+
 def _ours_dataset(label: str) -> str | None:
     inside = label[label.find("(") + 1:label.rfind(")")] if "(" in label else ""
     return inside.split(",")[0].strip() or None
