@@ -1,4 +1,4 @@
-"""Figures of the paper from finished runs, as PNG and PDF (SPEC §6, §7): each takes the
+"""Figures of the paper from finished runs, as PNG and PDF (METHOD §6, §7): each takes the
 runs' table (`runs.collect`) and a folder and returns the written paths.
 
     figure4 / figure5 / table4_chart / headline_figure(df, figures_dir) -> written paths
