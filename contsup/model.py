@@ -1,4 +1,4 @@
-"""The network: a CIFAR ResNet cut into K gradient-isolated local modules (SPEC §2-§4).
+"""The network: a CIFAR ResNet cut into K gradient-isolated local modules (METHOD §2-§4).
 
     image x ──> [module 0] ─h0─> (cut 0) ─> [module 1] ─h1─> (cut 1) ─> ... ─> [module K-1] ─> classifier
                      │                │                                         
@@ -9,6 +9,12 @@ reconstruction `Decoder`) that gives it a local loss. At every cut the next modu
 is the *detached* module output plus the context supply (`ContextSupply`): encoders of the
 raw image (mode E) and/or of the inputs of the last n modules (mode Rn). The encoders are
 trained by the next module's loss; no gradient ever crosses a cut. K=1 is plain end-to-end.
+
+The K modules come as a `Backbone` (blocks and the activation shape at each cut): the
+paper's ResNet split at its cut table (`paper_backbone`, the default), or any network
+`contsup.wrap` cut with torch.fx (wrap.py). The heads and encoders are chosen and sized by
+the shape at each cut (`local_head`, `context_encoder`, `decoder_for`): the paper's on
+feature maps, tokens.py's on token sequences; the composition below is the same for both.
 
 This file builds the modules and composes their inputs: `ContSupNet.run_modules` is the
 loop over the modules, written once; inference runs it with the forward alone, the step
@@ -86,7 +92,7 @@ def feature_shape(stage: int, image_size: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------
-# Local heads and decoders (SPEC §4)
+# Local heads and decoders (METHOD §4)
 class AuxHead(nn.Module):
     """Auxiliary head on a module output; config '<convs>c<fcs>f' (the paper's default: 1c2f).
 
@@ -136,7 +142,7 @@ class Decoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------
-# Context supply (SPEC §2)
+# Context supply (METHOD §2)
 @dataclass(frozen=True)
 class ContextMode:
     """R<n> (residual context from the inputs of the last n modules) and/or E (image).
@@ -177,16 +183,29 @@ def parse_mode(mode: str, k: int | None) -> ContextMode:
     return parsed
 
 
-class ImageEncoder(nn.Module):
-    """Enc_k(x): conv3x3(3->12)+BN+ReLU, conv3x3(12->C)+BN+ReLU, pooled to the feature side."""
+# The paper's largest ratio of image side to feature side at a cut (CIFAR 32 -> 8, STL-10
+# 96 -> 24): its image encoders run at the image's resolution up to it.
+IMAGE_SIDE_RATIO = 4
 
-    def __init__(self, channels: int, side: int, widen: float = 1.0):
+
+class ImageEncoder(nn.Module):
+    """Enc_k(x): conv3x3(3->12)+BN+ReLU, conv3x3(12->C)+BN+ReLU, pooled to the feature side.
+
+    The convs run at the image's resolution, as the paper's, where the image side is at most
+    IMAGE_SIDE_RATIO x the feature side (always so in the paper's networks); a larger image
+    (`image_side`: a wrapped network whose features shrink faster, e.g. an ImageNet stem) is
+    first average-pooled to that, so the encoder's C-channel map costs at most 16x the
+    feature map's area rather than growing with the image."""
+
+    def __init__(self, channels: int, side: int, widen: float = 1.0, image_side: int | None = None):
         super().__init__()
         hidden = int(12 * widen)
+        limit = IMAGE_SIDE_RATIO * side
+        self.pre = nn.AdaptiveAvgPool2d(limit) if image_side is not None and image_side > limit else nn.Identity()
         self.net = nn.Sequential(conv_bn_relu(3, hidden), conv_bn_relu(hidden, channels), nn.AdaptiveAvgPool2d(side))
 
     def forward(self, x):
-        return self.net(x)
+        return self.net(self.pre(x))
 
 
 class ResidualEncoder(nn.Module):
@@ -232,14 +251,17 @@ def local_head(shape, config: str, out_dim: int, widen: float) -> nn.Module:
 def context_encoder(source, target, widen: float, image: bool) -> nn.Module:
     """The encoder from a module input of shape `source` (the image where `image`) to the
     shape `target` of the activation at a cut:
-    map -> map: ImageEncoder (the image) or ResidualEncoder (pooled to the target side);
+    map -> map: ImageEncoder (the image; pooled first to at most IMAGE_SIDE_RATIO x the
+    target side) or ResidualEncoder (pooled to the target side);
     map -> tokens: PatchEncoder; tokens -> tokens of the same N: TokenEncoder;
     tokens -> map, or tokens -> another N: no rule, refused."""
     if len(target) == 3:
         if len(source) != 3:
             raise UsageError(f"no context rule from tokens {tuple(source)} to a feature map {tuple(target)}: "
                              "use a mode without residual context (E or R0) or cut elsewhere")
-        return ImageEncoder(target[0], target[1], widen) if image else ResidualEncoder(source[0], target[0], target[1])
+        if image:
+            return ImageEncoder(target[0], target[1], widen, image_side=source[1])
+        return ResidualEncoder(source[0], target[0], target[1])
     layout = TokenLayout.of(target)
     if len(source) == 3:
         return PatchEncoder(source[0], source[1], layout)
@@ -307,7 +329,7 @@ class ModelConfig:
     """The network; each field with its command-line help (errors.option)."""
     arch: str = option("resnet32", ARCH_HELP)
     k: int = option(4, "number of local modules (1 = end-to-end)", flag="-k")
-    cuts: tuple | None = option(None, "not the paper's archs: cut after these modules (names from "
+    cuts: str | tuple | None = option(None, "not the paper's archs: cut after these modules (names from "
                                       "model.named_modules()), e.g. layer1,layer3; K = names + 1 (-k: leave it out)")
     mode: str = option("R1E", "context supply: R0, E, Rn or RnE (n = 1, 2, 4, ... up to K), e.g. R1E")
     loss: str = option("softmax", f"local head loss: {' or '.join(LOSSES)}")
@@ -415,7 +437,7 @@ class Backbone:
 
 
 def paper_backbone(cfg: ModelConfig) -> Backbone:
-    """The paper's CIFAR ResNet split into K modules at its cut table's points (SPEC §3)."""
+    """The paper's CIFAR ResNet split into K modules at its cut table's points (METHOD §3)."""
     recipe = tables.DATA_RECIPES[cfg.dataset]   # cfg's fields were checked when it was made
     cuts, size = tables.cut_points(cfg.arch, cfg.k, cfg.balanced, cfg.dataset), recipe.image_size
     modules, current, labels = [], [], [[]]
@@ -475,7 +497,7 @@ class ContSupNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """The paper's initialisation (SPEC §3) of every conv and BN; of a network given to
+        """The paper's initialisation (METHOD §3) of every conv and BN; of a network given to
         `wrap` (keep_weights), only of the parts ContSup adds (heads, encoders, decoders)."""
         parts = [self.heads, self.context, self.decoders] if self.keep_weights else [self]
         for m in (m for part in parts for m in part.modules()):
@@ -489,7 +511,7 @@ class ContSupNet(nn.Module):
     def supply(self, cut: int, h, x, module_inputs):
         """Input of module cut+1: the detached output of module `cut` plus its context.
 
-        h: [B, C, H, W] output of module `cut`; x: [B, 3, S, S] image; module_inputs[m]: the
+        h: [B, C, H, W] (or tokens [B, N, D]) output of module `cut`; x: [B, 3, S, S] image; module_inputs[m]: the
         detached input of module m (or None once no later cut needs it).
         """
         next_input, context = h.detach(), self.context[cut]
@@ -501,7 +523,7 @@ class ContSupNet(nn.Module):
         return next_input
 
     def run_modules(self, x, run_module, modules=None, h=None, inputs=None, precision=nullcontext):
-        """The loop over the modules (SPEC §1-§2), written only here: for each module k, its
+        """The loop over the modules (METHOD §1-§2), written only here: for each module k, its
         input h_in (the image for module 0, else supply(k-1): module k-1's output h, detached,
         plus context), then h = run_module(k, h_in). `run_module` is the forward alone
         (inference: `module_forward`) or forward, local loss and backward (`step.module_step`).
@@ -525,7 +547,7 @@ class ContSupNet(nn.Module):
 
     def module_forward(self, k: int, h_in):
         """Module k's forward; the last module ends in the classifier (class logits)."""
-        h = self.blocks[k](h_in)                                       # [B, C_k, H_k, W_k]
+        h = self.blocks[k](h_in)                                       # [B, C_k, H_k, W_k] or [B, N, D]
         return self.classifier(h) if k == self.k - 1 else h           # [B, classes]
 
     def forward(self, x):
