@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import contsup  # noqa: E402
 from contsup import jsonio  # noqa: E402
 from contsup.backbones import cifar_resnet18, small_vit  # noqa: E402
+from contsup.model import IMAGE_SIDE_RATIO  # noqa: E402
 from contsup.speed.encoders import encoder_impls, set_context_impl  # noqa: E402
 from contsup.speed.memory import measure_step_memory, reuse_freed_cpu_memory  # noqa: E402
 from contsup.step import local_learning_step  # noqa: E402
@@ -134,8 +135,9 @@ def context_note(name, r1e, context, plain_context, backbone) -> str:
     """In words, from the numbers: do the context encoders cost more than the backbone's own
     activations at the same cuts?"""
     sides = sorted({s[-1] for s in r1e["cut_shapes"] if len(s) == 3})
-    where = (f"the cuts' feature maps are {', '.join(map(str, sides))} px wide against the 32 px image, and each "
-             "image encoder runs its convolutions at the image's resolution before pooling to the cut's side"
+    at = [f"{min(32, IMAGE_SIDE_RATIO * side)} px for the {side} px cut" for side in sides]
+    where = (f"the image encoders run their convolutions at the image's resolution, pooled first to at most "
+             f"{IMAGE_SIDE_RATIO}x the cut's side (model.ImageEncoder): {', '.join(at)}"
              if sides else "the cuts are token sequences: the image encoders are patch convolutions straight to "
                            "the token grid (no full-resolution map), the residual encoders linear maps")
     verdict = "more" if context > backbone else "less"
