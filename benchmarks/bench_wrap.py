@@ -55,15 +55,20 @@ TARGETS = {"cifar_resnet18": {"memory": 0.6, "time": 1.5}}   # K=4 R1E against E
 MiB = 2**20
 
 
+CHANNELS_LAST = True  # the trainer's default (TrainConfig.channels_last); --nchw turns it off
+
+
 def make_net(model, k, mode):
     torch.manual_seed(0)
-    net = contsup.wrap(model, cuts=k, mode=mode, image_size=32)
-    return set_context_impl(net, "lean").train()   # as the trainer runs it on a CPU, and describe
+    net = set_context_impl(contsup.wrap(model, cuts=k, mode=mode, image_size=32), "lean").train()  # the trainer's, on a CPU
+    return net.to(memory_format=torch.channels_last) if CHANNELS_LAST else net
 
 
 def batch(n):
     g = torch.Generator().manual_seed(0)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    x = x.contiguous(memory_format=torch.channels_last) if CHANNELS_LAST else x
+    return x, torch.randint(0, 10, (n,), generator=g)
 
 
 def step(net, x, y):
@@ -199,17 +204,21 @@ def main(argv=None):
     p.add_argument("--no-targets", action="store_true", help="only the per-K tables (added to an existing JSON)")
     p.add_argument("--out", default=str(RESULTS / "wrap_cpu.json"))
     p.add_argument("--markdown", action="store_true", help="measure nothing; print the README tables of --out")
+    p.add_argument("--nchw", action="store_true", help="NCHW activations instead of the trainer's channels_last")
     a = p.parse_args(argv)
     out = Path(a.out)
     if a.markdown:
         print(markdown(json.loads(out.read_text())))
         return
     torch.set_num_threads(a.threads)
+    global CHANNELS_LAST
+    CHANNELS_LAST = not a.nchw
     reused = reuse_freed_cpu_memory()
     result = json.loads(out.read_text()) if out.exists() else {}
     meta = {"command": " ".join(["python", "benchmarks/bench_wrap.py", *(argv if argv is not None else sys.argv[1:])]),
             "torch": torch.__version__, "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
             "platform": platform.platform(), "batch": a.batch, "image_size": 32, "reps": a.reps,
+            "channels_last": CHANNELS_LAST,
             "reuse_freed_cpu_memory": reused, "load_before": os.getloadavg(),
             "note": "memory: speed.memory.measure_step_memory (describe's), lean encoders as the trainer runs them "
                     "on a CPU; time: medians of interleaved repetitions on a shared machine, compare ratios"}
