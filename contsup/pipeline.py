@@ -46,7 +46,7 @@ from . import tables
 from .errors import UsageError, stop_on_signals
 from .model import ContSupNet, feature_shape
 from .step import autocast, module_step
-from .train import (TrainConfig, append_metrics, checkpoint_fits, compile_model, finish_run, learning_rate,
+from .train import (TrainConfig, checkpoint_fits, compile_model, finish_run, learning_rate,
                     make_optimizer, metrics_row, open_run, pick_device, reconstruction_target,
                     save_checkpoint, set_up_run, to_format, DivergenceWatch)
 
@@ -808,7 +808,7 @@ def _run(cfg, resume, progress, split, depth, watch, device, lock: ExitStack) ->
     cfg, net = run.cfg, run.net   # 'auto' encoders named as they run (config.json, checkpoint, result)
     plan = None
     if first:
-        start_epoch, best, memory = run.open_folder(ckpt)
+        start_epoch, best, memory, log = run.open_folder(ckpt)
         if split is not None:
             bounds, seconds = split_from_sizes(list(split), net.k), None
         elif world == 1:
@@ -854,14 +854,14 @@ def _run(cfg, resume, progress, split, depth, watch, device, lock: ExitStack) ->
             seconds = max(p["t1"] for p in parts) - min(p["t0"] for p in parts)
             row = metrics_row(epoch, lr, parts[-1]["train_error"], test_error,
                               [v for p in parts for v in p["losses"]], seconds, parts[0]["seen"])
-            append_metrics(cfg, row)
+            log.add(cfg, row)
             whole = {n: next(p["model"][n] for p in parts if n in p["model"]) for n in net.state_dict()}
             optimizer = _whole_optimizer_state([p["optimizer"] for p in parts], len(stage.names))
-            save_checkpoint(cfg, whole, optimizer, epoch, run.gen, best, memory)
+            save_checkpoint(cfg, whole, optimizer, epoch, run.gen, best, memory, log=log)
             epochs.set_postfix(test_error=f"{test_error:.2f}%")
 
     result = None
     if first:
-        result = finish_run(cfg, net, best, memory, device, world_size=world, stages=bounds)
+        result = finish_run(cfg, net, best, memory, device, log=log, world_size=world, stages=bounds)
     return _broadcast(watch, result)
 

@@ -1,7 +1,7 @@
 """The layout: imports go one way, from the method up to the command line.
 
     method    errors, tables, losses, model, step        the paper, top to bottom
-    data      data, jsonio, runlock                      data path, strict JSON files, run-folder lock
+    data      data, jsonio, runlock, provenance          data path, strict JSON files, run-folder lock, run facts
     speed     speed/                                     lean encoders, memory tracker
     trainer   train, pipeline                            one run (one process, or one rank per stage)
     study     study/                                     registry, run folders, reproduce, report
@@ -16,7 +16,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "contsup"
 LAYERS = [
     ("method", {"__init__", "errors", "tables", "losses", "model", "step"}),
-    ("data", {"data", "jsonio", "runlock"}),
+    ("data", {"data", "jsonio", "runlock", "provenance"}),
     ("speed", {"speed"}),
     ("trainer", {"train", "pipeline"}),
     ("study", {"study"}),
