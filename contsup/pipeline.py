@@ -48,7 +48,7 @@ from .model import ContSupNet, feature_shape
 from .step import autocast, module_step
 from .train import (TrainConfig, checkpoint_fits, compile_model, finish_run, learning_rate,
                     make_optimizer, metrics_row, open_run, pick_device, reconstruction_target,
-                    save_checkpoint, set_up_run, to_format, DivergenceWatch)
+                    save_checkpoint, set_up_run, to_format, use_device, DivergenceWatch)
 
 DEPTH = 2            # in-flight messages per link (the ring)
 TIMEOUT_S = 300.0    # a peer silent for this long counts as hung
@@ -710,10 +710,7 @@ def rank_device(name: str, env=os.environ) -> torch.device:
 
 
 def _device(cfg: TrainConfig) -> torch.device:
-    device = rank_device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
+    return use_device(rank_device(cfg.device))   # always indexed on CUDA
 
 
 def _broadcast(watch: Watch, obj=None, seconds: float | None = None):
