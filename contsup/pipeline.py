@@ -232,6 +232,9 @@ def feature_shape_at(net: ContSupNet, module: int) -> tuple[int, int]:
 # The header is written on the buffer's device without a host->device copy: the layouts a
 # link sends are few (train or eval, full or last batch), each is made once on the device
 # (`layouts`) and copied device to device; epoch and step are written by two scalar fills.
+# The receiver knows each message's head from the batch schedule (the same batches every
+# epoch), so it reads a header on the host only for the first message of each layout, not
+# once a message (Link.recv): on CUDA its host need not wait for every message to arrive.
 TRAIN, EVAL = 0, 1
 HEAD, PER_SLOT = 4, 11
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8, torch.float64]
@@ -277,11 +280,22 @@ def pack(buf: torch.Tensor, head: tuple, tensors: list, layouts: dict | None = N
         offset += _align(n)
 
 
+def header_of(buf: torch.Tensor, slots: int) -> torch.Tensor:
+    """The int64 header of the message in `buf`, on the buffer's device."""
+    return buf[:8 * (HEAD + PER_SLOT * slots)].view(torch.int64)
+
+
 def unpack(buf: torch.Tensor, slots: int) -> tuple[tuple, list]:
     """(head, tensors) of a message: views into `buf`, valid until the buffer is reused. The
-    header is read on the host (on CUDA the one device->host read of a message: the receiver
-    needs the batch's shapes), which is where a receiving host waits for the message."""
-    header = buf[:8 * (HEAD + PER_SLOT * slots)].view(torch.int64).tolist()
+    header is read on the host (on CUDA a device->host read, which waits for the message):
+    a receiver that knows the message's layout uses `views` instead (Link.recv)."""
+    header = header_of(buf, slots).tolist()
+    return tuple(header[:HEAD]), views(buf, header, slots)
+
+
+def views(buf: torch.Tensor, header: list[int], slots: int) -> list:
+    """The tensors of the message in `buf` laid out as `header` (a message's header read on
+    the host) says: views into `buf`, nothing read from it."""
     offset, tensors = _align(8 * len(header)), []
     for i in range(slots):
         present, dtype, ndim, *rest = header[HEAD + PER_SLOT * i:HEAD + PER_SLOT * (i + 1)]
@@ -295,7 +309,7 @@ def unpack(buf: torch.Tensor, slots: int) -> tuple[tuple, list]:
         n = numel * dtype.itemsize
         tensors.append(torch.as_strided(buf[offset:offset + n].view(dtype), shape, strides))
         offset += _align(n)
-    return tuple(header[:HEAD]), tensors
+    return tensors
 
 
 # --------------------------------------------------------------------------------------
@@ -308,6 +322,8 @@ class Link:
         self.peer, self.slots, self.watch = peer, slots, watch
         self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(depth)]
         self.layouts = {}        # header layouts made on the device (pack)
+        self.known = {}          # (kind, batch) -> (header read on the host, its copy on the device) (recv)
+        self.mismatch = torch.zeros((), dtype=torch.bool, device=device)   # a message unlike its layout's first
         self.pending = deque()   # (buffer index, work) in message order
         self.count = 0           # messages sent or receives posted so far
         watch.links.append(self)
@@ -330,16 +346,47 @@ class Link:
     def expect(self, n: int):
         self.expected = n
 
-    def recv(self) -> tuple[tuple, list]:
+    def recv(self, head: tuple | None = None) -> tuple[tuple, list]:
+        """(head, tensors) of the next message. With `head` (kind, epoch, step, batch), which
+        the receiver knows from the batch schedule, only the first message of each (kind,
+        batch) has its header read on the host (`_known_layout`): on CUDA the host then runs
+        ahead instead of waiting for every message. Without it, every header is read."""
         while self.expected and len(self.pending) < len(self.buffers):   # all buffers are free now
             i = self.count % len(self.buffers)
             self.pending.append((i, self.watch.call(dist.irecv, self.buffers[i], self.peer)))
             self.count += 1
             self.expected -= 1
         i, work = self.pending.popleft()
-        with self.watch.waiting(self.peer, "receiving from"):   # on CUDA the host waits in unpack
+        with self.watch.waiting(self.peer, "receiving from"):   # on gloo the host waits here
             self.watch.wait(work, self.peer, "receiving from")
-            return unpack(self.buffers[i], self.slots)
+            if head is None:
+                return unpack(self.buffers[i], self.slots)
+            return head, views(self.buffers[i], self._known_layout(self.buffers[i], head), self.slots)
+
+    def _known_layout(self, buf: torch.Tensor, head: tuple) -> list[int]:
+        """The layout of the message in `buf`, whose head the receiver knows: read on the host
+        from the first message of its (kind, batch) on this link (at most four for a run:
+        train and test, full and last batch), then taken as known. Each message's header is
+        still compared with it, on the device (`mismatch`, read once an epoch: check_layouts)."""
+        header = header_of(buf, self.slots)
+        kind, epoch, step, batch = head
+        if (kind, batch) not in self.known:
+            layout = header.tolist()
+            if tuple(layout[:HEAD]) != tuple(head):
+                raise RuntimeError(f"rank {self.peer} sent {tuple(layout[:HEAD])} where the batch schedule says {head}")
+            self.known[(kind, batch)] = (layout, header.clone())
+        layout, expected = self.known[(kind, batch)]
+        expected[1].fill_(epoch)
+        expected[2].fill_(step)
+        self.mismatch |= (header != expected).any()
+        return layout
+
+    def check_layouts(self):
+        """Raise if a message since the last check was not laid out as the first of its kind
+        and batch size said (one host read)."""
+        if bool(self.mismatch):
+            raise RuntimeError(f"a message from rank {self.peer} did not match the layout of the first of its "
+                               f"kind and batch size")
 
     def waiting_on(self) -> int | None:
         """The peer, if a message of this link is not through yet (for the watchdog)."""
@@ -588,21 +635,34 @@ class Stage:
             self.outbound = Link(rank + 1, message_bytes(net, bounds, rank, max_batch), len(self.slots_out),
                                  device, depth, watch)
 
-    def run_epoch(self, epoch: int, lr: float, source, n_train: int, n_eval: int) -> dict:
+    def run_epoch(self, epoch: int, lr: float, source, n_train: int, n_eval: int,
+                  sizes: list[int] | None = None) -> dict:
         """n_train training batches, then n_eval test batches, through this rank's modules.
         Rank 0 takes them from `source` ((kind, x, y, image) each), the others from the link.
-        Returns this rank's numbers: its modules' mean losses, the errors (last rank), the
-        images seen and the wall-clock times: start, end of each training batch (`ends`), last end.
-        The whole epoch is under the watchdog's deadline (section 5)."""
+        `sizes`: the batch size of each of them (the batch schedule, `batch_sizes`), so that a
+        receiving rank knows each message's layout before it arrives (Link.recv); None: read
+        from every message. Returns this rank's numbers: its modules' mean losses, the errors
+        (last rank), the images seen and the wall-clock times: start, end of each training
+        batch (`ends`), last end. The whole epoch is under the watchdog's deadline (section 5)."""
         self.watch.epoch = epoch
         self.watch.step()
         try:
-            return self._epoch(epoch, lr, source, n_train, n_eval)
+            return self._epoch(epoch, lr, source, (n_train, n_eval), sizes)
         finally:
             self.watch.disarm()
 
-    def _epoch(self, epoch: int, lr: float, source, n_train: int, n_eval: int) -> dict:
+    def _receive(self, epoch: int, i: int, n_train: int, sizes: list[int] | None) -> tuple:
+        """Batch i of the epoch from the link: (head, x, y, image, h, module inputs)."""
+        kind, step = (TRAIN, i) if i < n_train else (EVAL, i - n_train)
+        head, tensors = self.inbound.recv((kind, epoch, step, sizes[i]) if sizes is not None else None)
+        assert head[1] == epoch, f"rank {self.rank} expected a batch of epoch {epoch}, got header {head}"
+        got = dict(zip(self.slots_in, tensors))
+        module_inputs = [got.get("x")] + [got.get(("in", m)) for m in range(1, self.bounds[self.rank])]
+        return head, got.get("x"), got["y"], got.get("image"), got.get("h"), module_inputs
+
+    def _epoch(self, epoch: int, lr: float, source, counts: tuple[int, int], sizes: list[int] | None) -> dict:
         net, cfg, watch = self.net, self.cfg, self.watch
+        n_train, n_eval = counts
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if not self.first:
@@ -618,12 +678,8 @@ class Stage:
                 x, h, module_inputs = to_format(x, cfg.channels_last), None, []
                 head = (kind, epoch, i if kind == TRAIN else i - n_train, len(y))
             else:
-                head, tensors = self.inbound.recv()
-                got = dict(zip(self.slots_in, tensors))
-                kind, x, y, image, h = head[0], got.get("x"), got["y"], got.get("image"), got.get("h")
-                a = self.bounds[self.rank]
-                module_inputs = [x] + [got.get(("in", m)) for m in range(1, a)]
-                assert head[1] == epoch, f"rank {self.rank} expected a batch of epoch {epoch}, got header {head}"
+                head, x, y, image, h, module_inputs = self._receive(epoch, i, n_train, sizes)
+                kind = head[0]
             train = kind == TRAIN
             net.train(train)
             out, losses = stage_step(net, self.modules, h, x, y, image, module_inputs, train, cfg.bf16)
@@ -652,6 +708,8 @@ class Stage:
             out = h = x = image = module_inputs = None
         if self.outbound is not None:
             self.outbound.flush()
+        if self.inbound is not None:
+            self.inbound.check_layouts()
         return {"losses": (loss_sum / seen).tolist() if seen else [], "seen": seen, "t0": t0, "t1": t1, "ends": ends,
                 "train_error": 100.0 * float(wrong) / seen if self.last and seen else None,
                 "test_error": 100.0 * int(test_wrong) / test_total if self.last and test_total else None}
@@ -665,6 +723,13 @@ class Stage:
 
 # --------------------------------------------------------------------------------------
 # 7. The run: setup, the epochs, metrics and checkpoint assembly on rank 0
+def batch_sizes(loader) -> list[int]:
+    """The size of each batch `loader` (a DeviceLoader) gives in an epoch, in order: the same
+    every epoch, so that the ranks behind rank 0, which read no data, know them in advance."""
+    n, b = len(loader.images), loader.batch_size
+    return [min(b, n - i) for i in range(0, len(loader) * b, b)]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -814,6 +879,7 @@ def _run(cfg, resume, progress, split, depth, watch, device, lock: ExitStack) ->
             seconds = profile_modules(net, *run.first_batch(), cfg.bf16)
             bounds = balanced_split(seconds, world)
         plan = {"bounds": bounds, "seconds": seconds, "batches": (len(run.train_loader), len(run.test_loader)),
+                "sizes": batch_sizes(run.train_loader) + batch_sizes(run.test_loader),
                 "max_batch": max(cfg.batch_size, 256), "start_epoch": start_epoch}
     plan = _broadcast(watch, plan, SETUP_TIMEOUT_S)
     bounds, (n_train, n_eval) = plan["bounds"], plan["batches"]
@@ -836,7 +902,7 @@ def _run(cfg, resume, progress, split, depth, watch, device, lock: ExitStack) ->
         if first:
             source = itertools.chain(((TRAIN, x, y, reconstruction_target(x, run.train_loader, cfg))
                                       for x, y in run.train_loader), ((EVAL, x, y, None) for x, y in run.test_loader))
-        numbers = stage.run_epoch(epoch, lr, source, n_train, n_eval)
+        numbers = stage.run_epoch(epoch, lr, source, n_train, n_eval, plan["sizes"])
 
         # The pipe is drained: rank 0 gathers the epoch's numbers and the ranks' parts.
         part = numbers | {"model": _to_cpu({n: v for n, v in net.state_dict().items() if n in stage.state_keys}),

@@ -85,3 +85,147 @@ def test_auto_says_once_that_it_falls_back_to_the_cpu_for_the_driver(cuda_init_f
                                                    "PyTorch's CUDA 13.0 build needs a newer NVIDIA driver"), err
     cuda_init_fails(NO_DRIVER)   # a machine without a GPU: auto is the CPU, nothing to say
     assert train_module.pick_device("auto") == torch.device("cpu") and capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------------------
+# A receiving pipeline rank reads a header on the host once per layout, not once a message
+from contextlib import contextmanager  # noqa: E402
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from contsup import pipeline  # noqa: E402
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the host reads of tensors: aten._local_scalar_dense (.item(), bool(), int())
+    and .tolist() (patched in by the test: on a CPU tensor it reads without dispatching)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+class Wire:
+    """Stands in for the process group and the watchdog of a Link: a posted receive gets the
+    next message the test queued (the bytes another rank's `pack` wrote)."""
+
+    def __init__(self):
+        self.links, self.queue = [], []
+
+    def call(self, fn, buf, peer, **kwargs):
+        assert fn is torch.distributed.irecv
+        buf.copy_(self.queue.pop(0))
+        return self
+
+    def wait(self, work, peer, doing):
+        pass
+
+    @contextmanager
+    def waiting(self, peer, doing, seconds=None):
+        yield
+
+
+SLOTS = 3   # h (channels_last), y, the decoders' image (training batches only)
+TRAIN_SIZES, EVAL_SIZES = [4, 4, 2], [5, 1]   # a last smaller batch of each kind
+
+
+def batch(kind, n, dtype=torch.float32):
+    h = torch.randn(n, 3, 2, 2).to(dtype).contiguous(memory_format=torch.channels_last)
+    return [h, torch.arange(n), torch.rand(n, 1, 2, 2) if kind == pipeline.TRAIN else None]
+
+
+def schedule(epoch):
+    heads = [(pipeline.TRAIN, epoch, s, n) for s, n in enumerate(TRAIN_SIZES)]
+    return heads + [(pipeline.EVAL, epoch, s, n) for s, n in enumerate(EVAL_SIZES)]
+
+
+@pytest.fixture
+def link(monkeypatch):
+    reads = HostReads()
+    real_tolist = torch.Tensor.tolist
+
+    def tolist(self):
+        reads.reads += 1
+        return real_tolist(self)
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    wire = Wire()
+    receiver = pipeline.Link(0, 4096, SLOTS, "cpu", 2, wire)
+
+    def send(head, tensors):
+        buf = torch.zeros(4096, dtype=torch.uint8)
+        pipeline.pack(buf, head, tensors)
+        wire.queue.append(buf)
+    return receiver, send, reads
+
+
+def test_a_receiver_reads_one_header_per_layout_not_one_per_message(link):
+    receiver, send, reads = link
+    counts = []
+    for epoch in (0, 1):
+        heads = schedule(epoch)
+        sent = [batch(head[0], head[3]) for head in heads]
+        for head, tensors in zip(heads, sent):
+            send(head, tensors)
+        receiver.expect(len(heads))
+        got = []
+        with reads:
+            for head in heads:   # a message's views are valid until its buffer is reused: copied at once
+                head, tensors = receiver.recv(head)
+                got.append((head, [t if t is None else torch.empty_like(t).copy_(t) for t in tensors]))
+            receiver.check_layouts()   # the epoch's end: one read for the whole epoch
+        counts.append(reads.reads)
+        reads.reads = 0
+        for (head, tensors), head_sent, tensors_sent in zip(got, heads, sent):
+            assert head == head_sent
+            for a, b in zip(tensors, tensors_sent):
+                assert (a is None and b is None) or (torch.equal(a, b) and a.stride() == b.stride()
+                                                     and a.dtype == b.dtype)
+    # epoch 0: the four layouts (train and test, full and last batch) and the check; then the check only
+    assert counts == [4 + 1, 1]
+
+
+def test_without_the_schedule_every_message_is_read(link):
+    receiver, send, reads = link
+    heads = schedule(0)
+    for head in heads:
+        send(head, batch(head[0], head[3]))
+    receiver.expect(len(heads))
+    with reads:
+        assert [receiver.recv()[0] for _ in heads] == heads
+    assert reads.reads == len(heads)
+
+
+def test_a_message_unlike_its_layout_is_caught_at_the_epochs_end(link):
+    receiver, send, reads = link
+    head = (pipeline.TRAIN, 0, 0, 4)
+    send(head, batch(pipeline.TRAIN, 4))
+    send((pipeline.TRAIN, 0, 1, 4), batch(pipeline.TRAIN, 4, torch.bfloat16))   # another dtype, same size
+    receiver.expect(2)
+    receiver.recv(head)
+    receiver.check_layouts()
+    receiver.recv((pipeline.TRAIN, 0, 1, 4))
+    with pytest.raises(RuntimeError, match="did not match the layout of the first of its kind and batch size"):
+        receiver.check_layouts()
+
+
+def test_a_first_message_off_the_schedule_is_refused(link):
+    receiver, send, _ = link
+    send((pipeline.TRAIN, 0, 0, 3), batch(pipeline.TRAIN, 3))
+    receiver.expect(1)
+    with pytest.raises(RuntimeError, match=r"rank 0 sent \(0, 0, 0, 3\) where the batch schedule says \(0, 0, 0, 4\)"):
+        receiver.recv((pipeline.TRAIN, 0, 0, 4))
+
+
+def test_the_schedule_is_the_loaders_batch_sizes():
+    from contsup import tables
+    from contsup.data import DeviceLoader
+    images, labels = torch.zeros(10, 3, 8, 8, dtype=torch.uint8), torch.zeros(10, dtype=torch.int64)
+    recipe = tables.DATA_RECIPES["digits8"]
+    for b, drop_last in ((4, False), (4, True), (5, False), (16, False)):
+        loader = DeviceLoader(images, labels, recipe, b, False, "cpu", drop_last=drop_last)
+        assert pipeline.batch_sizes(loader) == [len(y) for _, y in loader]
