@@ -718,7 +718,7 @@ def resumed_metrics(path: Path, start_epoch: int, vouched: list | None) -> tuple
              + [f"epochs {_epoch_list(missing)} have no metrics line and ckpt.pt keeps none to restore "
                 f"({path.name} {why}; a checkpoint of an older version): result.json counts the others only"]
              * bool(missing))
-    return rows, ("warning: " + "; ".join(notes)) if notes else None
+    return rows, (("warning: " if missing else "note: ") + "; ".join(notes)) if notes else None
 
 
 def _readable_rows(path: Path) -> tuple[dict[int, dict], list[int]]:

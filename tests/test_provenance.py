@@ -72,7 +72,7 @@ def test_a_plain_resume_keeps_every_line_and_says_nothing(run, capsys):
     assert "epochs_without_metrics" not in json.loads((run / "result.json").read_text())
 
 
-@pytest.mark.parametrize("damage", ["deleted", "damaged line", "emptied"])
+@pytest.mark.parametrize("damage", ["deleted", "damaged line", "damaged, then a later epoch's line", "emptied"])
 def test_a_lost_metrics_line_is_restored_from_the_checkpoint_in_one_line(run, capsys, damage):
     metrics = run / "metrics.jsonl"
     epoch0 = metrics.read_text()
@@ -80,13 +80,17 @@ def test_a_lost_metrics_line_is_restored_from_the_checkpoint_in_one_line(run, ca
         metrics.unlink()
     elif damage == "damaged line":
         metrics.write_text(epoch0[:len(epoch0) // 2] + "\n")
-    else:
+    elif damage == "emptied":
         metrics.write_text("")
+    else:   # epoch 1's line written, the kill came before its checkpoint: dropped as always
+        metrics.write_text("{garbage\n" + json.dumps({"epoch": 1, "test_error": 1.0, "epoch_seconds": 1.0}) + "\n")
     err = resume(run, capsys)
     assert epochs_of(run) == [0, 1, 2]
     assert metrics.read_text().startswith(epoch0)   # epoch 0's line as it was written
-    why = {"deleted": "is missing", "damaged line": "has damaged lines [1]", "emptied": "lacks or changed them"}
-    assert err == f"contsup: warning: metrics of epochs 0 restored from ckpt.pt (metrics.jsonl {why[damage]})\n"
+    assert json.loads(metrics.read_text().splitlines()[1])["test_error"] != 1.0
+    why = {"deleted": "is missing", "damaged line": "has damaged lines [1]", "emptied": "lacks or changed them",
+           "damaged, then a later epoch's line": "has damaged lines [1]"}
+    assert err == f"contsup: note: metrics of epochs 0 restored from ckpt.pt (metrics.jsonl {why[damage]})\n"
     result = json.loads((run / "result.json").read_text())
     assert "epochs_without_metrics" not in result
     assert result["train_seconds"] == pytest.approx(sum(json.loads(l)["epoch_seconds"]
@@ -141,6 +145,20 @@ def test_a_resume_under_other_threads_records_each_part(run, capsys, monkeypatch
     result = json.loads((run / "result.json").read_text())
     assert result["threads"] == threads + 1
     assert [(p["from_epoch"], p["threads"]) for p in result["facts_by_part"]] == [(0, threads), (1, threads + 1)]
+
+
+def test_a_pipelined_run_records_them_too(tmp_path):
+    from contsup.pipeline import train_pipelined
+    from contsup.train import TrainConfig
+    cfg = TrainConfig(dataset="digits8", k=2, epochs=1, batch_size=64, train_subset=64, warmup_epochs=0,
+                      out_dir=str(tmp_path / "run"), device="cpu")
+    result = train_pipelined(cfg, progress=False)
+    assert json.loads((tmp_path / "run" / "result.json").read_text()) == result
+    assert result["world_size"] == 1 and result["threads"] == torch.get_num_threads()
+    assert result["torch_version"] == str(torch.__version__) and result["commit"] == provenance.code_commit()
+    assert result["device_name"] == provenance.device_name(torch.device("cpu"))
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["metrics"] == [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_the_facts_are_read_once_per_run_not_per_epoch(tmp_path, monkeypatch):
