@@ -470,7 +470,9 @@ _PARTS = (lambda v: isinstance(v, list) and all(isinstance(p, dict) and _COUNT[0
 CHECKPOINT_OPTIONAL = {"metrics": _ROWS, "run_facts": _PARTS}
 RESULT_FIELDS = {"final_error": _NUMBER, "best_error": _NUMBER, "best_epoch": _COUNT, "epochs": _COUNT,
                  "peak_activation_bytes": _NUMBER, "train_seconds": _NUMBER, "config": _DICT}
-RESULT_OPTIONAL = {"paper_memory_bytes": _NUMBER}   # null or missing in results of older versions
+_TEXT = (lambda v: isinstance(v, str), "a string")
+RESULT_OPTIONAL = {"paper_memory_bytes": _NUMBER,   # null or missing in results of older versions
+                   "torch_version": _TEXT, "device_name": _TEXT, "threads": _COUNT, "commit": _TEXT}
 MOVE_AWAY = "move it (or its whole run folder) away, or use another --out"
 
 
