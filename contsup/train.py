@@ -1,8 +1,10 @@
 """Training: the local-learning step, the paper's schedule, checkpoint/resume, metrics.
 
 One run = one `TrainConfig`. Its folder holds `config.json`, `metrics.jsonl` (one line per
-epoch), `ckpt.pt` (everything resume needs, written atomically every epoch) and, once
-finished, `result.json`; a run stopped by a non-finite loss leaves `error.json` instead.
+epoch), `ckpt.pt` (everything resume needs, written atomically every epoch, and the metrics
+rows: a resume restores a lost or damaged line) and, once finished, `result.json` (with the
+facts that made it: provenance.run_facts); a run stopped by a non-finite loss leaves
+`error.json` instead.
 All JSON is strict (jsonio): no NaN/Infinity literals.
 
 One writer per run folder: `train` holds the folder's lock (runlock.run_lock, taken by
