@@ -473,15 +473,20 @@ def _group_rows(result: dict):
 
 
 def format_table(result: dict) -> str:
-    """The plain-text table `python -m contsup estimate` prints."""
+    """The plain-text table `python -m contsup estimate` prints; every column as wide as its
+    widest entry (a long group name keeps the columns aligned)."""
     total = result["total"]
+    rows = [("group", "runs", "PFLOPs", "GPU-hours")]
+    rows += [(g, str(n), f"{p:.2f}", f"{h:.3f}") for g, n, p, h in _group_rows(result)]
+    rows.append(("total", str(total["runs"]), f"{total['pflops']:.2f}", f"{total['gpu_hours']:.3f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    line = lambda row: "  ".join([row[0].ljust(widths[0])]  # noqa: E731
+                                 + [v.rjust(w) for v, w in zip(row[1:], widths[1:])])
+    rule = "-" * (sum(widths) + 2 * 3)
     lines = [f"profile {result['profile']}: GPU-hours of every run, FLOPs counted on the CPU",
-             f"{'group':<12}{'runs':>6}{'PFLOPs':>12}{'GPU-hours':>12}"]
-    lines += [f"{g:<12}{n:>6}{p:>12.2f}{h:>12.3f}" for g, n, p, h in _group_rows(result)]
-    lines.append("-" * 42)
-    lines.append(f"{'total':<12}{total['runs']:>6}{total['pflops']:>12.2f}{total['gpu_hours']:>12.3f}")
-    lines.append("(a run two groups share is in both groups' rows and once in the total)")
-    lines.append(assumptions_line(result))
+             *map(line, rows[:-1]), rule, line(rows[-1]),
+             "(a run two groups share is in both groups' rows and once in the total)",
+             assumptions_line(result)]
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Tables and figures of the paper from finished run folders (SPEC §6, §7).
+"""Tables and figures of the paper from finished run folders (METHOD §6, §7).
 
     collect(results_dir)           -> one row per finished run (config + result fields)
     table1..table4(df)             -> the paper's tables: ours | published reference | ContSup paper
@@ -71,7 +71,7 @@ def _pick_arch(df: pd.DataFrame, want: str, arch: str | None) -> str:
 
 
 def reference_label(dataset: str | None, paper_dataset: str, arch: str) -> str:
-    """Column label of the InfoPro numbers (SPEC §7): comparable only on the paper's data."""
+    """Column label of the InfoPro numbers (METHOD §7): comparable only on the paper's data."""
     setting = f"{DATASET_NAMES[paper_dataset]} {ARCH_NAMES.get(arch, arch)}"
     if dataset == paper_dataset:
         return f"InfoPro paper ({setting})"
@@ -542,7 +542,7 @@ def describe_config(cfg: TrainConfig) -> str:
 
 
 def reference_table() -> pd.DataFrame:
-    """The published anchors of SPEC §7 as one table: InfoPro Table 2 (test error %) with
+    """The published anchors of METHOD §7 as one table: InfoPro Table 2 (test error %) with
     the E2E baselines; rows (dataset, arch, method), columns K."""
     rows = {}
     for (data, arch), err in tables.E2E_REFERENCE.items():
