@@ -247,7 +247,7 @@ def cmd_describe(args) -> int:
 
 def cmd_download(args) -> int:
     from .data import download
-    if args.dataset in ("digits", "digits8"):
+    if args.dataset in tables.EMBEDDED_DATASETS:
         raise UsageError("digits ships with scikit-learn; nothing to download")
     tables.check_dataset(args.dataset)
     download(args.dataset, args.data_root)

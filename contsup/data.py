@@ -48,7 +48,7 @@ def load_dataset(name: str, root: str = "data", download: bool = False,
                  train_subset: int | None = None) -> ImageData:
     """Load `name` as uint8 tensors, from `<root>/<name>_uint8.pt` when that cache exists."""
     tables.check_dataset(name)
-    if name in ("digits", "digits8"):
+    if name in tables.EMBEDDED_DATASETS:
         tensors = _load_digits(tables.DATA_RECIPES[name].image_size)
     else:
         if download:
@@ -396,7 +396,7 @@ def torchvision_reference(name: str, root: str = "data", train: bool = True, dow
     """A torch Dataset yielding what the paper's DataLoader sees: PIL transforms per image."""
     recipe = tables.check_dataset(name)
     transform = reference_transform(recipe, train)
-    if name in ("digits", "digits8"):
+    if name in tables.EMBEDDED_DATASETS:
         d = load_dataset(name)
         x, y = (d.train_x, d.train_y) if train else (d.test_x, d.test_y)
         return UInt8ImageDataset(x, y, transform)
