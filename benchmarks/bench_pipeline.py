@@ -49,7 +49,8 @@ from contsup.data import random_batch  # noqa: E402
 from contsup.speed.memory import peak_activation_bytes, reuse_freed_cpu_memory  # noqa: E402
 from contsup.study import estimate  # noqa: E402
 from contsup.model import ContSupNet  # noqa: E402
-from contsup.train import TrainConfig, prepare_model  # noqa: E402
+from contsup.speed.setup import prepare_model  # noqa: E402
+from contsup.train import TrainConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GPU_COUNTS = (2, 4, 8, 16)

@@ -42,7 +42,7 @@ from contsup.speed.memory import cuda_peak_bytes, peak_activation_bytes, reuse_f
 from contsup.model import ContSupNet, ModelConfig  # noqa: E402
 from contsup.speed.encoders import resolve_context_impl, set_context_impl  # noqa: E402
 from contsup.step import local_learning_step  # noqa: E402
-from contsup.train import compile_model  # noqa: E402
+from contsup.speed.setup import compile_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ["R0", "E", "R1", "R1E", "R2", "R4", "R8", "R16"]

@@ -104,7 +104,8 @@ def measure_row(mode: str, impl: str, compiled: bool, device) -> dict:
     from contsup.speed.memory import measure_step_memory
     from contsup.step import local_learning_step
     from contsup.study.estimate import cuda_step_seconds
-    from contsup.train import compile_model, make_optimizer, prepare_model
+    from contsup.speed.setup import compile_model, prepare_model
+    from contsup.train import make_optimizer
 
     cfg = step_config(mode, impl, compiled)
     torch.manual_seed(0)

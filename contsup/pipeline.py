@@ -46,9 +46,10 @@ from . import tables
 from .errors import UsageError, stop_on_signals
 from .model import ContSupNet, feature_shape
 from .step import autocast, module_step
-from .train import (TrainConfig, append_metrics, checkpoint_fits, compile_model, finish_run, learning_rate,
-                    make_optimizer, metrics_row, open_run, pick_device, reconstruction_target,
-                    save_checkpoint, set_up_run, to_format, DivergenceWatch)
+from .epoch import DivergenceWatch
+from .rundir import append_metrics, checkpoint_fits, finish_run, metrics_row, open_run, save_checkpoint
+from .speed.setup import compile_model, pick_device, to_format
+from .train import TrainConfig, learning_rate, make_optimizer, reconstruction_target, set_up_run
 
 DEPTH = 2            # in-flight messages per link (the ring)
 TIMEOUT_S = 300.0    # a peer silent for this long counts as hung
@@ -852,12 +853,13 @@ def _run(cfg, resume, progress, split, depth, watch, device, lock: ExitStack) ->
             if test_error < best[0]:
                 best = (test_error, epoch)
             seconds = max(p["t1"] for p in parts) - min(p["t0"] for p in parts)
-            row = metrics_row(epoch, lr, parts[-1]["train_error"], test_error,
-                              [v for p in parts for v in p["losses"]], seconds, parts[0]["seen"])
+            row = metrics_row(epoch, lr, train_error=parts[-1]["train_error"], test_error=test_error,
+                              local_losses=[v for p in parts for v in p["losses"]], seconds=seconds,
+                              seen=parts[0]["seen"])
             append_metrics(cfg, row)
             whole = {n: next(p["model"][n] for p in parts if n in p["model"]) for n in net.state_dict()}
             optimizer = _whole_optimizer_state([p["optimizer"] for p in parts], len(stage.names))
-            save_checkpoint(cfg, whole, optimizer, epoch, run.gen, best, memory)
+            save_checkpoint(cfg, epoch, (whole, optimizer), run.gen, best, memory)
             epochs.set_postfix(test_error=f"{test_error:.2f}%")
 
     result = None

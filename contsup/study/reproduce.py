@@ -84,7 +84,8 @@ from .. import errors
 from ..errors import Stopped, UsageError, check_writable_folder, stop_on_signals
 from ..runlock import RunFolderBusy, describe_holder, is_locked, read_holder, run_lock
 from ..model import parse_mode
-from ..train import TrainConfig, _config_json, config_diff, read_run_json
+from ..rundir import config_json as _config_json, config_diff, read_run_json
+from ..train import TrainConfig
 from . import estimate, experiments, publish
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the repository root in a checkout
