@@ -238,7 +238,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, note_fr
 class RunSetup:
     """What a run trains with, set up one way (`set_up_run`) for `train` and for every rank
     of the pipeline. The optimizer is not part of it: `train` steps all the parameters, a
-    pipeline rank only its stage's (pipeline.Stage), each loading its part of the checkpoint."""
+    pipeline rank only its stage's (pipeline.stages.Stage), each loading its part of the checkpoint."""
     cfg: TrainConfig                    # context_impl resolved for the device (resolved_for)
     device: torch.device
     net: ContSupNet                     # on the device (prepare_model), the checkpoint's weights loaded
