@@ -206,7 +206,7 @@ def first_step_memory(run: "RunSetup") -> dict:
     """measure_step_memory on the first (unshuffled) training batch. It runs with
     torch.use_deterministic_algorithms off (restored after): it measures on copies, and its
     reference step runs the plain encoders, whose adaptive pool has no deterministic CUDA
-    backward (check_deterministic)."""
+    backward (speed/setup.check_deterministic)."""
     x, y, image = run.first_batch()
     strict, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(False)
@@ -216,11 +216,10 @@ def first_step_memory(run: "RunSetup") -> dict:
         torch.use_deterministic_algorithms(strict, warn_only=warn_only)
 
 
-
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, note_fresh_start: bool = False) -> dict:
     """Train one configuration; returns (and writes) its result. With `resume`, continue from
     the run folder's checkpoint (or return the result of a finished run of the same config);
-    without, refuse to touch a folder that already holds a run (see `open_run`). The run
+    without, refuse to touch a folder that already holds a run (see rundir.open_run). The run
     folder's lock is held from before the folder is read until result.json is written.
     `note_fresh_start`: say on stderr when `resume` finds nothing to resume (the CLI's
     --resume; `reproduce` resumes whatever it finds and says nothing)."""
