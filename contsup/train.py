@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import tables
 from .data import DeviceLoader, ImageData, denormalize, load_dataset
-from .epoch import EpochSteps
+from .epoch import EpochSteps, mean_losses, train_error
 from .errors import UsageError, check_bool, check_float, check_int, check_str, command_line, option
 from .model import ContSupNet, ModelConfig, check_model_fields
 from .rundir import checkpoint_fits, end_epoch, finish_run, metrics_row, open_run, prepare_run_folder
@@ -305,8 +305,8 @@ def _train(cfg: TrainConfig, ckpt: dict | None, progress: bool) -> dict:
         seen, wrong, loss_sum = train_epoch(net, run.train_loader, optimizer, cfg, epoch, lr, progress=progress)
         train_time = time.perf_counter() - t0
         test_error = evaluate(net, run.test_loader, cfg.channels_last, cfg.bf16)
-        row = metrics_row(epoch, lr, train_error=100.0 * float(wrong) / seen, test_error=test_error,
-                          local_losses=(loss_sum / seen).tolist(), seconds=train_time, seen=seen)
+        row = metrics_row(epoch, lr, train_error=train_error(wrong, seen), test_error=test_error,
+                          local_losses=mean_losses(loss_sum, seen), seconds=train_time, seen=seen)
         best = end_epoch(cfg, row, (net.state_dict(), optimizer.state_dict()), run.gen, best, memory)
         epochs.set_postfix(test_error=f"{test_error:.2f}%")
 
