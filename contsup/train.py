@@ -48,8 +48,8 @@ class TrainConfig(ModelConfig):
     channels_last: bool = option(True, "NHWC activations: faster convolutions on CPU and GPU alike")
     bf16: bool = option(False, "bfloat16 autocast for the forward passes (weights stay fp32)")
     cudnn_benchmark: bool = option(True, "CUDA: let cuDNN time and pick its fastest algorithms")
-    deterministic: bool = option(False, "deterministic kernels (cuDNN, cuBLAS, torch): bit for bit on CUDA too, "
-                                        "slower (see use_deterministic)")
+    deterministic: bool = option(False, "deterministic kernels (cuDNN, cuBLAS, torch): bit for bit on CUDA too "
+                                        "(same GPU, threads, versions), slower (see use_deterministic)")
     torch_compile: bool = option(False, "torch.compile every module, head, encoder and decoder (slow first epoch)",
                                  flag="--compile")
     reuse_cpu_memory: bool = option(True, "CPU: freed activations are reused, not unmapped by glibc "
@@ -124,7 +124,7 @@ def learning_rate(epoch: int, base_lr: float, epochs: int, warmup_epochs: int = 
                   warmup_from: float = tables.PAPER_SCHEDULE.warmup_from) -> float:
     """The lr of 0-based epoch `epoch`, set once per epoch, as the authors' train.py sets it.
 
-    SPEC §5's lr_e = lr*(1+cos(pi*e/E))/2 counts epochs from 1: the authors call their
+    METHOD §5's lr_e = lr*(1+cos(pi*e/E))/2 counts epochs from 1: the authors call their
     schedule with e = epoch + 1, so the first epoch (0-based 0) trains at cos(1), the last
     (E-1) at cos(E) = lr 0. The warm-up epochs e = 1..W blend from `warmup_from` towards
     that same epoch's cosine value:
