@@ -6,6 +6,7 @@ import torch
 
 import contsup.train as train_module
 from contsup.errors import UsageError
+from contsup.speed import setup
 from contsup.train import TrainConfig
 
 
@@ -52,17 +53,17 @@ def cuda_init_fails(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         monkeypatch.setattr(torch.cuda, "init", init)
         monkeypatch.setattr(torch.version, "cuda", cuda)
-        train_module.cuda_unusable_reason.cache_clear()
-        train_module._note_unusable_driver.cache_clear()
+        setup.cuda_unusable_reason.cache_clear()
+        setup._note_unusable_driver.cache_clear()
     yield fail_with
-    train_module.cuda_unusable_reason.cache_clear()
-    train_module._note_unusable_driver.cache_clear()
+    setup.cuda_unusable_reason.cache_clear()
+    setup._note_unusable_driver.cache_clear()
 
 
 def test_a_driver_too_old_for_this_pytorch_is_named(cuda_init_fails):
     cuda_init_fails(TOO_OLD)
     with pytest.raises(UsageError) as e:
-        train_module.pick_device("cuda:0")
+        setup.pick_device("cuda:0")
     assert str(e.value) == ("--device cuda asked for, but this PyTorch's CUDA 13.0 build needs a newer NVIDIA "
                             "driver than the installed one (it supports CUDA 12.8): update the driver or install "
                             "a PyTorch built for its CUDA; use --device cpu or auto")
@@ -74,17 +75,17 @@ def test_a_driver_too_old_for_this_pytorch_is_named(cuda_init_fails):
 def test_no_gpu_is_still_no_gpu(cuda_init_fails, message, cuda, reason):
     cuda_init_fails(message, cuda)
     with pytest.raises(UsageError, match=f"^--device cuda asked for, but {reason}; use --device cpu or auto$"):
-        train_module.pick_device("cuda")
+        setup.pick_device("cuda")
 
 
 def test_auto_says_once_that_it_falls_back_to_the_cpu_for_the_driver(cuda_init_fails, capsys):
     cuda_init_fails(TOO_OLD)
-    assert train_module.pick_device("auto") == train_module.pick_device("auto") == torch.device("cpu")
+    assert setup.pick_device("auto") == setup.pick_device("auto") == torch.device("cpu")
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("contsup: warning: --device auto trains on the CPU: this "
                                                    "PyTorch's CUDA 13.0 build needs a newer NVIDIA driver"), err
     cuda_init_fails(NO_DRIVER)   # a machine without a GPU: auto is the CPU, nothing to say
-    assert train_module.pick_device("auto") == torch.device("cpu") and capsys.readouterr().err == ""
+    assert setup.pick_device("auto") == torch.device("cpu") and capsys.readouterr().err == ""
 
 
 # --------------------------------------------------------------------------------------
@@ -93,7 +94,8 @@ from contextlib import contextmanager  # noqa: E402
 
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from contsup import pipeline  # noqa: E402
+from contsup.pipeline import messages  # noqa: E402
+from contsup.pipeline.run import batch_sizes  # noqa: E402
 
 
 class HostReads(TorchDispatchMode):
@@ -136,12 +138,12 @@ TRAIN_SIZES, EVAL_SIZES = [4, 4, 2], [5, 1]   # a last smaller batch of each kin
 
 def batch(kind, n, dtype=torch.float32):
     h = torch.randn(n, 3, 2, 2).to(dtype).contiguous(memory_format=torch.channels_last)
-    return [h, torch.arange(n), torch.rand(n, 1, 2, 2) if kind == pipeline.TRAIN else None]
+    return [h, torch.arange(n), torch.rand(n, 1, 2, 2) if kind == messages.TRAIN else None]
 
 
 def schedule(epoch):
-    heads = [(pipeline.TRAIN, epoch, s, n) for s, n in enumerate(TRAIN_SIZES)]
-    return heads + [(pipeline.EVAL, epoch, s, n) for s, n in enumerate(EVAL_SIZES)]
+    heads = [(messages.TRAIN, epoch, s, n) for s, n in enumerate(TRAIN_SIZES)]
+    return heads + [(messages.EVAL, epoch, s, n) for s, n in enumerate(EVAL_SIZES)]
 
 
 @pytest.fixture
@@ -154,11 +156,11 @@ def link(monkeypatch):
         return real_tolist(self)
     monkeypatch.setattr(torch.Tensor, "tolist", tolist)
     wire = Wire()
-    receiver = pipeline.Link(0, 4096, SLOTS, "cpu", 2, wire)
+    receiver = messages.Link(0, 4096, SLOTS, "cpu", 2, wire)
 
     def send(head, tensors):
         buf = torch.zeros(4096, dtype=torch.uint8)
-        pipeline.pack(buf, head, tensors)
+        messages.pack(buf, head, tensors)
         wire.queue.append(buf)
     return receiver, send, reads
 
@@ -202,23 +204,23 @@ def test_without_the_schedule_every_message_is_read(link):
 
 def test_a_message_unlike_its_layout_is_caught_at_the_epochs_end(link):
     receiver, send, reads = link
-    head = (pipeline.TRAIN, 0, 0, 4)
-    send(head, batch(pipeline.TRAIN, 4))
-    send((pipeline.TRAIN, 0, 1, 4), batch(pipeline.TRAIN, 4, torch.bfloat16))   # another dtype, same size
+    head = (messages.TRAIN, 0, 0, 4)
+    send(head, batch(messages.TRAIN, 4))
+    send((messages.TRAIN, 0, 1, 4), batch(messages.TRAIN, 4, torch.bfloat16))   # another dtype, same size
     receiver.expect(2)
     receiver.recv(head)
     receiver.check_layouts()
-    receiver.recv((pipeline.TRAIN, 0, 1, 4))
+    receiver.recv((messages.TRAIN, 0, 1, 4))
     with pytest.raises(RuntimeError, match="did not match the layout of the first of its kind and batch size"):
         receiver.check_layouts()
 
 
 def test_a_first_message_off_the_schedule_is_refused(link):
     receiver, send, _ = link
-    send((pipeline.TRAIN, 0, 0, 3), batch(pipeline.TRAIN, 3))
+    send((messages.TRAIN, 0, 0, 3), batch(messages.TRAIN, 3))
     receiver.expect(1)
     with pytest.raises(RuntimeError, match=r"rank 0 sent \(0, 0, 0, 3\) where the batch schedule says \(0, 0, 0, 4\)"):
-        receiver.recv((pipeline.TRAIN, 0, 0, 4))
+        receiver.recv((messages.TRAIN, 0, 0, 4))
 
 
 def test_the_schedule_is_the_loaders_batch_sizes():
@@ -228,4 +230,4 @@ def test_the_schedule_is_the_loaders_batch_sizes():
     recipe = tables.DATA_RECIPES["digits8"]
     for b, drop_last in ((4, False), (4, True), (5, False), (16, False)):
         loader = DeviceLoader(images, labels, recipe, b, False, "cpu", drop_last=drop_last)
-        assert pipeline.batch_sizes(loader) == [len(y) for _, y in loader]
+        assert batch_sizes(loader) == [len(y) for _, y in loader]

@@ -2,8 +2,9 @@
 
     method    errors, tables, losses, model, step        the paper, top to bottom
     data      data, jsonio, runlock, provenance          data path, strict JSON files, run-folder lock, run facts
-    speed     speed/                                     lean encoders, memory tracker
-    trainer   train, pipeline                            one run (one process, or one rank per stage)
+    speed     speed/                                     lean encoders, memory tracker, device set-up
+    trainer   rundir, epoch, train, pipeline             one run: its folder, its steps' books, one process
+                                                         or one rank per stage
     study     study/                                     registry, run folders, reproduce, report
     cli       cli, __main__
 
@@ -18,7 +19,7 @@ LAYERS = [
     ("method", {"__init__", "errors", "tables", "losses", "model", "step"}),
     ("data", {"data", "jsonio", "runlock", "provenance"}),
     ("speed", {"speed"}),
-    ("trainer", {"train", "pipeline"}),
+    ("trainer", {"rundir", "epoch", "train", "pipeline"}),
     ("study", {"study"}),
     ("cli", {"cli", "__main__"}),
 ]
