@@ -3,8 +3,9 @@
     method    errors, tables, losses, tokens, model,     the paper, top to bottom; wrap: the same
               step, wrap                                 method on any backbone
     data      data, jsonio, runlock                      data path, strict JSON files, run-folder lock
-    speed     speed/                                     lean encoders, memory tracker
-    trainer   train, pipeline                            one run (one process, or one rank per stage)
+    speed     speed/                                     lean encoders, memory tracker, device set-up
+    trainer   rundir, epoch, train, pipeline             one run: its folder, its steps' books, one process
+                                                         or one rank per stage
     study     study/                                     registry, run folders, reproduce, report
     cli       cli, __main__
 
@@ -19,7 +20,7 @@ LAYERS = [
     ("method", {"__init__", "errors", "tables", "losses", "tokens", "model", "step", "wrap"}),
     ("data", {"data", "jsonio", "runlock"}),
     ("speed", {"speed"}),
-    ("trainer", {"train", "pipeline"}),
+    ("trainer", {"rundir", "epoch", "train", "pipeline"}),
     ("study", {"study"}),
     ("cli", {"cli", "__main__"}),
 ]

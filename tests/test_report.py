@@ -195,7 +195,8 @@ def tiny_run(tmp_path_factory):
     from contsup.data import DeviceLoader, load_dataset
     from contsup.model import ContSupNet
     from contsup.step import local_learning_step
-    from contsup.train import _config_json, make_optimizer
+    from contsup.rundir import config_json
+    from contsup.train import make_optimizer
 
     root = tmp_path_factory.mktemp("info")
     out = root / "runs" / "tiny-K4-R1E"
@@ -218,8 +219,8 @@ def tiny_run(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(_config_json(cfg)))
-    torch.save({"model": net.state_dict(), "config": _config_json(cfg)}, out / "ckpt.pt")
+    (out / "config.json").write_text(json.dumps(config_json(cfg)))
+    torch.save({"model": net.state_dict(), "config": config_json(cfg)}, out / "ckpt.pt")
     return root, cfg
 
 
