@@ -310,8 +310,8 @@ def resumed_metrics(path: Path, start_epoch: int, vouched: list | None) -> tuple
     older version keeps none: the file's rows are kept (a last line cut short by a kill is
     dropped, any other damaged line refused: read_metrics) and the epochs it lacks named."""
     found, damaged = _readable_rows(path)
-    why = ("is missing" if not path.exists() else f"has damaged lines {damaged}" if damaged
-           else "lacks or changed them")
+    why = ("is missing" if not path.exists() else "is unreadable" if damaged is None
+           else f"has damaged lines {damaged}" if damaged else "lacks or changed them")
     if vouched is None:
         rows = [row for _, row in read_metrics(path) if row["epoch"] < start_epoch] if path.exists() else []
         restored = []
@@ -326,14 +326,15 @@ def resumed_metrics(path: Path, start_epoch: int, vouched: list | None) -> tuple
     return rows, (("warning: " if missing else "note: ") + "; ".join(notes)) if notes else None
 
 
-def _readable_rows(path: Path) -> tuple[dict[int, dict], list[int]]:
-    """({epoch: row} of the lines of metrics.jsonl that read as rows, numbers of those that do not)."""
+def _readable_rows(path: Path) -> tuple[dict[int, dict], list[int] | None]:
+    """({epoch: row} of the lines of metrics.jsonl that read as rows, numbers of those that do
+    not: None if the file cannot be read as text at all)."""
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
         return {}, []
     except (OSError, UnicodeDecodeError):
-        return {}, [0]
+        return {}, None
     found, damaged = {}, []
     for n, line in enumerate(lines, 1):
         try:

@@ -72,7 +72,8 @@ def test_a_plain_resume_keeps_every_line_and_says_nothing(run, capsys):
     assert "epochs_without_metrics" not in json.loads((run / "result.json").read_text())
 
 
-@pytest.mark.parametrize("damage", ["deleted", "damaged line", "damaged, then a later epoch's line", "emptied"])
+@pytest.mark.parametrize("damage", ["deleted", "damaged line", "damaged, then a later epoch's line", "emptied",
+                                    "not text"])
 def test_a_lost_metrics_line_is_restored_from_the_checkpoint_in_one_line(run, capsys, damage):
     metrics = run / "metrics.jsonl"
     epoch0 = metrics.read_text()
@@ -82,6 +83,8 @@ def test_a_lost_metrics_line_is_restored_from_the_checkpoint_in_one_line(run, ca
         metrics.write_text(epoch0[:len(epoch0) // 2] + "\n")
     elif damage == "emptied":
         metrics.write_text("")
+    elif damage == "not text":
+        metrics.write_bytes(b"\xff\xfe" + epoch0.encode())
     else:   # epoch 1's line written, the kill came before its checkpoint: dropped as always
         metrics.write_text("{garbage\n" + json.dumps({"epoch": 1, "test_error": 1.0, "epoch_seconds": 1.0}) + "\n")
     err = resume(run, capsys)
@@ -89,7 +92,7 @@ def test_a_lost_metrics_line_is_restored_from_the_checkpoint_in_one_line(run, ca
     assert metrics.read_text().startswith(epoch0)   # epoch 0's line as it was written
     assert json.loads(metrics.read_text().splitlines()[1])["test_error"] != 1.0
     why = {"deleted": "is missing", "damaged line": "has damaged lines [1]", "emptied": "lacks or changed them",
-           "damaged, then a later epoch's line": "has damaged lines [1]"}
+           "damaged, then a later epoch's line": "has damaged lines [1]", "not text": "is unreadable"}
     assert err == f"contsup: note: metrics of epochs 0 restored from ckpt.pt (metrics.jsonl {why[damage]})\n"
     result = json.loads((run / "result.json").read_text())
     assert "epochs_without_metrics" not in result
