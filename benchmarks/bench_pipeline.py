@@ -6,10 +6,10 @@ per-rank peak memory, and a model of the speed-up on G GPUs.
 
 For each configuration:
 1. Per-module step times (context supply + forward + local loss + backward, one thread,
-   `pipeline.profile_modules`) and the balanced split for G = 2, 4, 8, 16 with the bytes each
-   link carries per batch (`pipeline.link_slots`, fp32).
+   `pipeline.split.profile_modules`) and the balanced split for G = 2, 4, 8, 16 with the bytes each
+   link carries per batch (`messages.link_slots`, fp32).
    Each rank's peak activation bytes for one step (contsup.memory's tracker).
-2. Measured: the ranks run `pipeline.Stage.run_epoch`, the trainer's own loop, on a fixed
+2. Measured: the ranks run `pipeline.stages.Stage.run_epoch`, the trainer's own loop, on a fixed
    random batch, G = 1 (the same code, one process) and G = 2, each rank one thread, gloo over
    loopback. Throughput at steady state (images per second between the last rank's first and
    last finished batch: the pipe's fill is left out) and over the whole timed span; each
@@ -45,11 +45,13 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from contsup import jsonio, pipeline  # noqa: E402
+from contsup.pipeline import messages, split, stages, watch  # noqa: E402
 from contsup.data import random_batch  # noqa: E402
 from contsup.speed.memory import peak_activation_bytes, reuse_freed_cpu_memory  # noqa: E402
 from contsup.study import estimate  # noqa: E402
 from contsup.model import ContSupNet  # noqa: E402
-from contsup.train import TrainConfig, prepare_model  # noqa: E402
+from contsup.speed.setup import prepare_model  # noqa: E402
+from contsup.train import TrainConfig  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GPU_COUNTS = (2, 4, 8, 16)
@@ -68,7 +70,7 @@ def config(arch: str, k: int, batch: int) -> TrainConfig:
 
 def link_bytes(net: ContSupNet, bounds: list[int], batch: int) -> list[int]:
     """Bytes per batch on each link of the split (fp32 activations, int64 labels)."""
-    return [sum(batch * pipeline.slot_sample_bytes(net, bounds, r, s) for s in pipeline.link_slots(net, bounds, r))
+    return [sum(batch * messages.slot_sample_bytes(net, bounds, r, s) for s in messages.link_slots(net, bounds, r))
             for r in range(len(bounds) - 2)]
 
 
@@ -82,7 +84,7 @@ def stage_activation_bytes(net: ContSupNet, bounds: list[int], x, y) -> list[int
         box = {}
 
         def step():
-            box["h"], _ = pipeline.stage_step(net, range(a, b), h, x, y, None, module_inputs, True, False)
+            box["h"], _ = stages.stage_step(net, range(a, b), h, stages.Batch(x, y, None, module_inputs), True)
 
         peaks.append(peak_activation_bytes(step, exclude=[net], inputs=[t for t in received if t is not None]))
         net.zero_grad(set_to_none=True)
@@ -100,11 +102,11 @@ def _rank(rank: int, world: int, port: int, spec: dict, out: str):
     cfg = config(spec["arch"], spec["k"], spec["batch"])
     torch.manual_seed(0)
     net = prepare_model(ContSupNet(cfg.model_config()), cfg, torch.device("cpu"))
-    watch = pipeline.Watch(rank, world, 1800)
-    stage = pipeline.Stage(net, cfg, spec["bounds"], rank, world, spec["batch"], pipeline.DEPTH, watch)
+    rank_watch = watch.Watch(rank, world, 1800)
+    stage = stages.Stage(net, cfg, spec["bounds"], rank_watch, max_batch=spec["batch"], depth=pipeline.DEPTH)
     link = _loopback(rank, world, spec["link_bytes"])
     x, y, _ = random_batch("cifar10", spec["batch"])
-    source = itertools.repeat((pipeline.TRAIN, x, y, None)) if rank == 0 else None
+    source = itertools.repeat((messages.TRAIN, x, y, None)) if rank == 0 else None
     setup_rss = _peak_rss()
     stage.run_epoch(0, cfg.lr, source, spec["warmup"], 0)
     dist.barrier()
@@ -185,7 +187,7 @@ def run_config(arch: str, k: int, batch: int, steps: int, warmup: int) -> dict:
     net = prepare_model(ContSupNet(cfg.model_config()), cfg, torch.device("cpu"))
     x, y, _ = random_batch("cifar10", batch)
     x = x.contiguous(memory_format=torch.channels_last)
-    seconds = pipeline.profile_modules(net, x, y)
+    seconds = split.profile_modules(net, x, y)
     bounds2 = pipeline.balanced_split(seconds, 2)
     activations = {"one_process": stage_activation_bytes(net, [0, k], x, y),
                    "two_ranks": stage_activation_bytes(net, bounds2, x, y)}

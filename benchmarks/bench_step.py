@@ -4,14 +4,14 @@
     python benchmarks/bench_step.py --no-targets --grid-batch 256 --archs resnet32   # one grid, added
     python benchmarks/bench_step.py --device cuda         # + max_memory_allocated and images/s
     python benchmarks/bench_step.py --markdown            # the README's tables from the JSON
-    python benchmarks/bench_step.py --compiled-vs-eager   # train.compile_model against eager, small
+    python benchmarks/bench_step.py --compiled-vs-eager   # speed.setup.compile_model against eager, small
 
 Every configuration is timed in the same process, and the repetitions are interleaved
 (rep 1 of every config, then rep 2, ...), so ratios between rows are robust to a machine
 whose load changes; compare ratios, not absolute seconds. Writes
 benchmarks/results/step_<device>.json and step_<device>.png.
 
---compiled-vs-eager (`compiled_vs_eager`) times the trainer's `--compile` (train.compile_model,
+--compiled-vs-eager (`compiled_vs_eager`) times the trainer's `--compile` (speed.setup.compile_model,
 inductor) against the eager step the trainer runs by default on the device, per mode: the
 steady-state step time of each, the first compiled step (tracing and compiling every part),
 the graphs dynamo made and any frame it compiled again after the first step. On a CPU it is
@@ -42,7 +42,7 @@ from contsup.speed.memory import cuda_peak_bytes, peak_activation_bytes, reuse_f
 from contsup.model import ContSupNet, ModelConfig  # noqa: E402
 from contsup.speed.encoders import resolve_context_impl, set_context_impl  # noqa: E402
 from contsup.step import local_learning_step  # noqa: E402
-from contsup.train import compile_model  # noqa: E402
+from contsup.speed.setup import compile_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ["R0", "E", "R1", "R1E", "R2", "R4", "R8", "R16"]
@@ -125,7 +125,7 @@ def measure(rows, batch_size, reps, device):
 def compiled_vs_eager(mode: str = "R1E", k: int = 4, batch: int = 32, reps: int = 5, device="cpu",
                       dataset: str = "digits8", arch: str = "resnet32", backend: str = "inductor") -> dict:
     """One network eager (its encoders as resolve_context_impl("auto") picks for `device`) and
-    the same network through train.compile_model(backend=...): the first compiled step (its
+    the same network through speed.setup.compile_model(backend=...): the first compiled step (its
     compile), then `reps` interleaved steady-state steps of each. Seconds are synchronised
     wall times; `graphs`: dynamo's graphs after the first step; `recompiled`: frames compiled
     in the timed steps (0: every part runs the graph of its first step)."""

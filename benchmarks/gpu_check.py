@@ -220,7 +220,8 @@ def build_step(mode: str, impl: str, dtype: str, compiled: bool, device) -> tupl
     from contsup.model import ContSupNet
     from contsup.speed.memory import measure_step_memory
     from contsup.step import local_learning_step
-    from contsup.train import compile_model, make_optimizer, prepare_model
+    from contsup.speed.setup import compile_model, prepare_model
+    from contsup.train import make_optimizer
 
     cfg = step_config(mode, impl, dtype, compiled)
     torch.manual_seed(0)
@@ -491,7 +492,7 @@ def graph_count(mode: str) -> int:
     nothing) makes none. Counted on a CPU copy wrapped with the eager backend (nothing is
     compiled here): E2E 2, R0 32, R1E 47 at K=16."""
     from contsup.model import ContSupNet
-    from contsup.train import compile_model
+    from contsup.speed.setup import compile_model
     net = compile_model(ContSupNet(step_config(mode, "plain").model_config()), backend="eager")
     return sum(getattr(m, "_compiled_call_impl", None) is not None and any(True for _ in m.parameters())
                for m in net.modules())

@@ -146,10 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from .train import TrainConfig, run_name, train
+    from .rundir import run_name
+    from .train import TrainConfig, train
     cfg = TrainConfig(**given(args, TrainConfig))
     if cfg.deterministic:  # before anything touches CUDA: cuBLAS reads it once (train.use_deterministic)
-        from .train import CUBLAS_WORKSPACE_CONFIG
+        from .speed.setup import CUBLAS_WORKSPACE_CONFIG
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
     if not hasattr(args, "out_dir"):   # every setting that is not the default is in the name: no two configs share it
         cfg.out_dir = os.path.join("runs", run_name(cfg))

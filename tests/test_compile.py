@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 from contsup.model import ContSupNet, ModelConfig
 from contsup.speed.encoders import set_context_impl
 from contsup.step import local_learning_step
-from contsup.train import compile_model
+from contsup.speed.setup import compile_model
 
 
 def test_compiled_k16_step_has_one_graph_per_part_and_no_recompile():

@@ -9,7 +9,10 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import contsup.epoch as epoch_module
+import contsup.rundir as rundir
 import contsup.train as train_module
+from contsup.speed import setup
 from contsup import tables
 from contsup.data import DeviceLoader
 from contsup.model import ContSupNet
@@ -77,7 +80,7 @@ def fake_cuda_epoch(tmp_path, monkeypatch):
     def run(check_every: int) -> HostTraffic:
         cfg = TrainConfig(dataset="cifar10", arch="resnet32", k=4, mode="R1E", reconstruct=True, batch_size=32,
                           out_dir=str(tmp_path / "run"), device="cpu", check_every=check_every)
-        net = train_module.prepare_model(ContSupNet(cfg.model_config()), cfg, torch.device("cpu"))
+        net = setup.prepare_model(ContSupNet(cfg.model_config()), cfg, torch.device("cpu"))
         gen = torch.Generator().manual_seed(0)
         x = torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8, generator=gen)
         y = torch.randint(0, 10, (128,), generator=gen)
@@ -141,7 +144,7 @@ def test_the_step_reads_nothing_from_the_host(mode, loss, reconstruct, impl):
     no read of a tensor's value, no tensor made from host data (both syncs on CUDA)."""
     cfg = TrainConfig(dataset="digits8", arch="resnet32", k=4, mode=mode, loss=loss, reconstruct=reconstruct,
                       context_impl=impl, device="cpu")
-    net = train_module.prepare_model(ContSupNet(cfg.model_config()), cfg, torch.device("cpu"))
+    net = setup.prepare_model(ContSupNet(cfg.model_config()), cfg, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 3, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
     image = torch.rand(16, 3, 8, 8, generator=gen) if reconstruct else None
@@ -168,13 +171,13 @@ def test_deterministic_sets_torch_cudnn_and_cublas(restore_determinism):
     import os
     cfg = TrainConfig(dataset="digits8", k=2, deterministic=True, device="cpu")
     torch.backends.cudnn.benchmark = True
-    train_module.prepare_model(ContSupNet(cfg.model_config()), cfg, torch.device("cpu"))
+    setup.prepare_model(ContSupNet(cfg.model_config()), cfg, torch.device("cpu"))
     assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
     assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     # the next run's config decides: off again
     off = TrainConfig(dataset="digits8", k=2, device="cpu")
-    train_module.prepare_model(ContSupNet(off.model_config()), off, torch.device("cpu"))
+    setup.prepare_model(ContSupNet(off.model_config()), off, torch.device("cpu"))
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
 
 
@@ -185,12 +188,12 @@ def test_deterministic_on_cuda_refuses_what_has_no_deterministic_backward():
     for cfg, fix in ((make(reconstruct=True), "reconstruct"), (make(context_impl="plain"), "lean"),
                      (make(torch_compile=True), "lean")):
         with pytest.raises(UsageError, match=fix):
-            train_module.check_deterministic(ContSupNet(cfg.model_config()), cfg, cuda)
+            setup.check_deterministic(ContSupNet(cfg.model_config()), cfg, cuda)
     for cfg in (make(), make(context_impl="fused"), TrainConfig(dataset="digits8", k=4, mode="R0",
                                                                 deterministic=True, context_impl="plain")):
-        train_module.check_deterministic(ContSupNet(cfg.model_config()), cfg, cuda)   # accepted
+        setup.check_deterministic(ContSupNet(cfg.model_config()), cfg, cuda)   # accepted
     plain = TrainConfig(dataset="digits8", k=4, mode="R1E", context_impl="plain")       # without the flag: anything
-    train_module.check_deterministic(ContSupNet(plain.model_config()), plain, cuda)
+    setup.check_deterministic(ContSupNet(plain.model_config()), plain, cuda)
 
 
 def test_flags_reach_the_config_and_change_nothing_on_a_cpu(tmp_path, restore_determinism):
@@ -207,8 +210,8 @@ def test_flags_reach_the_config_and_change_nothing_on_a_cpu(tmp_path, restore_de
     a = torch.load(tmp_path / "flags" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "plain" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(t, b[name]) for name, t in a.items())
-    assert train_module.MAY_CHANGE_ON_RESUME >= {"deterministic", "check_every"}
-    assert train_module.config_diff(TrainConfig(**common, deterministic=False, check_every=7, device="cpu"),
+    assert rundir.MAY_CHANGE_ON_RESUME >= {"deterministic", "check_every"}
+    assert rundir.config_diff(TrainConfig(**common, deterministic=False, check_every=7, device="cpu"),
                                     config | {"out_dir": "elsewhere"}) == []
 
 
@@ -250,14 +253,14 @@ def test_an_epoch_on_cuda_never_synchronises_outside_its_checks(tmp_path, monkey
     cfg = TrainConfig(dataset="digits8", arch="resnet32", k=4, mode="R1E", batch_size=32, train_subset=256,
                       out_dir=str(tmp_path / "run"), device="cuda", check_every=3)
     device = torch.device("cuda")
-    net = train_module.prepare_model(ContSupNet(cfg.model_config()), cfg, device)
+    net = setup.prepare_model(ContSupNet(cfg.model_config()), cfg, device)
     from contsup.data import load_dataset
     data = load_dataset("digits8", train_subset=256)
     loader = DeviceLoader(data.train_x, data.train_y, tables.DATA_RECIPES["digits8"], 32, True, device,
                           torch.Generator().manual_seed(0))
     optimizer = train_module.make_optimizer(net, cfg)
     train_module.train_epoch(net, loader, optimizer, cfg, 0, 0.05)   # warm-up: cuDNN, allocator, optimizer state
-    real_check, checks = train_module.DivergenceWatch.check, []
+    real_check, checks = epoch_module.DivergenceWatch.check, []
 
     def allowed_check(self, *args, **kwargs):   # the one sync that is meant
         checks.append(1)
@@ -267,7 +270,7 @@ def test_an_epoch_on_cuda_never_synchronises_outside_its_checks(tmp_path, monkey
         finally:
             torch.cuda.set_sync_debug_mode("error")
 
-    monkeypatch.setattr(train_module.DivergenceWatch, "check", allowed_check)
+    monkeypatch.setattr(epoch_module.DivergenceWatch, "check", allowed_check)
     torch.cuda.set_sync_debug_mode("error")
     try:
         train_module.train_epoch(net, loader, optimizer, cfg, 1, 0.05)

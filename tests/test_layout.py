@@ -2,9 +2,10 @@
 
     method    errors, tables, losses, tokens, model,     the paper, top to bottom; wrap: the same
               step, wrap, backbones                      method on any backbone (backbones: two models to wrap)
-    data      data, jsonio, runlock                      data path, strict JSON files, run-folder lock
-    speed     speed/                                     lean encoders, memory tracker
-    trainer   train, pipeline                            one run (one process, or one rank per stage)
+    data      data, jsonio, runlock, provenance          data path, strict JSON files, run-folder lock, run facts
+    speed     speed/                                     lean encoders, memory tracker, device set-up
+    trainer   rundir, epoch, train, pipeline             one run: its folder, its steps' books, one process
+                                                         or one rank per stage
     study     study/                                     registry, run folders, reproduce, report
     cli       cli, __main__
 
@@ -17,9 +18,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "contsup"
 LAYERS = [
     ("method", {"__init__", "errors", "tables", "losses", "tokens", "model", "step", "wrap", "backbones"}),
-    ("data", {"data", "jsonio", "runlock"}),
+    ("data", {"data", "jsonio", "runlock", "provenance"}),
     ("speed", {"speed"}),
-    ("trainer", {"train", "pipeline"}),
+    ("trainer", {"rundir", "epoch", "train", "pipeline"}),
     ("study", {"study"}),
     ("cli", {"cli", "__main__"}),
 ]

@@ -109,7 +109,8 @@ def test_unknown_impl_is_a_usage_error():
 
 def test_the_model_builds_plain_encoders_and_the_trainer_runs_lean_by_default():
     from contsup.speed.encoders import EncoderChain
-    from contsup.train import TrainConfig, prepare_model
+    from contsup.speed.setup import prepare_model
+    from contsup.train import TrainConfig
     net = ContSupNet(ModelConfig(k=4, mode="R1E", dataset="cifar10"))
     encoders = [m for m in net.modules() if isinstance(m, (ImageEncoder, ResidualEncoder))]
     assert encoders and not any(isinstance(m.net, EncoderChain) for m in encoders)
@@ -123,7 +124,9 @@ def test_the_model_builds_plain_encoders_and_the_trainer_runs_lean_by_default():
 
 def test_auto_context_impl_resolves_per_device_and_is_recorded():
     from contsup.speed.encoders import resolve_context_impl
-    from contsup.train import TrainConfig, config_diff, resolved_for
+    from contsup.rundir import config_diff
+    from contsup.speed.setup import resolved_for
+    from contsup.train import TrainConfig
     assert [resolve_context_impl("auto", d) for d in ("cpu", torch.device("cuda", 1), "mps")] == ["lean", "plain",
                                                                                                    "plain"]
     assert resolve_context_impl("fused", "cuda") == "fused" and resolve_context_impl("fused", "cpu") == "fused"
@@ -196,7 +199,8 @@ def test_bf16_autocast_runs_convs_in_bf16_and_keeps_fp32_gradients():
 
 
 def test_compile_model_compiles_every_part_in_place():
-    from contsup.train import TrainConfig, compile_model, prepare_model
+    from contsup.speed.setup import compile_model, prepare_model
+    from contsup.train import TrainConfig
     cfg = TrainConfig(dataset="digits8", k=2, mode="R1E", torch_compile=True)
     net = ContSupNet(cfg.model_config())
     keys = list(net.state_dict())

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from contsup import pipeline
+from contsup.pipeline import faults, messages, split, stages, watch as watching
 from contsup.cli import main
 from contsup.errors import UsageError
 from contsup.model import ContSupNet, ModelConfig
@@ -127,7 +128,7 @@ def test_world_size_one_runs_the_same_path(tmp_path, reference):
 def test_a_dead_rank_is_named_and_the_checkpoint_resumes_single_process(tmp_path, reference):
     cfg = _cfg(tmp_path / "run", "R2")
     codes, errors, seconds = _launch(cfg, 2, "--split", "1,3", "--rank-timeout", "30",
-                                     env={pipeline.DIE_ENV: "1:1"})
+                                     env={faults.DIE_ENV: "1:1"})
     assert codes == [1, 1], errors
     assert seconds < 60, seconds
     lines = errors[0].strip().splitlines()
@@ -163,7 +164,7 @@ def test_a_hung_rank_is_named_within_the_timeout(tmp_path):
     cfg = _cfg(tmp_path / "run", "R1E")
     hooked = tmp_path / "hooked"
     procs = _start(cfg, 2, "--split", "2,2", "--rank-timeout", "20",
-                   env={pipeline.HANG_ENV: "1:1", pipeline.HOOK_FILE_ENV: str(hooked)})
+                   env={faults.HANG_ENV: "1:1", faults.HOOK_FILE_ENV: str(hooked)})
     try:
         _wait_for(procs, hooked)
         _, err = procs[0].communicate(timeout=600)   # a guard against a test that never ends, not the verdict
@@ -184,7 +185,7 @@ def test_sigterm_stops_every_rank_in_one_line_and_the_run_resumes(tmp_path, refe
     # the checkpoint of epoch 0 is intact and a rerun with --resume ends where the reference did.
     cfg = _cfg(tmp_path / "run", "R1E")
     hooked = tmp_path / "hooked"
-    procs = _start(cfg, 2, "--split", "2,2", env={pipeline.HANG_ENV: "1:1", pipeline.HOOK_FILE_ENV: str(hooked)})
+    procs = _start(cfg, 2, "--split", "2,2", env={faults.HANG_ENV: "1:1", faults.HOOK_FILE_ENV: str(hooked)})
     try:
         _wait_for(procs, hooked, tmp_path / "run" / "ckpt.pt")   # rank 0 saved epoch 0 (atomically)
         for p in procs:
@@ -215,9 +216,9 @@ class _Store:
         return self.kv[key].encode()
 
 
-def _watch(rank: int, store) -> pipeline.Watch:
+def _watch(rank: int, store) -> watching.Watch:
     """A Watch without a process group (its blame only)."""
-    watch = pipeline.Watch.__new__(pipeline.Watch)
+    watch = watching.Watch.__new__(watching.Watch)
     watch.rank, watch.world, watch.epoch, watch.store = rank, 3, 1, store
     return watch
 
@@ -276,37 +277,37 @@ def test_stages_run_the_steps_loop_cut_by_rank(mode, loss, reconstruct):
     x, y, image = torch.randn(6, 3, 8, 8), torch.arange(6), torch.rand(6, 3, 8, 8) if reconstruct else None
     logits, losses = local_learning_step(net, x, y, image)
     inputs = []
-    h, first = pipeline.stage_step(staged, range(0, 1), None, x, y, image, inputs, True, False)
-    out, rest = pipeline.stage_step(staged, range(1, 4), h, x, y, image, inputs, True, False)
+    h, first = stages.stage_step(staged, range(0, 1), None, stages.Batch(x, y, image, inputs), True)
+    out, rest = stages.stage_step(staged, range(1, 4), h, stages.Batch(x, y, image, inputs), True)
     assert torch.equal(out, logits) and torch.equal(torch.stack(first + rest), losses)
     grads = [(p.grad, q.grad) for p, q in zip(net.parameters(), staged.parameters())]
     assert all(g is None and h is None or torch.equal(g, h) for g, h in grads)   # None: a head weighted 0
     assert sum(g is not None for g, _ in grads) > len(grads) // 2
     staged.eval()
     with torch.no_grad():
-        assert torch.equal(pipeline.stage_step(staged, range(4), None, x, y, None, [], False, False)[0], staged(x))
+        assert torch.equal(stages.stage_step(staged, range(4), None, stages.Batch(x, y, None, []), False)[0], staged(x))
 
 
 def test_links_carry_what_later_ranks_need():
     net = ContSupNet(ModelConfig(dataset="digits8", k=4, mode="R2", reconstruct=True, loss_scales=(1, 1, 1, 1)))
     # modules [0], [1], [2, 3]: cut 1 (module 2) reads the inputs of modules 1 and 0 (the image)
     bounds = [0, 1, 2, 4]
-    assert pipeline.link_slots(net, bounds, 0) == ["h", "y", "x", "image"]
-    assert pipeline.link_slots(net, bounds, 1) == ["h", "y", "x", "image", ("in", 1)]
+    assert messages.link_slots(net, bounds, 0) == ["h", "y", "x", "image"]
+    assert messages.link_slots(net, bounds, 1) == ["h", "y", "x", "image", ("in", 1)]
     r1 = ContSupNet(ModelConfig(dataset="digits8", k=4, mode="R1"))   # cut 1 encodes module 1's input
-    assert pipeline.link_slots(r1, [0, 2, 4], 0) == ["h", "y", ("in", 1)]
-    assert pipeline.link_slots(ContSupNet(ModelConfig(dataset="digits8", k=4, mode="R0")), [0, 2, 4], 0) == ["h", "y"]
-    owners = {pipeline.module_of(n, 4) for n in net.state_dict()}
-    assert owners == {0, 1, 2, 3} and pipeline.module_of("context.0.image.net.0.0.weight", 4) == 1
+    assert messages.link_slots(r1, [0, 2, 4], 0) == ["h", "y", ("in", 1)]
+    assert messages.link_slots(ContSupNet(ModelConfig(dataset="digits8", k=4, mode="R0")), [0, 2, 4], 0) == ["h", "y"]
+    owners = {messages.module_of(n, 4) for n in net.state_dict()}
+    assert owners == {0, 1, 2, 3} and messages.module_of("context.0.image.net.0.0.weight", 4) == 1
 
 
 def test_messages_keep_values_dtypes_and_memory_format():
     x = torch.randn(3, 5, 4, 4).contiguous(memory_format=torch.channels_last)
     tensors = [x, torch.arange(3), None, torch.randn(3, 2, 4, 4).to(torch.bfloat16)]
     buf = torch.empty(4096, dtype=torch.uint8)
-    pipeline.pack(buf, (pipeline.EVAL, 7, 2, 3), tensors)
-    head, out = pipeline.unpack(buf, len(tensors))
-    assert head == (pipeline.EVAL, 7, 2, 3) and out[2] is None
+    messages.pack(buf, (messages.EVAL, 7, 2, 3), tensors)
+    head, out = messages.unpack(buf, len(tensors))
+    assert head == (messages.EVAL, 7, 2, 3) and out[2] is None
     for a, b in zip(tensors, out):
         if a is not None:
             assert torch.equal(a, b) and a.dtype == b.dtype and a.stride() == b.stride()
@@ -332,10 +333,10 @@ def test_message_headers_are_written_on_the_device_without_a_host_copy():
     buf, layouts = torch.empty(4096, dtype=torch.uint8, device="meta"), {}
     tensors = [torch.empty(3, 5, 4, 4, device="meta").contiguous(memory_format=torch.channels_last),
                torch.empty(3, dtype=torch.int64, device="meta"), None]
-    pipeline.pack(buf, (pipeline.TRAIN, 0, 0, 3), tensors, layouts)
+    messages.pack(buf, (messages.TRAIN, 0, 0, 3), tensors, layouts)
     for step in (1, 2):
         with Ops() as mode:
-            pipeline.pack(buf, (pipeline.TRAIN, 0, step, 3), tensors, layouts)
+            messages.pack(buf, (messages.TRAIN, 0, step, 3), tensors, layouts)
         assert mode.cpu == [] and len(layouts) == 1, mode.ops
         copies = [op for op in mode.ops if op.startswith("aten.copy_")]
         assert len(copies) == 3 and mode.ops.count("aten.fill_.Scalar") == 2, mode.ops   # header + 2 tensors
@@ -360,13 +361,13 @@ def test_module_times_wait_for_the_gpu(monkeypatch):
     synced = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
     gpu = type("Like", (), {"device": torch.device("cuda", 1)})()
-    pipeline._clock(gpu)
-    pipeline._clock(torch.zeros(1))
+    stages.clock(gpu)
+    stages.clock(torch.zeros(1))
     assert synced == [torch.device("cuda", 1)]   # on the CPU nothing changes
 
 
 def test_describe_prints_the_split_from_counted_flops_and_what_each_split_is_for(capsys, one_thread, monkeypatch):
-    monkeypatch.setattr(pipeline, "profile_modules", None)   # describe counts, it does not time
+    monkeypatch.setattr(split, "profile_modules", None)   # describe counts, it does not time
     assert main(["describe", "--dataset", "digits8", "-k", "4", "--no-memory", "--stages", "2"]) == 0
     out = capsys.readouterr().out
     assert "stage costs from counted FLOPs" in out and "at batch 256 (not timed" in out

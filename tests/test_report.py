@@ -195,7 +195,8 @@ def tiny_run(tmp_path_factory):
     from contsup.data import DeviceLoader, load_dataset
     from contsup.model import ContSupNet
     from contsup.step import local_learning_step
-    from contsup.train import _config_json, make_optimizer
+    from contsup.rundir import config_json
+    from contsup.train import make_optimizer
 
     root = tmp_path_factory.mktemp("info")
     out = root / "runs" / "tiny-K4-R1E"
@@ -218,8 +219,8 @@ def tiny_run(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(_config_json(cfg)))
-    torch.save({"model": net.state_dict(), "config": _config_json(cfg)}, out / "ckpt.pt")
+    (out / "config.json").write_text(json.dumps(config_json(cfg)))
+    torch.save({"model": net.state_dict(), "config": config_json(cfg)}, out / "ckpt.pt")
     return root, cfg
 
 
@@ -267,6 +268,9 @@ def test_headline_mean_sd_and_what_is_beyond_seed_noise(tmp_path):
     assert bool(noise.loc["R0 - E2E", "beyond noise"])
     paths = figures.headline_figure(df, tmp_path / "fig")
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+    # drawn again, the same picture: the seeds' dots are not jittered at random
+    again = figures.headline_figure(df, tmp_path / "fig2")
+    assert paths[0].suffix == ".png" and paths[0].read_bytes() == again[0].read_bytes()
     # The same verdicts in words, every number from the runs (notebook 04 prints this)
     text = report.headline_text(df).splitlines()
     assert text[0] == ("At K=16, plain greedy learning (R0) ends at 62.0 ± 2.0 % test error against "

@@ -25,7 +25,8 @@ from contsup import jsonio
 from contsup.cli import main
 from contsup.errors import Stopped, exit_status, stop_on_signals
 from contsup.runlock import run_lock
-from contsup.train import TrainConfig, _atomic_save, run_name
+from contsup.rundir import atomic_save, run_name
+from contsup.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 def tiny(epochs: int) -> list:
@@ -43,16 +44,16 @@ WAIT_S = 600  # only a bound on a hung test: every wait below ends on its event
 PAUSE_AFTER_FIRST_CHECKPOINT = r"""
 import sys, time
 from pathlib import Path
-import contsup.train as train
+import contsup.rundir as rundir
 ready, go = Path(sys.argv[1]), Path(sys.argv[2])
-real_save = train._atomic_save
+real_save = rundir.atomic_save
 def save(obj, path, as_json=False):
     real_save(obj, path, as_json)
     if path.name == "ckpt.pt" and not ready.exists():
         ready.write_text("")
         while not go.exists():
             time.sleep(0.01)
-train._atomic_save = save
+rundir.atomic_save = save
 from contsup.cli import main
 sys.exit(main(sys.argv[3:]))
 """
@@ -223,6 +224,8 @@ def test_the_default_name_holds_every_setting_that_is_not_the_default():
     speed = TrainConfig(device="cpu", data_root="elsewhere", channels_last=False, context_impl="plain",
                         torch_compile=True, cudnn_benchmark=False, reuse_cpu_memory=False)
     assert run_name(speed) == run_name(TrainConfig())
+    # a wrapped backbone's arch names a folder every file system accepts
+    assert run_name(TrainConfig(arch="torchvision:resnet18")) == "digits-torchvision_resnet18-K4-R1E-softmax"
 
 
 def test_a_fresh_start_into_a_folder_of_another_config_is_refused(reference, tmp_path, capsys):
@@ -271,7 +274,7 @@ def test_a_stop_signal_is_a_keyboard_interrupt_with_its_exit_status(signum):
 
 def test_a_signal_during_a_checkpoint_write_leaves_the_old_file_and_no_tmp(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    _atomic_save({"epoch": 0, "w": torch.zeros(3)}, path)
+    atomic_save({"epoch": 0, "w": torch.zeros(3)}, path)
     before = path.read_bytes()
     real_fsync = os.fsync
 
@@ -282,7 +285,7 @@ def test_a_signal_during_a_checkpoint_write_leaves_the_old_file_and_no_tmp(tmp_p
 
     monkeypatch.setattr(os, "fsync", fsync_then_signal)
     with pytest.raises(Stopped), stop_on_signals():
-        _atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
+        atomic_save({"epoch": 1, "w": torch.ones(3)}, path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
 
 

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import contsup.rundir as rundir
 import contsup.train as train_module
 from contsup.train import TrainConfig, learning_rate, train
 
@@ -146,14 +147,14 @@ def test_diverging_run_stops_at_first_bad_step_and_keeps_the_checkpoint(tmp_path
     cfg = TrainConfig(dataset="digits8", arch="resnet32", k=4, mode="R1E", epochs=3, warmup_epochs=0,
                       batch_size=64, train_subset=256, out_dir=str(out), device="cpu", check_every=1)
     ckpt_bytes = {}
-    real_save = train_module._atomic_save
+    real_save = rundir.atomic_save
 
     def save_and_remember(obj, path, as_json=False):
         real_save(obj, path, as_json)
         if path.name == "ckpt.pt":
             ckpt_bytes[obj["epoch"]] = path.read_bytes()
 
-    monkeypatch.setattr(train_module, "_atomic_save", save_and_remember)
+    monkeypatch.setattr(rundir, "atomic_save", save_and_remember)
     with pytest.raises(DivergedError) as failure:
         train(cfg, progress=False)
     e = failure.value
@@ -188,14 +189,14 @@ def test_divergence_read_every_n_steps_names_the_same_first_bad_step(tmp_path, m
     from contsup.errors import DivergedError
     monkeypatch.setattr(train_module, "learning_rate", lambda epoch, *args: 0.05 if epoch == 0 else 1e6)
     ckpt_bytes = {}
-    real_save = train_module._atomic_save
+    real_save = rundir.atomic_save
 
     def save_and_remember(obj, path, as_json=False):
         real_save(obj, path, as_json)
         if path.name == "ckpt.pt":
             ckpt_bytes[path.parent.name] = path.read_bytes()
 
-    monkeypatch.setattr(train_module, "_atomic_save", save_and_remember)
+    monkeypatch.setattr(rundir, "atomic_save", save_and_remember)
     errors = {}
     for every in (1, 50):
         out = tmp_path / f"every{every}"

@@ -280,39 +280,7 @@ class _EncoderChainFn(torch.autograd.Function):
             g_h, g_w = _conv_backward(last.conv, g_z, h_in, last.weight, need_in)
             del g_z, g_t
         else:  # recompute the last conv in batch chunks
-            B = h_in.shape[0]
-            step = _chunk_size(B, ctx.chunks, last.conv, h_in)
-
-            def chunk_grad(s):  # (z, dL/d(BN output)) of one chunk
-                z = _conv(last.conv, h_in[s:s + step], last.weight)
-                r = _bn_relu(z, last)
-                return z, _relu_backward_(pool_to_backward(g_out[s:s + step], r), r)
-
-            kept = None
-            if p_mask is not None:  # the BN reductions from the pooled mask and mask * x_hat
-                g_beta = (g_out * p_mask).sum((0, 2, 3))
-                g_gamma = (g_out * p_mx).sum((0, 2, 3))
-            else:                   # one more recompute of the last conv for them (kept if one slice)
-                g_gamma, g_beta = 0, 0
-                for s in range(0, B, step):
-                    z, g_t = chunk_grad(s)
-                    gg, gb = _bn_reductions(g_t, z, last)
-                    g_gamma, g_beta = g_gamma + gg, g_beta + gb
-                    kept = (z, g_t) if step == B else None
-                    del z, g_t
-            g_w = torch.zeros_like(last.weight)
-            g_h = torch.empty_like(h_in) if need_in else None
-            count = None
-            for s in range(0, B, step):
-                z, g_t = kept or chunk_grad(s)
-                kept = None
-                count = count or B * z.shape[2] * z.shape[3]
-                g_z = _bn_input_grad_(g_t, z, last, g_gamma, g_beta, count)
-                gi, gw = _conv_backward(last.conv, g_z, h_in[s:s + step], last.weight, need_in)
-                g_w += gw
-                if need_in:
-                    g_h[s:s + step] = gi
-                del z, g_t, g_z, gi, gw
+            g_h, g_w, g_gamma, g_beta = _lean_last_layer(ctx, last, h_in, g_out, (p_mask, p_mx), need_in)
         grads[-1] = (g_w, g_gamma, g_beta)
         # Earlier layers: ReLU, BN and conv backward from the saved z's.
         for i in range(len(layers) - 2, -1, -1):
@@ -324,6 +292,47 @@ class _EncoderChainFn(torch.autograd.Function):
             g_h, g_w = _conv_backward(layer.conv, g_z, h_in, layer.weight, i > 0 or need_x)
             grads[i] = (g_w, g_gamma, g_beta)
         return (g_h if need_x else None, None, None, None, None, *(g for per_layer in grads for g in per_layer))
+
+
+def _lean_last_layer(ctx, last, h_in, g_out, pooled: tuple, need_in: bool):
+    """The lean backward of the last layer: pool, ReLU and BN backward, then its conv, with
+    the conv recomputed in batch chunks (`pooled`: the saved pooled mask and mask * x_hat, or
+    Nones). Returns (grad of its input or None, of conv.weight, of bn.weight, of bn.bias)."""
+    p_mask, p_mx = pooled
+    B = h_in.shape[0]
+    step = _chunk_size(B, ctx.chunks, last.conv, h_in)
+
+    def chunk_grad(s):  # (z, dL/d(BN output)) of one chunk
+        z = _conv(last.conv, h_in[s:s + step], last.weight)
+        r = _bn_relu(z, last)
+        return z, _relu_backward_(pool_to_backward(g_out[s:s + step], r), r)
+
+    kept = None
+    if p_mask is not None:  # the BN reductions from the pooled mask and mask * x_hat
+        g_beta = (g_out * p_mask).sum((0, 2, 3))
+        g_gamma = (g_out * p_mx).sum((0, 2, 3))
+    else:                   # one more recompute of the last conv for them (kept if one slice)
+        g_gamma, g_beta = 0, 0
+        for s in range(0, B, step):
+            z, g_t = chunk_grad(s)
+            gg, gb = _bn_reductions(g_t, z, last)
+            g_gamma, g_beta = g_gamma + gg, g_beta + gb
+            kept = (z, g_t) if step == B else None
+            del z, g_t
+    g_w = torch.zeros_like(last.weight)
+    g_h = torch.empty_like(h_in) if need_in else None
+    count = None
+    for s in range(0, B, step):
+        z, g_t = kept or chunk_grad(s)
+        kept = None
+        count = count or B * z.shape[2] * z.shape[3]
+        g_z = _bn_input_grad_(g_t, z, last, g_gamma, g_beta, count)
+        gi, gw = _conv_backward(last.conv, g_z, h_in[s:s + step], last.weight, need_in)
+        g_w += gw
+        if need_in:
+            g_h[s:s + step] = gi
+        del z, g_t, g_z, gi, gw
+    return g_h, g_w, g_gamma, g_beta
 
 
 def encoder_chain(x, layers, side: int, lean: bool = False, chunks: int = 8, dtype=None):
@@ -397,7 +406,7 @@ def resolve_context_impl(impl: str, device, compiled: bool = False, deterministi
     asked for as `impl` ("auto" or one of CONTEXT_IMPLS), compiled or not. The rule, written
     only here:
 
-    - under torch.compile, plain, whatever was asked (train.compile_model runs it): inductor
+    - under torch.compile, plain, whatever was asked (speed/setup.compile_model runs it): inductor
       fuses BN, ReLU and pool by itself, and `_EncoderChainFn` (Python loops over batch
       slices, BN buffers updated in place) is not something dynamo captures in one graph;
     - otherwise `impl` itself, unless it is "auto":
@@ -409,7 +418,7 @@ def resolve_context_impl(impl: str, device, compiled: bool = False, deterministi
       (BN backward by hand) clearly more than plain, while a GPU has the memory that plain's
       saved activations take. A run that must fit the least memory there asks for lean;
     - auto on CUDA with `deterministic`, fused: plain's adaptive-pool backward has no
-      deterministic CUDA kernel (train.check_deterministic refuses it), fused pools with
+      deterministic CUDA kernel (setup.check_deterministic refuses it), fused pools with
       avg_pool2d, whose backward is deterministic, in fewer ops than lean.
 
     The op counts and times behind it: benchmarks/bench_encoders.py (aten_ops_per_step),

@@ -90,7 +90,8 @@ from ..errors import UsageError
 from ..model import ContSupNet, ModelConfig
 from ..step import local_learning_step
 from ..speed.encoders import resolve_context_impl, set_context_impl
-from ..train import TrainConfig, make_optimizer, pick_device, prepare_model
+from ..speed.setup import pick_device, prepare_model
+from ..train import TrainConfig, make_optimizer
 from . import experiments
 
 # --------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ from .. import data, tables
 from ..errors import Stopped, UsageError, check_writable_folder
 from ..model import parse_mode
 from ..runlock import RunFolderBusy, describe_holder, is_locked, read_holder, run_lock
-from ..train import TrainConfig, _config_json, config_diff, read_run_json
+from ..rundir import config_json as _config_json, config_diff, read_run_json
+from ..train import TrainConfig
 from . import estimate, kernels
 from .kernels import NOTEBOOKS_RUNNING
 

@@ -27,7 +27,8 @@ import pandas as pd
 from .. import tables
 from ..errors import UsageError
 from ..model import ContSupNet
-from ..train import TrainConfig, load_checkpoint
+from ..rundir import load_checkpoint
+from ..train import TrainConfig
 
 
 @dataclass(frozen=True)

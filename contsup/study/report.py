@@ -30,7 +30,8 @@ from ..data import random_batch
 from ..errors import UsageError
 from ..model import ContSupNet, ModelConfig, parse_mode
 from ..speed.memory import measure_step_memory
-from ..train import TrainConfig, pick_device
+from ..speed.setup import pick_device
+from ..train import TrainConfig
 from .runs import CONFIG_COLUMNS, PAPER_DATASETS, pick_dataset
 
 KS = tables.KS

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .. import jsonio
 from ..errors import Stopped, UsageError, check_writable_folder, stop_on_signals
-from ..train import _config_json
+from ..rundir import config_json as _config_json
 from . import experiments, kernels, publish
 from .grid import (check_notebook_per, error_of, finished_status, parse_devices, parse_shard, run_all, run_costs,
                    shard_runs)
