@@ -1,7 +1,7 @@
 """Refresh the committed notebooks with the outputs of a reproduction (`make demo`).
 
 `reproduce --profile quick --publish-notebooks` ends here: the executed copies of notebooks
-01, 03 and 04 in `<out>/notebooks/`, plus 00 and 02 executed now with their own defaults,
+01, 03, 04 and 05 in `<out>/notebooks/`, plus 00 and 02 executed now with their own defaults,
 are written back to `notebooks/`, so that a reader sees figures and numbers on GitHub.
 
 Each copy keeps papermill's `injected-parameters` cell, so that a reader sees the values that
@@ -23,7 +23,7 @@ from ..errors import UsageError
 
 MAX_BYTES = 2_000_000            # a notebook GitHub renders without trouble
 RUN_NOW = ("00_walkthrough.ipynb", "02_train.ipynb")          # executed with their defaults (nothing injected)
-FROM_REPRODUCE = ("01_information_motivation.ipynb", "03_tables.ipynb", "04_figures.ipynb")
+FROM_REPRODUCE = ("01_information_motivation.ipynb", "03_tables.ipynb", "04_figures.ipynb", "05_any_backbone.ipynb")
 
 
 def _relative(text, root: str):

@@ -227,8 +227,10 @@ def _analyse(plan: Plan) -> list[dict]:
               f"`python -m contsup reproduce --profile {request.profile} --out {out} --report` once every shard "
               f"is done")
         return []
+    # 05 trains 16 runs of its own: not under the smoke profile (nbval runs it at its smoke defaults)
     names = (["01_information_motivation.ipynb"] if "motivation" in plan.groups else []) + \
-            ["03_tables.ipynb", "04_figures.ipynb"]
+            ["03_tables.ipynb", "04_figures.ipynb"] + \
+            (["05_any_backbone.ipynb"] if request.profile != "smoke" else [])
     notebooks = kernels.run_notebooks(names, out, request.profile, plan.figures)
     if request.publish_notebooks:
         env = kernels.kernel_environment()
