@@ -161,21 +161,28 @@ def cmd_train(args) -> int:
 
 
 def describe(args) -> dict:
-    from .model import ContSupNet, ModelConfig
+    from .model import ModelConfig
     from .train import TrainConfig
+    from .wrap import build_net
     from .data import random_batch
-    from .speed.encoders import set_context_impl
+    from .speed.encoders import encoder_impls, set_context_impl
     from .speed.memory import measure_step_memory
     if args.batch_size < 2:
         raise UsageError(f"--batch-size must be >= 2 for a training step, got {args.batch_size}")
     cfg = TrainConfig(**given(args, ModelConfig)).model_config()   # with train's defaults (digits)
-    net = ContSupNet(cfg)
+    net = build_net(cfg)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     report = {"config": vars(cfg) | {"loss_scales": cfg.loss_scales}, "cut_points": net.cuts,
-              "modules": len(net.blocks), "params": net.parts(), "loss_weights": net.loss_weights}
+              "modules": len(net.blocks), "params": net.parts(), "loss_weights": net.loss_weights,
+              "module_table": [{"module": k, "input_shape": list(net.shapes[k]), "params": count(net.blocks[k]) + (count(net.classifier) if k == net.k - 1 else 0),
+                                "head_params": count(net.heads[k]) if k < len(net.heads) else 0,
+                                "context_params": count(net.context[k - 1]) if k else 0}
+                               for k in range(net.k)]}
     if not args.no_memory:
         x, y, image = random_batch(cfg.dataset, args.batch_size, cfg.reconstruct)
         mem = measure_step_memory(set_context_impl(net, "lean"), x, y, image)  # as the trainer runs it
-        report |= {"batch_size": args.batch_size, "peak_activation_MiB": mem["peak_activation_bytes"] / 2**20,
+        report |= {"encoder_impls": encoder_impls(net),
+                   "batch_size": args.batch_size, "peak_activation_MiB": mem["peak_activation_bytes"] / 2**20,
                    "paper_memory_MiB": mem["paper_memory_bytes"] / 2**20,
                    "paper_memory_parts_MiB": {k: v / 2**20 for k, v in mem["paper_memory_parts"].items()}}
     if args.stages is not None:
@@ -200,12 +207,18 @@ def cmd_describe(args) -> int:
         print(jsonio.dumps(report, indent=2))
         return 0
     print(f"{report['config']['arch']} K={report['modules']} mode={report['config']['mode']}")
-    print(f"  cut points (stage, block): {report['cut_points']}")
+    paper = report["config"]["arch"] in tables.BLOCKS_PER_STAGE
+    print(f"  cut points {'(stage, block)' if paper else '(after the module)'}: {report['cut_points']}")
     for part, n in report["params"].items():
         print(f"  {part:>17}: {n:,} parameters")
+    print("  module  input shape         parameters  its head  context into it")
+    for row in report["module_table"]:
+        print(f"  {row['module']:>6}  {str(row['input_shape']):<18} {row['params']:>11,} {row['head_params']:>9,} "
+              f"{row['context_params']:>16,}")
     if "peak_activation_MiB" in report:
         print(f"  peak activation memory of one training step at batch {report['batch_size']}: "
-              f"{report['peak_activation_MiB']:.1f} MiB (lean encoders, as the trainer runs them)")
+              f"{report['peak_activation_MiB']:.1f} MiB (lean encoders, as the trainer runs them; "
+              f"encoders run {report['encoder_impls']})")
         parts = report["paper_memory_parts_MiB"]
         print(f"  training memory as the paper counts it (GPU): {report['paper_memory_MiB']:.1f} MiB = "
               f"parameters {parts['parameters']:.1f} + gradients {parts['gradients']:.1f} + "

@@ -10,6 +10,12 @@ is the *detached* module output plus the context supply (`ContextSupply`): encod
 raw image (mode E) and/or of the inputs of the last n modules (mode Rn). The encoders are
 trained by the next module's loss; no gradient ever crosses a cut. K=1 is plain end-to-end.
 
+The K modules come as a `Backbone` (blocks and the activation shape at each cut): the
+paper's ResNet split at its cut table (`paper_backbone`, the default), or any network
+`contsup.wrap` cut with torch.fx (wrap.py). The heads and encoders are chosen and sized by
+the shape at each cut (`local_head`, `context_encoder`, `decoder_for`): the paper's on
+feature maps, tokens.py's on token sequences; the composition below is the same for both.
+
 This file builds the modules and composes their inputs: `ContSupNet.run_modules` is the
 loop over the modules, written once; inference runs it with the forward alone, the step
 (`step.local_learning_step`) with a local loss and `loss.backward()` per module. The encoders here are the paper's plain ones;
@@ -27,6 +33,7 @@ import torch.nn.functional as F
 
 from . import tables
 from .errors import UsageError, check_bool, check_float, check_int, check_str, command_line, option
+from .tokens import PatchEncoder, TokenDecoder, TokenEncoder, TokenHead, TokenLayout
 
 HEAD_CONFIGS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")
 LOSSES = ("softmax", "contrast")
@@ -89,9 +96,10 @@ def feature_shape(stage: int, image_size: int) -> tuple[int, int]:
 class AuxHead(nn.Module):
     """Auxiliary head on a module output; config '<convs>c<fcs>f' (the paper's default: 1c2f).
 
-    The conv maps C->2C with stride 2 for C in {16, 32} and 64->64 with stride 1; fc layers
-    are FEATURE_DIM wide; `widen` scales the hidden widths. Outputs class logits (softmax)
-    or a FEATURE_DIM embedding (contrast).
+    The conv maps C->2C with stride 2 for C in {16, 32} and 64->64 with stride 1 (any other
+    width: C < 64 as 16 and 32, C >= 64 as 64, so a 512-wide map keeps 512); fc layers are
+    FEATURE_DIM wide; `widen` scales the hidden widths. Outputs class logits (softmax) or a
+    FEATURE_DIM embedding (contrast).
     """
 
     def __init__(self, channels: int, config: str, out_dim: int, widen: float = 1.0):
@@ -101,8 +109,9 @@ class AuxHead(nn.Module):
         n_conv, n_fc = int(config[0]), int(config[2])
         layers, c = [], channels
         for i in range(n_conv):
-            c_out = int(64 * widen) if channels == 64 else int(2 * channels * widen)
-            stride = 1 if (channels == 64 or i > 0) else 2
+            wide = channels >= 64
+            c_out = int(channels * widen) if wide else int(2 * channels * widen)
+            stride = 1 if (wide or i > 0) else 2
             layers.append(conv_bn_relu(c, c_out, stride=stride))
             c = c_out
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
@@ -197,6 +206,63 @@ class ResidualEncoder(nn.Module):
         return self.net(h)
 
 
+# --------------------------------------------------------------------------------------
+# Heads and encoders by the shape of the activation at a cut (batch left out): a feature map
+# (C, H, H) gets the paper's, a token sequence (N, D) those of tokens.py; nothing else has a rule.
+def has_shape_rule(shape) -> bool:
+    if len(shape) == 3:
+        return shape[1] == shape[2]
+    if len(shape) == 2:
+        try:
+            TokenLayout.of(shape)
+        except UsageError:
+            return False
+        return True
+    return False
+
+
+def check_cut_shape(shape, where: str) -> None:
+    if not has_shape_rule(shape):
+        raise UsageError(f"no head or encoder rule for the activation [B, {', '.join(map(str, shape))}] {where}: "
+                         "rules exist for square feature maps [B, C, H, H] and token sequences [B, g*g (+1), D]; "
+                         "cut elsewhere")
+
+
+def local_head(shape, config: str, out_dim: int, widen: float) -> nn.Module:
+    """AuxHead on a feature map; on tokens, TokenHead with the config's fc count."""
+    if len(shape) == 3:
+        return AuxHead(shape[0], config, out_dim, widen)
+    return TokenHead(shape[1], int(config[2]), out_dim, int(FEATURE_DIM * widen))
+
+
+def context_encoder(source, target, widen: float, image: bool) -> nn.Module:
+    """The encoder from a module input of shape `source` (the image where `image`) to the
+    shape `target` of the activation at a cut:
+    map -> map: ImageEncoder (the image) or ResidualEncoder (pooled to the target side);
+    map -> tokens: PatchEncoder; tokens -> tokens of the same N: TokenEncoder;
+    tokens -> map, or tokens -> another N: no rule, refused."""
+    if len(target) == 3:
+        if len(source) != 3:
+            raise UsageError(f"no context rule from tokens {tuple(source)} to a feature map {tuple(target)}: "
+                             "use a mode without residual context (E or R0) or cut elsewhere")
+        return ImageEncoder(target[0], target[1], widen) if image else ResidualEncoder(source[0], target[0], target[1])
+    layout = TokenLayout.of(target)
+    if len(source) == 3:
+        return PatchEncoder(source[0], source[1], layout)
+    if source[0] != layout.tokens:
+        raise UsageError(f"no context rule from {source[0]} tokens to {layout.tokens} tokens: use a mode without "
+                         "residual context (E or R0) or cut where the token count is the same")
+    return TokenEncoder(source[1], layout.dim)
+
+
+def decoder_for(shape, image_size: int, widen: float) -> nn.Module:
+    """The paper's Decoder on a feature map; on tokens, on the patch tokens laid on their grid."""
+    if len(shape) == 3:
+        return Decoder(shape[0], image_size, widen)
+    layout = TokenLayout.of(shape)
+    return TokenDecoder(layout, Decoder(layout.dim, image_size, widen))
+
+
 class ContextSupply(nn.Module):
     """The context added at cut k: Σ_j ResEnc_{k,j}(input of module k-j) [+ Enc_k(x)].
 
@@ -204,14 +270,17 @@ class ContextSupply(nn.Module):
     module 0's input is the image itself. Under RnE the image is covered by Enc_k, so no
     residual encoder reads it. `forward` takes exactly those inputs, in that order (a
     fixed-arity tuple: what torch.compile guards on does not grow with the cut).
+    `input_shapes[m]`: the input shape of module m (batch left out); the output of module
+    `cut` has the input shape of module cut+1.
     """
 
-    def __init__(self, cut: int, mode: ContextMode, input_shapes, out_shape, widen: float = 1.0):
+    def __init__(self, cut: int, mode: ContextMode, input_shapes, widen: float = 1.0):
         super().__init__()
-        channels, side = out_shape
-        self.image = ImageEncoder(channels, side, widen) if mode.image else None
+        out_shape = input_shapes[cut + 1]
+        self.image = context_encoder(input_shapes[0], out_shape, widen, image=True) if mode.image else None
         self.sources = mode.residual_sources(cut)
-        self.residual = nn.ModuleList(ResidualEncoder(input_shapes[m][0], channels, side) for m in self.sources)
+        self.residual = nn.ModuleList(context_encoder(input_shapes[m], out_shape, widen, image=False)
+                                      for m in self.sources)
 
     def forward(self, x, inputs):
         """x: the image; inputs[i]: the detached input of module sources[i]."""
@@ -223,18 +292,36 @@ class ContextSupply(nn.Module):
 
 # --------------------------------------------------------------------------------------
 # The whole model
+GIVEN = "given"   # the arch of a model handed to contsup.wrap as an object (not rebuilt from a name)
+_ARCH_RE = re.compile(r"^(?:torchvision:[A-Za-z_]\w*|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")
+ARCH_HELP = ("resnet32 or resnet110 (the paper's), torchvision:<name> (a torchvision classification model, "
+             "e.g. torchvision:resnet18) or package.module:factory (called with num_classes)")
+
+
+def is_paper_arch(arch: str) -> bool:
+    return arch in tables.BLOCKS_PER_STAGE
+
+
+def check_arch(arch: str) -> None:
+    if not (is_paper_arch(arch) or arch == GIVEN or _ARCH_RE.match(arch)):
+        raise UsageError(f"unknown arch '{arch}'; choose {ARCH_HELP}")
+
+
 @command_line
 @dataclass
 class ModelConfig:
     """The network; each field with its command-line help (errors.option)."""
-    arch: str = option("resnet32", f"one of {', '.join(tables.BLOCKS_PER_STAGE)}")
+    arch: str = option("resnet32", ARCH_HELP)
     k: int = option(4, "number of local modules (1 = end-to-end)", flag="-k")
+    cuts: tuple | None = option(None, "not the paper's archs: cut after these modules (names from "
+                                      "model.named_modules()), e.g. layer1,layer3; K = names + 1 (-k: leave it out)")
     mode: str = option("R1E", "context supply: R0, E, Rn or RnE (n = 1, 2, 4, ... up to K), e.g. R1E")
     loss: str = option("softmax", f"local head loss: {' or '.join(LOSSES)}")
     head: str = option("1c2f", f"auxiliary head config: {' '.join(HEAD_CONFIGS)}")
     reconstruct: bool = option(False, "add the reconstruction decoder loss")
-    loss_scales: tuple | None = option(None, "ixx_1,ixy_1,ixx_2,ixy_2 for --reconstruct (default: the paper's table)")
-    balanced: bool = option(False, "memory-balanced cut points (the paper's E*)")
+    loss_scales: tuple | None = option(None, "ixx_1,ixy_1,ixx_2,ixy_2 for --reconstruct (default: the paper's table; "
+                                             "required for other archs)")
+    balanced: bool = option(False, "memory-balanced cut points (the paper's E*; the paper's archs)")
     dataset: str = option("cifar10", f"one of {', '.join(tables.DATA_RECIPES)}")
     widen: float = option(1.0, "width multiplier of heads and encoders")
 
@@ -242,10 +329,31 @@ class ModelConfig:
         """Each field, then the combinations the paper's tables allow: a bad config fails
         here, in one line, before a network or a run folder exists."""
         check_model_fields(self)
-        parse_mode(self.mode, self.k)
-        tables.cut_points(self.arch, self.k, self.balanced, self.dataset)
-        if self.reconstruct and self.loss_scales is None:
-            tables.loss_scales(self.arch, self.dataset, self.k, self.balanced)
+        check_model_combination(self)
+
+
+DEFAULT_K = 4   # ModelConfig.k's default: what --cuts may override
+
+
+def check_model_combination(cfg) -> None:
+    """Mode vs K; the paper's archs: their cut and loss-scale tables; other archs (cut by
+    `wrap`): no paper table applies, so --balanced is refused and --reconstruct takes its
+    --loss-scales from the command line."""
+    parse_mode(cfg.mode, cfg.k)
+    if is_paper_arch(cfg.arch):
+        if cfg.cuts is not None:
+            raise UsageError(f"--cuts is for torchvision:<name> or module:factory archs; {cfg.arch} cuts by -k "
+                             "(and --balanced): drop --cuts")
+        tables.cut_points(cfg.arch, cfg.k, cfg.balanced, cfg.dataset)
+        if cfg.reconstruct and cfg.loss_scales is None:
+            tables.loss_scales(cfg.arch, cfg.dataset, cfg.k, cfg.balanced)
+        return
+    if cfg.balanced:
+        raise UsageError(f"--balanced picks the paper's memory-balanced cut table of resnet32/110; -k on {cfg.arch} "
+                         "already balances activation memory (or name the cuts with --cuts): drop --balanced")
+    if cfg.reconstruct and cfg.loss_scales is None:
+        raise UsageError(f"--reconstruct on {cfg.arch} needs --loss-scales ixx_1,ixy_1,ixx_2,ixy_2 "
+                         "(the paper's table covers its ResNets only), e.g. --loss-scales 5,1,0,1")
 
 
 # The smallest hidden layer is 12*widen wide (decoder, image encoder); beyond 16x the heads
@@ -255,12 +363,14 @@ WIDEN_RANGE = (0.125, 16.0)
 
 def check_model_fields(cfg) -> None:
     """Type and range of every ModelConfig field of `cfg` (a ModelConfig or a TrainConfig),
-    each on its own; normalises numbers in place (loss_scales: a tuple of floats)."""
+    each on its own; normalises in place (loss_scales: a tuple of floats; cuts: a tuple of
+    names, and K = names + 1)."""
     for name in ("dataset", "arch", "mode", "loss", "head"):
         setattr(cfg, name, check_str(name, getattr(cfg, name)))
     tables.check_dataset(cfg.dataset)
-    tables.check_arch(cfg.arch)
+    check_arch(cfg.arch)
     cfg.k = check_int("k", cfg.k, 1)
+    check_cuts_field(cfg)
     parse_mode(cfg.mode, None)
     if cfg.loss not in LOSSES:
         raise UsageError(f"unknown loss '{cfg.loss}'; choose one of: {', '.join(LOSSES)}")
@@ -281,36 +391,83 @@ def check_model_fields(cfg) -> None:
             raise UsageError("--loss-scales weighs the reconstruction loss: add --reconstruct, or drop --loss-scales")
 
 
+def check_cuts_field(cfg) -> None:
+    """--cuts: module names (a tuple, or one comma-separated string); it sets K = names + 1,
+    and a -k other than its default that disagrees is refused."""
+    if cfg.cuts is None:
+        return
+    names = cfg.cuts.split(",") if isinstance(cfg.cuts, str) else cfg.cuts
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
+        raise UsageError(f"--cuts takes module names separated by commas, e.g. layer1,layer3; got {cfg.cuts!r}")
+    cfg.cuts = tuple(names)
+    if cfg.k not in (len(names) + 1, DEFAULT_K):
+        raise UsageError(f"--cuts names {len(names)} cuts, so K={len(names) + 1}: drop -k {cfg.k}")
+    cfg.k = len(names) + 1
+
+
+@dataclass
+class Backbone:
+    """A network cut into K modules, as ContSupNet composes them: module k maps its input to
+    module k+1's input; the last one's output goes through `classifier` (nn.Identity where
+    the last module ends in the network's own classifier)."""
+    blocks: list                # K nn.Modules
+    classifier: nn.Module
+    shapes: list                # the input shape of each module, batch left out: (3, S, S), then one per cut
+    labels: list                # per module, what it holds: (stage, block) for the paper's, module names else
+    cuts: list                  # the label of each cut
+    num_classes: int
+    image_size: int
+    keep_weights: bool = False  # True: reset_parameters leaves the backbone's weights as they were given
+
+
+def paper_backbone(cfg: ModelConfig) -> Backbone:
+    """The paper's CIFAR ResNet split into K modules at its cut table's points (SPEC §3)."""
+    recipe = tables.DATA_RECIPES[cfg.dataset]   # cfg's fields were checked when it was made
+    cuts, size = tables.cut_points(cfg.arch, cfg.k, cfg.balanced, cfg.dataset), recipe.image_size
+    modules, current, labels = [], [], [[]]
+    for label, layer in backbone_layers(cfg.arch):
+        current.append(layer)
+        labels[-1].append(label)
+        if label in cuts:
+            modules.append(nn.Sequential(*current))
+            current = []
+            labels.append([])
+    modules.append(nn.Sequential(*current))
+    classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                               nn.Linear(tables.STAGE_WIDTHS[-1], recipe.num_classes))
+    shapes = [(3, size, size)] + [(c, s, s) for c, s in (feature_shape(stage, size) for stage, _ in cuts)]
+    return Backbone(modules, classifier, shapes, labels, cuts, recipe.num_classes, size)
+
+
 class ContSupNet(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """K modules (`backbone`: the paper's ResNet by default, or any network `contsup.wrap`
+    cut), a local head (and decoder) at each cut and the context supply, all sized from the
+    shapes at the cuts (`local_head`, `context_encoder`, `decoder_for`)."""
+
+    def __init__(self, cfg: ModelConfig, backbone: Backbone | None = None):
         super().__init__()
-        recipe = tables.DATA_RECIPES[cfg.dataset]   # cfg's fields were checked when it was made
-        self.cfg, self.k = cfg, cfg.k
-        self.cuts = tables.cut_points(cfg.arch, cfg.k, cfg.balanced, cfg.dataset)
+        if backbone is None:
+            if not is_paper_arch(cfg.arch):
+                raise UsageError(f"{cfg.arch} is built by contsup.wrap.build_net(cfg), or wrap the model itself "
+                                 "with contsup.wrap(model, cuts, image_size=...)")
+            backbone = paper_backbone(cfg)
+        self.cfg, self.k = cfg, len(backbone.blocks)
+        if self.k != cfg.k:
+            raise ValueError(f"the backbone has {self.k} modules, the config says K={cfg.k}")
+        self.cuts, self.module_labels, self.shapes = backbone.cuts, backbone.labels, list(backbone.shapes)
+        self.image_size, self.num_classes, self.keep_weights = backbone.image_size, backbone.num_classes, \
+            backbone.keep_weights
         self.mode = parse_mode(cfg.mode, cfg.k)
-        size = recipe.image_size
+        self.blocks, self.classifier = nn.ModuleList(backbone.blocks), backbone.classifier
 
-        # Split the flat layer list into K modules at the cut points.
-        modules, current, self.module_labels = [], [], [[]]
-        for label, layer in backbone_layers(cfg.arch):
-            current.append(layer)
-            self.module_labels[-1].append(label)
-            if label in self.cuts:
-                modules.append(nn.Sequential(*current))
-                current = []
-                self.module_labels.append([])
-        modules.append(nn.Sequential(*current))
-        self.blocks = nn.ModuleList(modules)
-        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                        nn.Linear(tables.STAGE_WIDTHS[-1], recipe.num_classes))
-
-        out_shapes = [feature_shape(stage, size) for stage, _ in self.cuts]  # output of module k
-        in_shapes = [(3, size)] + out_shapes                                  # input of module k
-        out_dim = recipe.num_classes if cfg.loss == "softmax" else FEATURE_DIM
-        self.heads = nn.ModuleList(AuxHead(c, cfg.head, out_dim, cfg.widen) for c, _ in out_shapes)
-        self.context = nn.ModuleList(ContextSupply(k, self.mode, in_shapes, out_shapes[k], cfg.widen)
+        out_shapes = self.shapes[1:]                                   # output of module k = input of module k+1
+        for cut, shape in enumerate(out_shapes):
+            check_cut_shape(shape, f"at cut {cut} ({self.cuts[cut]})")
+        out_dim = self.num_classes if cfg.loss == "softmax" else FEATURE_DIM
+        self.heads = nn.ModuleList(local_head(s, cfg.head, out_dim, cfg.widen) for s in out_shapes)
+        self.context = nn.ModuleList(ContextSupply(k, self.mode, self.shapes, cfg.widen)
                                      for k in range(len(self.cuts)))
-        self.decoders = nn.ModuleList(Decoder(c, size, cfg.widen) for c, _ in out_shapes) \
+        self.decoders = nn.ModuleList(decoder_for(s, self.image_size, cfg.widen) for s in out_shapes) \
             if cfg.reconstruct else nn.ModuleList()
 
         # (a, b): weights of the reconstruction and head losses at each cut.
@@ -324,7 +481,10 @@ class ContSupNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        for m in self.modules():
+        """The paper's initialisation (SPEC §3) of every conv and BN; of a network given to
+        `wrap` (keep_weights), only of the parts ContSup adds (heads, encoders, decoders)."""
+        parts = [self.heads, self.context, self.decoders] if self.keep_weights else [self]
+        for m in (m for part in parts for m in part.modules()):
             if isinstance(m, nn.Conv2d):
                 n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
                 nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
@@ -335,7 +495,7 @@ class ContSupNet(nn.Module):
     def supply(self, cut: int, h, x, module_inputs):
         """Input of module cut+1: the detached output of module `cut` plus its context.
 
-        h: [B, C, H, W] output of module `cut`; x: [B, 3, S, S] image; module_inputs[m]: the
+        h: [B, C, H, W] (or tokens [B, N, D]) output of module `cut`; x: [B, 3, S, S] image; module_inputs[m]: the
         detached input of module m (or None once no later cut needs it).
         """
         next_input, context = h.detach(), self.context[cut]
@@ -371,7 +531,7 @@ class ContSupNet(nn.Module):
 
     def module_forward(self, k: int, h_in):
         """Module k's forward; the last module ends in the classifier (class logits)."""
-        h = self.blocks[k](h_in)                                       # [B, C_k, H_k, W_k]
+        h = self.blocks[k](h_in)                                       # [B, C_k, H_k, W_k] or [B, N, D]
         return self.classifier(h) if k == self.k - 1 else h           # [B, classes]
 
     def forward(self, x):

@@ -30,6 +30,7 @@ from .speed.encoders import AUTO, CONTEXT_IMPLS
 from .speed.memory import measure_step_memory, reuse_freed_cpu_memory
 from .speed.setup import compile_model, pick_device, prepare_model, resolved_for, to_format
 from .step import autocast, local_learning_step
+from .wrap import build_net
 
 
 @command_line
@@ -268,7 +269,7 @@ def set_up_run(cfg: TrainConfig, device, ckpt: dict | None, data: bool = True) -
     if device.type == "cpu" and cfg.reuse_cpu_memory:
         reuse_freed_cpu_memory()   # process-wide, for the rest of the process
     torch.manual_seed(cfg.seed)
-    net = prepare_model(ContSupNet(cfg.model_config()), cfg, device)  # validates the model choices first
+    net = prepare_model(build_net(cfg.model_config()), cfg, device)  # validates the model choices first
     images = gen = train_loader = test_loader = None
     if data:
         recipe = tables.DATA_RECIPES[cfg.dataset]

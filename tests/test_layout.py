@@ -1,6 +1,7 @@
 """The layout: imports go one way, from the method up to the command line.
 
-    method    errors, tables, losses, model, step        the paper, top to bottom
+    method    errors, tables, losses, tokens, model,     the paper, top to bottom; wrap: the same
+              step, wrap                                 method on any backbone
     data      data, jsonio, runlock                      data path, strict JSON files, run-folder lock
     speed     speed/                                     lean encoders, memory tracker, device set-up
     trainer   rundir, epoch, train, pipeline             one run: its folder, its steps' books, one process
@@ -16,7 +17,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "contsup"
 LAYERS = [
-    ("method", {"__init__", "errors", "tables", "losses", "model", "step"}),
+    ("method", {"__init__", "errors", "tables", "losses", "tokens", "model", "step", "wrap"}),
     ("data", {"data", "jsonio", "runlock"}),
     ("speed", {"speed"}),
     ("trainer", {"rundir", "epoch", "train", "pipeline"}),

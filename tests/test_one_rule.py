@@ -134,7 +134,7 @@ def test_a_new_config_field_is_written_once(config_with_patience, tmp_path, caps
 
 # The flags as they were written by hand before they came from the dataclasses: the contract.
 TRAIN_FLAGS = {
-    "arch": ["--arch"], "k": ["-k", "--k"], "mode": ["--mode"], "loss": ["--loss"], "head": ["--head"],
+    "arch": ["--arch"], "k": ["-k", "--k"], "cuts": ["--cuts"], "mode": ["--mode"], "loss": ["--loss"], "head": ["--head"],
     "reconstruct": ["--reconstruct"], "loss_scales": ["--loss-scales"], "balanced": ["--balanced"],
     "dataset": ["--dataset"], "widen": ["--widen"], "context_impl": ["--context-impl"],
     "channels_last": ["--no-channels-last"], "bf16": ["--bf16"], "cudnn_benchmark": ["--no-cudnn-benchmark"],

@@ -215,7 +215,7 @@ def test_compiled_context_supply_matches_eager():
     """One ContextSupply (image + residual encoder), compiled by inductor on CPU (~30 s)."""
     from contsup.model import ContextSupply, parse_mode
     torch.manual_seed(0)
-    eager = ContextSupply(1, parse_mode("R1E", 4), [(3, 8), (16, 8), (16, 8)], (32, 4))
+    eager = ContextSupply(1, parse_mode("R1E", 4), [(3, 8, 8), (16, 8, 8), (32, 4, 4)])
     set_context_impl(eager, "plain")
     compiled = copy.deepcopy(eager)
     compiled.compile()

@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UsageError
-from ..model import ImageEncoder, ResidualEncoder
+from ..model import ContextSupply, ImageEncoder, ResidualEncoder
 
 SHAPE = (1, -1, 1, 1)
 
@@ -414,7 +414,10 @@ def set_context_impl(net: nn.Module, impl: str) -> nn.Module:
     """Choose how the context encoders of `net` run (the same function each way): lean
     recomputes the widest conv in the backward, fused keeps the pre-BN conv outputs, plain
     is autograd on the paper's nn.Sequential. The parameters stay the same objects, so an
-    optimizer built before the swap keeps working."""
+    optimizer built before the swap keeps working. Only the paper's conv+BN+ReLU chains
+    (ImageEncoder, ResidualEncoder: feature maps) have a lean and a fused form; any other
+    encoder (a wrapped transformer's token encoders, tokens.py) always runs plain, whatever
+    `impl` says: `encoder_impls` counts which way each runs."""
     if impl not in CONTEXT_IMPLS:
         raise UsageError(f"unknown context implementation '{impl}'; choose one of: {', '.join(CONTEXT_IMPLS)}")
     encoders = [m for m in net.modules() if isinstance(m, (ImageEncoder, ResidualEncoder))]
@@ -422,3 +425,15 @@ def set_context_impl(net: nn.Module, impl: str) -> nn.Module:
         plain = nn.Sequential(*enc.net)   # the same layer objects, under the same names
         enc.net = plain if impl == "plain" else EncoderChain(plain, lean=impl == "lean")
     return net
+
+
+def encoder_impls(net: nn.Module) -> dict[str, int]:
+    """How many context encoders of `net` run each way (set_context_impl); "plain" counts
+    the encoders without a lean form (token encoders) too."""
+    counts: dict[str, int] = {}
+    for part in (m for m in net.modules() if isinstance(m, ContextSupply)):
+        for enc in ([part.image] if part.image is not None else []) + list(part.residual):
+            chain = getattr(enc, "net", None)
+            impl = ("lean" if chain.lean else "fused") if isinstance(chain, EncoderChain) else "plain"
+            counts[impl] = counts.get(impl, 0) + 1
+    return counts
