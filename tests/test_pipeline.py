@@ -437,3 +437,10 @@ def test_describe_prints_the_split_from_counted_flops_and_what_each_split_is_for
     assert "balanced: modules per rank [" in out and "the fewest GFLOPs on the busiest rank" in out
     assert "equal: modules per rank [2, 2] (`train --split 2,2`)" in out and "predicted speed-up" in out
     assert main(["describe", "--dataset", "digits8", "-k", "2", "--no-memory", "--stages", "3"]) == 2
+    capsys.readouterr()
+    # a wrapped model: its modules' FLOPs counted the same way
+    assert main(["describe", "--arch", "torchvision:resnet18", "--dataset", "digits", "-k", "4", "--no-memory",
+                 "--stages", "2", "--json"]) == 0
+    stages_ = json.loads(capsys.readouterr().out)["stages"]
+    assert len(stages_["module_gflops"]) == 4 and all(f > 0 for f in stages_["module_gflops"])
+    assert stages_["equal"]["bounds"] == [0, 2, 4] and stages_["balanced"]["speedup"] >= stages_["equal"]["speedup"]
