@@ -1,11 +1,11 @@
-# Two commands do all the set-up: `make demo` (install + the quick reproduction of every
-# table and figure on the embedded digits, CPU) and `make test`. `make lab` opens the
-# notebooks in JupyterLab, from the same .venv.
+# `make venv` builds .venv and nothing else; `make test` (the tests) and `make demo` (the quick
+# reproduction of every table and figure on the embedded digits, CPU) build it first when it
+# is missing. `make lab` opens the notebooks in JupyterLab, from the same .venv.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lab clean
+.PHONY: venv demo test lab clean
 
 # One environment for everything: the package, the tests (dev) and JupyterLab (notebooks).
 $(VENV)/.installed: pyproject.toml
@@ -15,14 +15,20 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null
 	touch $@
 
+venv: $(VENV)/.installed
+
 demo: $(VENV)/.installed
 	$(BIN)/python -m contsup reproduce --profile quick --publish-notebooks
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
+# JupyterLab refuses to start as root (a container's usual user) unless told it may: the flag
+# is passed then, and only then.
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
+
 lab: $(VENV)/.installed
-	$(BIN)/jupyter lab notebooks/00_walkthrough.ipynb
+	$(BIN)/jupyter lab $(ALLOW_ROOT) notebooks/00_walkthrough.ipynb
 
 clean:
 	rm -rf $(VENV) runs

@@ -15,8 +15,8 @@ benchmarks/results/step_<device>.json and step_<device>.png.
 inductor) against the eager step the trainer runs by default on the device, per mode: the
 steady-state step time of each, the first compiled step (tracing and compiling every part),
 the graphs dynamo made and any frame it compiled again after the first step. On a CPU it is
-run small (digits8, K=4); the GPU's numbers come from benchmarks/gpu_check.py, which calls
-`compiled_vs_eager`. Writes benchmarks/results/compile_<device>.json.
+run small (digits8, K=4); the GPU's numbers come from benchmarks/gpu_check.py (its compiled
+rows, beside its eager rows at the same batch). Writes benchmarks/results/compile_<device>.json.
 """
 from __future__ import annotations
 

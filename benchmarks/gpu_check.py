@@ -1,38 +1,47 @@
-"""What this code does on a CUDA GPU, in one run of at most about five minutes.
+"""What this code does on a CUDA GPU, in one run of at most five minutes.
 
     python benchmarks/gpu_check.py                  # measure; writes results/gpu_<device>.json and .md
     python benchmarks/gpu_check.py --markdown PATH  # print the table of a written JSON again
 
-On a machine without a CUDA GPU it says so in one line and exits 2. Sections, in this
-order, each with its own time budget (BUDGET_S; a section out of time skips its remaining
-items and says which; the calibration and the two-rank run are subprocesses, killed at
-their budget):
+On a machine without a CUDA GPU it says so in one line and exits 2. ResNet-32 at batch
+BATCH (the batch benchmarks/README.md's CPU numbers are at), random CIFAR-10-shaped data
+already on the device. Sections, in this order:
 
 1. `steps`: images/s and torch.cuda.max_memory_allocated of one training step (the
-   trainer's: local-learning step + SGD update, ResNet-32, batch 128, random CIFAR-10-shaped
-   data already on the device) per mode -- E2E (K=1), and R0, E, R1E, R16 at K=16 -- for
-   each encoder implementation (lean, fused, plain; E2E and R0 have no encoders: one row),
-   timed with CUDA events after warm-up steps; beside it our tracker's peak activation bytes
-   and `cuda_peak_bytes` (contsup.speed.memory.measure_step_memory, on copies, eager).
+   trainer's: local-learning step + SGD update) per mode -- E2E (K=1), and R0, E, R1E, R16
+   at K=16 -- for each encoder implementation (lean, fused, plain; E2E and R0 have no
+   encoders: one row), in float32 and under bfloat16 autocast (the trainer's --bf16), timed
+   with CUDA events after warm-up steps; beside it our tracker's peak activation bytes and
+   `cuda_peak_bytes` (contsup.speed.memory.measure_step_memory, on copies, eager).
 2. `syncs`: the trainer's real epoch loop (train.train_epoch) over a DeviceLoader on the
-   device, under
+   device, with the encoders a CUDA run gets by default (resolve_context_impl), under
    torch.cuda.set_sync_debug_mode("warn"): the synchronising calls it makes, counted.
-3. `calibrate`: `python -m contsup estimate --profile paper --calibrate --json`: each
+3. `ops`: aten ops per step per encoder implementation (bench_encoders.aten_ops_per_step).
+4. `calibrate`: `python -m contsup estimate --profile paper --calibrate --json`: each
    architecture's measured FLOP/s and the paper grid's GPU-hours at that rate.
-4. `nccl` (two or more GPUs): `torchrun --standalone --nproc-per-node 2 -m contsup train ...
+5. `nccl` (two or more GPUs): `torchrun --standalone --nproc-per-node 2 -m contsup train ...
    --deterministic` against the same run in one process: are the checkpoints' tensors
    torch.equal?
-5. `compiled`: the steps of section 1 through train.compile_model (plain encoders, inductor),
-   as many modes as the budget allows (E2E first: fewest parts to compile): images/s,
-   max_memory_allocated, the first step's time (the compile), dynamo's graphs and graph
-   breaks, and the frames it compiled again during the timed steps (recompiles).
-6. `ops`: aten ops per step per encoder implementation, and compiled vs eager at K=4 when
-   30 s are left, from the benchmarks' own functions (bench_encoders.aten_ops_per_step,
-   bench_step.compiled_vs_eager).
+6. `compiled`: the steps of section 1 through train.compile_model (plain encoders, inductor),
+   each row in a process of its own: images/s, max_memory_allocated, the first step's time
+   (the compile), dynamo's graphs and graph breaks, and the frames it compiled again during
+   the timed steps (recompiles). E2E first (2 graphs: it measures the compile's seconds per
+   graph), then R1E at K=16 (one graph per compiled part, 47).
+
+Keeping the five minutes (`Schedule`): section i may run until the start plus the budgets
+of sections 1..i (BUDGET_S; time one leaves unused goes to the next), never past TOTAL_S.
+A row (or a section's one item) starts only if its estimate -- from the rows measured so
+far, compile rows from their graph count times the seconds per graph measured -- fits in
+what is left; otherwise it is listed as skipped with that estimate. A started row is
+bounded: its timed steps stop when the next would pass the section's end (the clock is
+read between steps, each step synchronised), and a subprocess (compiled rows, calibrate,
+nccl) is killed at the section's end. tests/test_gpu_check.py runs the whole schedule on a
+fake clock.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -49,12 +58,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RESULTS = Path(__file__).resolve().parent / "results"
 
-ARCH, BATCH, K = "resnet32", 128, 16
+ARCH, K = "resnet32", 16
+BATCH = 256   # every section's batch: the one benchmarks/README.md's step and op-count numbers are at
 MODES = ["E2E", "R0", "E", "R1E", "R16"]           # E2E: K=1; the others at K=16
 IMPLS = ["lean", "fused", "plain"]
-WARMUP, TIMED = 3, 15                              # steps per row: untimed, timed
-BUDGET_S = {"steps": 70, "syncs": 20, "calibrate": 100, "nccl": 60, "compiled": 60, "ops": 40}
-TOTAL_S = 290                                      # every section also stops at this deadline
+DTYPES = ["float32", "bfloat16"]                   # bfloat16: autocast of the forward passes (train --bf16)
+WARMUP, TIMED, MIN_TIMED = 3, 15, 3                # steps per row: untimed, timed (at most, at least planned)
+BUDGET_S = {"steps": 90, "syncs": 15, "ops": 15, "calibrate": 60, "nccl": 40, "compiled": 70}
+TOTAL_S = 290                                      # the run's deadline; BUDGET_S sums to it
+# Estimates before anything is measured (seconds): a row's set-up (model, tracker, first step),
+# a step, a fresh process's start (import torch, CUDA context), one graph's compile.
+PRIOR_S = {"setup": 10.0, "step": 0.5, "process": 15.0, "graph": 3.0, "syncs_setup": 5.0, "calibrate": 30.0}
+COMPILED_ITEMS = [("E2E", "float32"), ("R1E", "float32"), ("R1E", "bfloat16"), ("R0", "float32"),
+                  ("E", "float32"), ("R16", "float32")]
 
 
 def no_gpu_exit() -> None:
@@ -68,126 +84,252 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
-# --------------------------------------------------------------------------------------
-# Time budgets
-class Budget:
-    """A section's time: `left()` seconds until its own budget or the run's deadline."""
-
-    def __init__(self, seconds: float, deadline: float):
-        self.end = min(time.monotonic() + seconds, deadline)
-
-    def left(self) -> float:
-        return self.end - time.monotonic()
-
-    def allows(self, expected_s: float) -> bool:
-        return self.left() > expected_s
-
-
 def progress(msg: str) -> None:
     print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # --------------------------------------------------------------------------------------
-# Sections 1 and 5: the trainer's step per mode, implementation, compiled or not
-def step_config(mode: str, impl: str, compiled: bool = False):
+# Time: the run's schedule, a section's budget, rows that start only when they fit
+class Budget:
+    """A section's time: `left()` seconds until `end` on `clock`."""
+
+    def __init__(self, end: float, clock=time.monotonic):
+        self.end, self.clock = end, clock
+
+    def left(self) -> float:
+        return self.end - self.clock()
+
+    def allows(self, expected_s: float) -> bool:
+        return expected_s <= self.left()
+
+
+class Schedule:
+    """The run's sections on one clock: section i ends at the start plus the budgets of
+    sections 0..i, never after the start plus `total`. `run` records each section's
+    seconds and what it was allowed."""
+
+    def __init__(self, budgets: dict = BUDGET_S, total: float = TOTAL_S, clock=time.monotonic):
+        self.budgets, self.total, self.clock = dict(budgets), total, clock
+        self.start = clock()
+        self.times: dict[str, dict] = {}
+
+    def budget(self, name: str) -> Budget:
+        names = list(self.budgets)
+        planned = sum(self.budgets[n] for n in names[:names.index(name) + 1])
+        return Budget(self.start + min(planned, self.total), self.clock)
+
+    def run(self, name: str, fn) -> dict:
+        """fn(budget)'s result; a section that fails is recorded as its error, the others still run."""
+        budget = self.budget(name)
+        t0 = self.clock()
+        progress(f"section {name} ({budget.left():.0f} s for it, {self.start + self.total - t0:.0f} s left in all)")
+        try:
+            out = fn(budget)
+        except Exception as e:
+            out = {"error": f"{type(e).__name__}: {e}"}
+            progress(f"  {name} failed: {out['error']}")
+        self.times[name] = {"s": self.clock() - t0, "allowed_s": budget.end - t0}
+        return out
+
+    def summary(self) -> dict:
+        return {"sections": self.times, "total_s": self.clock() - self.start, "deadline_s": self.total}
+
+
+def run_rows(items, budget: Budget, estimate, measure, label) -> dict:
+    """measure(item, budget) for each item whose estimate(item, rows so far) fits in what is
+    left of `budget`; the others are listed as skipped with their estimate. A row that fails
+    is a finding (recorded as its error); the others still run."""
+    rows, skipped = [], []
+    for item in items:
+        expected = estimate(item, rows)
+        if not budget.allows(expected):
+            skipped.append(f"{label(item)} (needs ~{expected:.0f} s, {max(budget.left(), 0):.0f} s left)")
+            progress(f"skipped {skipped[-1]}")
+            continue
+        progress(f"{label(item)} (~{expected:.0f} s) ...")
+        t0 = budget.clock()
+        try:
+            row = measure(item, budget)
+        except Exception as e:
+            row = {"error": f"{type(e).__name__}: {e}"}
+        row.update(name=label(item), expected_s=expected, s=budget.clock() - t0)
+        rows.append(row)
+        progress("  " + (f"failed: {row['error']}" if "error" in row else
+                         f"{row.get('images_per_s', 0):.0f} images/s over {row.get('timed_steps', 0)} steps"))
+    return {"rows": rows, "skipped_for_time": skipped}
+
+
+def timed_steps(one_step, budget: Budget, device_seconds, on_warm=None) -> dict:
+    """The first step, then up to WARMUP - 1 + TIMED more, each started only while one more
+    step fits before the budget's end (a step taken as long as the longest after the first,
+    host clock, synchronised; before that PRIOR_S's step at most: the first one may have
+    compiled). Returns the device seconds (device_seconds(one_step)) of the steps after the
+    warm-up, and on_warm() is called when the warm-up is over."""
+    clock = budget.clock
+    t0 = clock()
+    device_seconds(one_step)
+    first = clock() - t0
+    longest, times = min(first, PRIOR_S["step"]), []
+    for i in range(WARMUP - 1 + TIMED):
+        if not budget.allows(longest):
+            break
+        if i == WARMUP - 1 and on_warm:
+            on_warm()
+        t0 = clock()
+        seconds = device_seconds(one_step)
+        longest = max(longest if i else 0.0, clock() - t0)
+        if i >= WARMUP - 1:
+            times.append(seconds)
+    out = {"first_step_s": first, "step_wall_s": longest, "timed_steps": len(times)}
+    if times:
+        out["step_s"] = statistics.median(times)
+    else:
+        out["stopped"] = "the section's end came before a timed step"
+    return out
+
+
+def planned_s(setup_s: float, step_s: float) -> float:
+    """A row's time as planned: its set-up, then the warm-up and the fewest timed steps."""
+    return setup_s + (WARMUP - 1 + MIN_TIMED) * step_s
+
+
+def like(rows, keys: dict) -> list:
+    """The measured rows matching the most of `keys` (in order: all of them, then fewer)."""
+    ok = [r for r in rows if "setup_s" in r]
+    for n in range(len(keys), -1, -1):
+        same = [r for r in ok if all(r.get(k) == v for k, v in list(keys.items())[:n])]
+        if same:
+            return same
+    return []
+
+
+# --------------------------------------------------------------------------------------
+# Section 1 (and 6, in its own process): the trainer's step
+def step_config(mode: str, impl: str, dtype: str = "float32", compiled: bool = False):
     from contsup.train import TrainConfig
     k = 1 if mode == "E2E" else K
     return TrainConfig(arch=ARCH, k=k, mode="R0" if mode == "E2E" else mode, dataset="cifar10",
-                       batch_size=BATCH, context_impl=impl, torch_compile=compiled, device="cuda")
+                       batch_size=BATCH, context_impl=impl, torch_compile=compiled, device="cuda",
+                       bf16=dtype == "bfloat16")
 
 
-def measure_row(mode: str, impl: str, compiled: bool, device) -> dict:
+def build_step(mode: str, impl: str, dtype: str, compiled: bool, device) -> tuple:
+    """(one training step of the trainer on the device, the tracker's memory fields)."""
     import torch
-    from torch._dynamo.utils import counters
     from contsup.data import random_batch
     from contsup.model import ContSupNet
     from contsup.speed.memory import measure_step_memory
     from contsup.step import local_learning_step
-    from contsup.study.estimate import cuda_step_seconds
     from contsup.speed.setup import compile_model, prepare_model
     from contsup.train import make_optimizer
 
-    cfg = step_config(mode, impl, compiled)
+    cfg = step_config(mode, impl, dtype, compiled)
     torch.manual_seed(0)
     net = prepare_model(ContSupNet(cfg.model_config()), cfg, device)
     x, y, _ = random_batch(cfg.dataset, cfg.batch_size)
     x, y = x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
-    label = "compiled" if compiled else ("-" if mode in ("E2E", "R0") else impl)  # E2E, R0: no encoders
-    row = {"mode": mode, "k": cfg.k, "impl": label, "batch": cfg.batch_size}
+    memory = {}
     if not compiled:  # the tracker runs eagerly, on copies (compiled rows: the plain rows' numbers)
-        memory = measure_step_memory(net, x, y)
-        row["tracker_peak_bytes"] = memory["peak_activation_bytes"]
-        row["cuda_peak_bytes"] = memory["cuda_peak_bytes"]
+        m = measure_step_memory(net, x, y, None, cfg.bf16)
+        memory = {"tracker_peak_bytes": m["peak_activation_bytes"], "cuda_peak_bytes": m["cuda_peak_bytes"]}
     optimizer = make_optimizer(net, cfg)
     if compiled:
-        torch._dynamo.reset()
-        counters.clear()
         compile_model(net)
 
     def one_step():
-        local_learning_step(net.train(), x, y)
+        local_learning_step(net.train(), x, y, None, cfg.bf16)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return one_step, memory
 
-    t0 = time.perf_counter()
-    one_step()
-    torch.cuda.synchronize(device)
-    row["first_step_s"] = time.perf_counter() - t0   # compiled: tracing and compiling every part
-    for _ in range(WARMUP - 1):
-        one_step()
-    if compiled:
-        row["graphs"] = counters["stats"]["unique_graphs"]
-        row["graph_breaks"] = sum(counters["graph_break"].values())
-        frames = counters["frames"]["total"]
+
+def step_seconds(one_step, device) -> float:
+    """One step's device seconds (CUDA events), synchronised."""
+    from contsup.study.estimate import cuda_step_seconds
+    return cuda_step_seconds(one_step, 1, device)[0]
+
+
+def reset_peak(device) -> None:
+    import torch
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    row["step_s"] = statistics.median(cuda_step_seconds(one_step, TIMED, device))
-    row["images_per_s"] = cfg.batch_size / row["step_s"]
-    row["max_memory_allocated"] = torch.cuda.max_memory_allocated(device)
-    if compiled:
-        row["recompiles"] = counters["frames"]["total"] - frames
-    return row   # the network and its optimizer go with this frame
 
 
-def section_rows(items, device, budget: Budget, compiled: bool) -> dict:
+def peak_bytes(device) -> int:
     import torch
-    rows, skipped, last = [], [], 0.0
-    for mode, impl in items:
-        label = f"{mode} {'compiled' if compiled else impl}"
-        if not budget.allows(last):
-            skipped.append(label)
-            continue
-        progress(f"step {label} ...")
-        t0 = time.monotonic()
-        try:
-            rows.append(measure_row(mode, impl, compiled, device))
-            torch.cuda.empty_cache()
-            r = rows[-1]
-            progress(f"  {r['images_per_s']:.0f} images/s, max_memory_allocated "
-                     f"{r['max_memory_allocated'] / 2**20:.0f} MB")
-        except Exception as e:  # one row failing is a finding; the others still run
-            rows.append({"mode": mode, "impl": "compiled" if compiled else impl, "error": f"{type(e).__name__}: {e}"})
-            progress(f"  failed: {rows[-1]['error']}")
-        last = time.monotonic() - t0
-    return {"rows": rows, "skipped_for_time": skipped}
+    return torch.cuda.max_memory_allocated(device)
+
+
+def free_cached(device) -> None:
+    import torch
+    torch.cuda.empty_cache()
+
+
+def measure_row(item: tuple, budget: Budget, device, compiled: bool = False) -> dict:
+    """One (mode, impl, dtype) row: set-up (model, tracker) and timed steps within `budget`."""
+    mode, impl, dtype = item
+    t0 = budget.clock()
+    one_step, row = build_step(mode, impl, dtype, compiled, device)
+    row.update(mode=mode, k=1 if mode == "E2E" else K, batch=BATCH, dtype=dtype,
+               impl="compiled" if compiled else ("-" if mode in ("E2E", "R0") else impl))  # E2E, R0: no encoders
+    from torch._dynamo.utils import counters
+    counters.clear()
+    warm = {}
+
+    def on_warm():   # the timed steps' memory peak from here; frames compiled after here are recompiles
+        reset_peak(device)
+        warm.update(frames=counters["frames"]["total"])
+    setup = budget.clock() - t0
+    row.update(timed_steps(one_step, budget, lambda step: step_seconds(step, device), on_warm))
+    row["setup_s"] = setup + row["first_step_s"]   # the part of a row no clock check can cut short
+    if "step_s" in row:
+        row["images_per_s"] = BATCH / row["step_s"]
+        row["max_memory_allocated"] = peak_bytes(device)
+    if compiled:
+        row.update(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()))
+        if warm:
+            row["recompiles"] = counters["frames"]["total"] - warm["frames"]
+    del one_step
+    free_cached(device)
+    return row
 
 
 def step_items():
-    """(mode, impl) of section 1: E2E and R0 have no encoders, so one row each."""
-    return [(m, impl) for m in MODES for impl in (IMPLS if m not in ("E2E", "R0") else ["plain"])]
+    """(mode, impl, dtype) of section 1: E2E and R0 have no encoders, so one row each; each
+    float32 row is followed by its bfloat16 one."""
+    return [(m, impl, dtype) for m in MODES for impl in (IMPLS if m not in ("E2E", "R0") else ["plain"])
+            for dtype in DTYPES]
+
+
+def step_estimate(item, rows) -> float:
+    """A row's planned time from the measured rows most like it (same mode and impl, then
+    same mode, then any); PRIOR_S before any."""
+    mode, impl, dtype = item
+    near = like(rows, {"mode": mode, "impl": impl if mode not in ("E2E", "R0") else "-"})
+    if not near:
+        return planned_s(PRIOR_S["setup"], PRIOR_S["step"])
+    return max(planned_s(r["setup_s"], r["step_wall_s"]) for r in near)
+
+
+def section_steps(device, budget: Budget) -> dict:
+    return run_rows(step_items(), budget, step_estimate, lambda item, b: measure_row(item, b, device),
+                    lambda item: f"{item[0]} {item[1]} {item[2]}")
 
 
 # --------------------------------------------------------------------------------------
-# Section 2: host syncs of the trainer's own loop
-def section_syncs(device, budget: Budget) -> dict:
+# Section 2: host syncs of the trainer's own loop, with a CUDA run's default encoders
+SYNC_STEPS = 8   # steps per epoch; one epoch warms up, the next is counted
+
+
+def count_syncs(device, impl: str, steps: int) -> dict:
+    """The synchronising calls of one epoch of train.train_epoch (after one warm-up epoch)."""
     import torch
     from contsup import tables, train
     from contsup.data import DeviceLoader
     from contsup.model import ContSupNet
 
-    steps = 8
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = step_config("R1E", "lean")
+        cfg = step_config("R1E", impl)
         cfg.out_dir = tmp
         torch.manual_seed(0)
         net = train.prepare_model(ContSupNet(cfg.model_config()), cfg, device)
@@ -209,15 +351,59 @@ def section_syncs(device, budget: Budget) -> dict:
                 epoch(1)
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-        where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})
-    progress(f"syncs: {len(syncs)} in an epoch of {steps} steps (train.train_epoch)")
-    return {"steps": steps, "syncs": len(syncs), "syncs_per_step": len(syncs) / steps, "where": where,
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    return {"syncs": len(syncs), "where": sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs}),
             "messages": sorted({str(w.message).splitlines()[0][:160] for w in syncs})[:5]}
 
 
+def section_syncs(device, budget: Budget, step_rows: list) -> dict:
+    """count_syncs with the encoders resolve_context_impl gives a CUDA run by default, if its
+    two epochs (at the steps section's time of that step) fit."""
+    from contsup.speed.encoders import AUTO, resolve_context_impl
+    impl = resolve_context_impl(AUTO, device)
+    near = like(step_rows, {"mode": "R1E", "impl": impl, "dtype": "float32"})
+    step = max((r["step_wall_s"] for r in near), default=PRIOR_S["step"])
+    expected = PRIOR_S["syncs_setup"] + 2 * SYNC_STEPS * step
+    if not budget.allows(expected):
+        return {"skipped": f"needs ~{expected:.0f} s, {max(budget.left(), 0):.0f} s left", "impl": impl}
+    out = {"steps": SYNC_STEPS, "impl": impl, "expected_s": expected, **count_syncs(device, impl, SYNC_STEPS)}
+    out["syncs_per_step"] = out["syncs"] / SYNC_STEPS
+    progress(f"syncs: {out['syncs']} in an epoch of {SYNC_STEPS} steps (train.train_epoch, {impl} encoders)")
+    return out
+
+
 # --------------------------------------------------------------------------------------
-# Sections 3 and 4: subprocesses with a hard timeout
+# Section 3: aten ops per step (bench_encoders' own function)
+def count_ops(impl: str, mode: str, device) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_encoders import aten_ops_per_step
+    return aten_ops_per_step(impl, mode, K, BATCH, device, ARCH)
+
+
+def section_ops(device, budget: Budget) -> dict:
+    """Ops per step of R1E and R16 per implementation, each count started only if it fits
+    (its estimate: the slowest count so far, doubled for a new mode)."""
+    from contsup.speed.encoders import AUTO, resolve_context_impl
+    out, spent, skipped = {"batch": BATCH, "k": K, "auto": resolve_context_impl(AUTO, device)}, {}, []
+    for mode in ("R1E", "R16"):
+        counts = {}
+        for impl in IMPLS:
+            same = [s for (m, _), s in spent.items() if m == mode]
+            expected = max(same) if same else 2 * max(spent.values(), default=PRIOR_S["step"])
+            if not budget.allows(expected):
+                skipped.append(f"{mode} {impl} (needs ~{expected:.0f} s, {max(budget.left(), 0):.0f} s left)")
+                continue
+            t0 = budget.clock()
+            counts[impl] = count_ops(impl, mode, device)
+            spent[mode, impl] = budget.clock() - t0
+        out.setdefault("aten_ops_per_step", {})[mode] = counts
+        progress(f"ops {mode}: {counts}")
+    out["skipped_for_time"] = skipped
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Sections 4, 5 and 6: subprocesses killed at the section's end
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -234,11 +420,13 @@ def run_bounded(cmd, timeout: float, cwd=None) -> dict:
 
 
 def section_calibrate(budget: Budget) -> dict:
+    if not budget.allows(PRIOR_S["calibrate"]):
+        return {"skipped": f"needs ~{PRIOR_S['calibrate']:.0f} s, {max(budget.left(), 0):.0f} s left"}
     progress("calibrate: estimate --profile paper --calibrate (counts the grid's FLOPs on the CPU) ...")
     r = run_bounded([sys.executable, "-m", "contsup", "estimate", "--profile", "paper", "--calibrate", "--json",
                      "--no-progress"], budget.left())
     if r.get("rc") != 0:
-        return {"error": r.get("stderr") or f"timed out after {r.get('timed_out_after_s')} s"}
+        return {"error": r.get("stderr") or f"stopped at the section's end after {r.get('timed_out_after_s')} s"}
     est = json.loads(r["stdout"])
     cal = est["assumptions"].get("calibration")
     if cal is None:
@@ -251,11 +439,16 @@ def section_calibrate(budget: Budget) -> dict:
     return out
 
 
+def gpu_count() -> int:
+    import torch
+    return torch.cuda.device_count()
+
+
 def section_nccl(budget: Budget) -> dict:
     import torch
 
-    if torch.cuda.device_count() < 2:
-        return {"skipped": f"{torch.cuda.device_count()} GPU: needs two"}
+    if gpu_count() < 2:
+        return {"skipped": f"{gpu_count()} GPU: needs two"}
     args = ["train", "--dataset", "digits8", "-k", "4", "--mode", "R1E", "--context-impl", "lean", "--epochs", "2",
             "--warmup-epochs", "1", "--batch-size", "64", "--train-subset", "512", "--device", "cuda",
             "--no-progress", "--deterministic"]
@@ -269,7 +462,7 @@ def section_nccl(budget: Budget) -> dict:
         out = {"deterministic": True, "single_rc": r1.get("rc"), "ranks2_rc": r2.get("rc"),
                "single_s": r1["s"], "ranks2_s": r2["s"]}
         if r1.get("rc") != 0 or r2.get("rc") != 0:
-            out["error"] = (r1.get("stderr") or "") + (r2.get("stderr") or "") or "timed out"
+            out["error"] = (r1.get("stderr") or "") + (r2.get("stderr") or "") or "stopped at the section's end"
             return out
         a = tensors(torch.load(one / "ckpt.pt", map_location="cpu", weights_only=True))
         b = tensors(torch.load(two / "ckpt.pt", map_location="cpu", weights_only=True))
@@ -291,23 +484,62 @@ def tensors(obj, prefix: str = "") -> dict:
     return {k: v for key, value in items for k, v in tensors(value, f"{prefix}{key}/").items()}
 
 
-# --------------------------------------------------------------------------------------
-# Section 6: the other benchmarks' functions
-def section_ops(device, budget: Budget) -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_encoders import aten_ops_per_step
-    from bench_step import compiled_vs_eager
+@functools.lru_cache
+def graph_count(mode: str) -> int:
+    """Graphs a compiled step of `mode` makes, as planned: train.compile_model compiles each
+    part of the network through a function of its own, one graph per part
+    (tests/test_compile.py), and a part without parameters (R0's context supply: it adds
+    nothing) makes none. Counted on a CPU copy wrapped with the eager backend (nothing is
+    compiled here): E2E 2, R0 32, R1E 47 at K=16."""
+    from contsup.model import ContSupNet
+    from contsup.speed.setup import compile_model
+    net = compile_model(ContSupNet(step_config(mode, "plain").model_config()), backend="eager")
+    return sum(getattr(m, "_compiled_call_impl", None) is not None and any(True for _ in m.parameters())
+               for m in net.modules())
 
-    out = {"aten_ops_per_step": {}}
-    for mode in ("R1E", "R16"):
-        if not budget.allows(5):
-            break
-        out["aten_ops_per_step"][mode] = {impl: aten_ops_per_step(impl, mode, K, BATCH, device, ARCH)
-                                          for impl in ("auto", *IMPLS)}
-        progress(f"ops {mode}: {out['aten_ops_per_step'][mode]}")
-    if budget.allows(30):   # it compiles a K=4 network: the slowest item here
-        out["compiled_vs_eager"] = compiled_vs_eager("R1E", 4, BATCH, 5, device, "cifar10", ARCH)
-    return out
+
+def compiled_estimate(item, rows) -> float:
+    """A compiled row's planned time: a process's start, its graphs at the seconds per graph
+    the compiled rows so far took (PRIOR_S before), and its steps."""
+    mode, dtype = item
+    done = [r for r in rows if "setup_s" in r and r.get("graphs")]
+    per_graph = max((r["first_step_s"] / r["graphs"] for r in done), default=PRIOR_S["graph"])
+    start = max((r["s"] - r["first_step_s"] - r["timed_steps"] * r["step_wall_s"] for r in done),
+                default=PRIOR_S["process"])
+    step = max((r["step_wall_s"] for r in like(rows, {"mode": mode})), default=PRIOR_S["step"])
+    return planned_s(start + graph_count(mode) * per_graph, step)
+
+
+def measure_compiled(item, budget: Budget) -> dict:
+    """A compiled row in a process of its own (dynamo's caches and counters fresh), killed at
+    the section's end; within it, its timed steps stop at that end too."""
+    mode, dtype = item
+    r = run_bounded([sys.executable, str(Path(__file__).resolve()), "--compiled-row", f"{mode},{dtype}",
+                     "--until", f"{budget.end - 1:.3f}"], budget.left())
+    if r.get("rc") is None:
+        return {"mode": mode, "dtype": dtype, "impl": "compiled", "graphs_expected": graph_count(mode),
+                "error": f"stopped at the section's end after {r['timed_out_after_s']} s (compile not finished)"}
+    if r["rc"] != 0:
+        return {"mode": mode, "dtype": dtype, "impl": "compiled", "error": r["stderr"][-300:]}
+    return json.loads(r["stdout"].strip().splitlines()[-1])
+
+
+def section_compiled(budget: Budget) -> dict:
+    return run_rows(COMPILED_ITEMS, budget, compiled_estimate, measure_compiled,
+                    lambda item: f"{item[0]} compiled {item[1]}")
+
+
+def compiled_row_main(spec: str, until: float) -> int:
+    """--compiled-row MODE,DTYPE: measure it here, its steps stopping at `until` (the parent's
+    time.monotonic: one clock for every process of the machine); print the row as JSON."""
+    import torch
+    mode, dtype = spec.split(",")
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    from contsup import jsonio
+    row = measure_row((mode, "plain", dtype), Budget(until), device, compiled=True)
+    print(jsonio.dumps(row))
+    return 0
 
 
 # --------------------------------------------------------------------------------------
@@ -316,47 +548,70 @@ def _mb(v):
     return "-" if v is None else f"{v / 2**20:.0f}"
 
 
+def row_line(r: dict) -> str:
+    """A row of the table; a failed row (which may hold nothing but its name) in its first cells."""
+    if "error" in r or "step_s" not in r:
+        cells = [r["mode"], r["impl"], r["dtype"]] if "dtype" in r else (r["name"].split() + ["", "", ""])[:3]
+        why = f"failed: {r['error'][:80]}" if "error" in r else f"stopped: {r['stopped']}"
+        return "| " + " | ".join(cells) + f" | {why} | | | | | | |"
+    tracker, cuda = r.get("tracker_peak_bytes"), r.get("cuda_peak_bytes")
+    ratio = f"{tracker / cuda:.2f}" if tracker and cuda else "-"
+    return (f"| {r['mode']} | {r['impl']} | {r['dtype']} | {r['images_per_s']:.0f} | {_mb(r['max_memory_allocated'])} | "
+            f"{_mb(cuda)} | {_mb(tracker)} | {ratio} | {r['first_step_s']:.2f} | {r.get('recompiles', '-')} |")
+
+
 def markdown(result: dict) -> str:
     """The results table (and one line per other section) of a gpu_check result."""
     lines = [f"### {result['device']}", "",
              f"ResNet-32, batch {BATCH}, random CIFAR-10-shaped data on the device; E2E is K=1, the other modes "
-             f"K={K}. images/s: median of {TIMED} CUDA-event-timed steps after {WARMUP} warm-up steps.", "",
-             "| mode | impl | images/s | max_memory_allocated MB | step's CUDA peak MB | tracker peak MB "
+             f"K={K}. images/s: median of up to {TIMED} CUDA-event-timed steps after {WARMUP} warm-up steps.", "",
+             "| mode | impl | dtype | images/s | max_memory_allocated MB | step's CUDA peak MB | tracker peak MB "
              "| tracker / CUDA peak | first step s | recompiles |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in result["steps"].get("rows", []) + result.get("compiled", {}).get("rows", []):
-        if "error" in r:
-            lines.append(f"| {r['mode']} | {r['impl']} | failed: {r['error'][:80]} | | | | | | |")
-            continue
-        tracker, cuda = r.get("tracker_peak_bytes"), r.get("cuda_peak_bytes")
-        ratio = f"{tracker / cuda:.2f}" if tracker and cuda else "-"
-        lines.append(f"| {r['mode']} | {r['impl']} | {r['images_per_s']:.0f} | {_mb(r['max_memory_allocated'])} | "
-                     f"{_mb(cuda)} | {_mb(tracker)} | {ratio} | {r['first_step_s']:.2f} | "
-                     f"{r.get('recompiles', '-')} |")
-    skipped = result["steps"].get("skipped_for_time", []) + result.get("compiled", {}).get("skipped_for_time", [])
-    failed = [f"{name}: {result[name]['error'][:200]}" for name in BUDGET_S if "error" in result.get(name, {})]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    tables = [result.get(name, {}) for name in ("steps", "compiled")]
+    lines += [row_line(r) for t in tables for r in t.get("rows", [])]
+    skipped = [s for t in tables for s in t.get("skipped_for_time", [])]
     if skipped:
         lines += ["", "Not measured (time budget): " + ", ".join(skipped) + "."]
-    s = result.get("syncs", {})
-    lines += [""]
-    if "syncs" in s:
-        lines.append(f"- syncs: {s['syncs']} in an epoch of {s['steps']} steps of train.train_epoch under "
-                     f"set_sync_debug_mode('warn')" + (f" ({', '.join(s['where'])})" if s["where"] else ""))
-    c = result.get("calibrate", {})
-    if "gpu_hours" in c:
-        rates = ", ".join(f"{a} {v['tflops']:.1f} TFLOP/s" for a, v in c["archs"].items())
-        lines.append(f"- paper grid: {c['gpu_hours']:.2f} GPU-hours for {c['runs']} runs at the measured rates "
-                     f"({rates})")
-    n = result.get("nccl", {})
-    if "equal" in n:
-        lines.append(f"- 2 NCCL ranks vs one process{' (--deterministic)' if n['deterministic'] else ''}: "
-                     + ("weights and optimizer state torch.equal" if n["equal"] else "weights or optimizer state differ")
-                     + f" ({n['differ']} of {n['tensors']} checkpoint tensors differ)")
-    elif "skipped" in n:
-        lines.append(f"- 2 NCCL ranks: {n['skipped']}")
+    lines += [""] + [line for line in (syncs_line(result.get("syncs", {})), ops_line(result.get("ops", {})),
+                                       calibrate_line(result.get("calibrate", {})), nccl_line(result.get("nccl", {})))
+                     if line]
+    failed = [f"{name}: {result[name]['error'][:200]}" for name in BUDGET_S if "error" in result.get(name, {})]
     if failed:
         lines.append("- sections failed: " + "; ".join(failed))
+    t = result.get("time")
+    if t:
+        lines.append(f"- time: {t['total_s']:.0f} s of {t['deadline_s']:.0f} (" + ", ".join(
+            f"{n} {v['s']:.0f}/{v['allowed_s']:.0f} s" for n, v in t["sections"].items()) + ")")
     return "\n".join(lines)
+
+
+def syncs_line(s: dict) -> str | None:
+    if "syncs" in s:
+        return (f"- syncs: {s['syncs']} in an epoch of {s['steps']} steps of train.train_epoch ({s['impl']} encoders) "
+                f"under set_sync_debug_mode('warn')" + (f" ({', '.join(s['where'])})" if s["where"] else ""))
+    return f"- syncs: not measured, {s['skipped']}" if "skipped" in s else None
+
+
+def ops_line(o: dict) -> str | None:
+    counts = "; ".join(f"{mode} " + ", ".join(f"{impl} {n}" for impl, n in c.items())
+                       for mode, c in o.get("aten_ops_per_step", {}).items() if c)
+    return f"- aten ops per step, K={o['k']} batch {o['batch']}: {counts}" if counts else None
+
+
+def calibrate_line(c: dict) -> str | None:
+    if "gpu_hours" in c:
+        rates = ", ".join(f"{a} {v['tflops']:.1f} TFLOP/s" for a, v in c["archs"].items())
+        return f"- paper grid: {c['gpu_hours']:.2f} GPU-hours for {c['runs']} runs at the measured rates ({rates})"
+    return f"- calibrate: not measured, {c['skipped']}" if "skipped" in c else None
+
+
+def nccl_line(n: dict) -> str | None:
+    if "equal" in n:
+        return (f"- 2 NCCL ranks vs one process{' (--deterministic)' if n['deterministic'] else ''}: "
+                + ("weights and optimizer state torch.equal" if n["equal"] else "weights or optimizer state differ")
+                + f" ({n['differ']} of {n['tensors']} checkpoint tensors differ)")
+    return f"- 2 NCCL ranks: {n['skipped']}" if "skipped" in n else None
 
 
 def write_results(result: dict, out_dir: Path = RESULTS) -> tuple[Path, Path]:
@@ -371,10 +626,24 @@ def write_results(result: dict, out_dir: Path = RESULTS) -> tuple[Path, Path]:
 
 
 # --------------------------------------------------------------------------------------
+def run_sections(schedule: Schedule, device, result: dict) -> dict:
+    """Every section in order on `schedule`; `result` gains each one's output and the times."""
+    result["steps"] = schedule.run("steps", lambda b: section_steps(device, b))
+    result["syncs"] = schedule.run("syncs", lambda b: section_syncs(device, b, result["steps"].get("rows", [])))
+    result["ops"] = schedule.run("ops", lambda b: section_ops(device, b))
+    result["calibrate"] = schedule.run("calibrate", section_calibrate)
+    result["nccl"] = schedule.run("nccl", section_nccl)
+    result["compiled"] = schedule.run("compiled", section_compiled)
+    result["time"] = schedule.summary()
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--markdown", metavar="JSON", default=None, help="print the table of a written result, measure nothing")
     p.add_argument("--out-dir", default=str(RESULTS), help="where gpu_<device>.json and .md go")
+    p.add_argument("--compiled-row", metavar="MODE,DTYPE", default=None, help=argparse.SUPPRESS)  # section 6's rows
+    p.add_argument("--until", type=float, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.markdown:
         print(markdown(json.loads(Path(a.markdown).read_text())))
@@ -383,30 +652,16 @@ def main(argv=None) -> int:
     import torch
     if not torch.cuda.is_available():
         no_gpu_exit()
-    deadline = time.monotonic() + TOTAL_S
+    if a.compiled_row:
+        return compiled_row_main(a.compiled_row, a.until)
+    schedule = Schedule()
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     result = {"device": torch.cuda.get_device_name(device), "gpus": torch.cuda.device_count(),
               "torch": torch.__version__, "cuda": torch.version.cuda, "platform": platform.platform(),
               "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])}
     progress(f"{result['device']} x{result['gpus']}, torch {torch.__version__}")
-
-    def section(name, fn, *args):
-        """A section's result; one that fails is recorded as its error and the others still run."""
-        progress(f"section {name} (budget {BUDGET_S[name]} s, {deadline - time.monotonic():.0f} s left in all)")
-        try:
-            result[name] = fn(*args, Budget(BUDGET_S[name], deadline))
-        except Exception as e:
-            result[name] = {"error": f"{type(e).__name__}: {e}"}
-            progress(f"  {name} failed: {result[name]['error']}")
-
-    section("steps", lambda b: section_rows(step_items(), device, b, compiled=False))
-    section("syncs", section_syncs, device)
-    section("calibrate", section_calibrate)
-    section("nccl", section_nccl)
-    section("compiled", lambda b: section_rows([(m, "plain") for m in ["E2E", "R0", "R1E", "E", "R16"]], device,
-                                               b, compiled=True))
-    section("ops", section_ops, device)
+    run_sections(schedule, device, result)
     json_path, md_path = write_results(result, Path(a.out_dir))
     print(markdown(result))
     progress(f"wrote {json_path} and {md_path}")

@@ -15,6 +15,7 @@ from dataclasses import fields
 import io
 import os
 import sys
+import textwrap
 import typing
 
 from . import jsonio, tables
@@ -89,13 +90,23 @@ def given(args, cls) -> dict:
     return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
 
 
+TRAIN_DESCRIPTION = (
+    "Train one configuration. The recipe follows the paper (METHOD.md §5) for the chosen dataset: "
+    f"{tables.PAPER_SCHEDULE.epochs} epochs, {tables.PAPER_SCHEDULE.warmup_epochs} of them warm-up, SGD "
+    "Nesterov with a cosine schedule, and the dataset's batch size and learning rate. "
+    "The dataset is not the paper's unless named: it defaults to `digits`, scikit-learn's digits embedded at "
+    "32x32 so that a run needs no download; the paper's are cifar10, svhn and stl10 (add --download). "
+    "A first run of seconds: --dataset digits8 --epochs 4 --warmup-epochs 0 --batch-size 64 --lr 0.05.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .model import ModelConfig
     from .train import TrainConfig
     parser = _Parser(prog="contsup", description="ContSup: greedy local learning with context supply")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train one configuration")
+    t = sub.add_parser("train", help="train one configuration", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=textwrap.fill(TRAIN_DESCRIPTION, 79, break_on_hyphens=False))
     add_config_flags(t, TrainConfig)
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -107,13 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rank-timeout", type=float, default=300.0,
                    help="pipeline: seconds before a silent rank counts as dead or hung")
 
-    d = sub.add_parser("describe", help="cut points, parameters per part, peak activation memory")
+    d = sub.add_parser("describe", help="cut points, parameters per part, peak activation memory",
+                       description="What `train` with the same flags would build: the dataset and its image "
+                                   "size, where the network is cut, the parameters of each part, the peak "
+                                   "activation memory of one training step (and, with --stages, a pipeline "
+                                   "split from counted FLOPs). The defaults are train's (dataset: digits).")
     add_config_flags(d, TrainConfig, only=ModelConfig)   # train's defaults: describe what train would train
     d.add_argument("--batch-size", type=int, default=256, help="batch size of the memory measurement")
     d.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     d.add_argument("--json", action="store_true", help="print JSON")
     d.add_argument("--stages", type=int, default=None, metavar="G",
-                   help="time each module's step and print the balanced split over G pipeline ranks")
+                   help="count each module's FLOPs in one training step at --batch-size (nothing is timed) "
+                        "and print the split over G pipeline ranks that balances them, beside the equal split")
 
     g = sub.add_parser("download", help="fetch a dataset with torchvision")
     g.add_argument("--dataset", required=True, help="cifar10, svhn or stl10")
@@ -172,7 +188,8 @@ def describe(args) -> dict:
     cfg = TrainConfig(**given(args, ModelConfig)).model_config()   # with train's defaults (digits)
     net = build_net(cfg)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    report = {"config": vars(cfg) | {"loss_scales": cfg.loss_scales}, "cut_points": net.cuts,
+    report = {"config": vars(cfg) | {"loss_scales": cfg.loss_scales},
+              "image_size": net.image_size, "num_classes": net.num_classes, "cut_points": net.cuts,
               "modules": len(net.blocks), "params": net.parts(), "loss_weights": net.loss_weights,
               "module_table": [{"module": k, "input_shape": list(net.shapes[k]), "params": count(net.blocks[k]) + (count(net.classifier) if k == net.k - 1 else 0),
                                 "head_params": count(net.heads[k]) if k < len(net.heads) else 0,
@@ -206,8 +223,10 @@ def cmd_describe(args) -> int:
     if args.json:
         print(jsonio.dumps(report, indent=2))
         return 0
-    print(f"{report['config']['arch']} K={report['modules']} mode={report['config']['mode']}")
-    paper = report["config"]["arch"] in tables.BLOCKS_PER_STAGE
+    c, side = report["config"], report["image_size"]
+    print(f"{c['arch']} K={report['modules']} mode={c['mode']} on {c['dataset']} "
+          f"({side}x{side} images, {report['num_classes']} classes)")
+    paper = c["arch"] in tables.BLOCKS_PER_STAGE
     print(f"  cut points {'(stage, block)' if paper else '(after the module)'}: {report['cut_points']}")
     for part, n in report["params"].items():
         print(f"  {part:>17}: {n:,} parameters")
@@ -241,7 +260,7 @@ def cmd_describe(args) -> int:
 
 def cmd_download(args) -> int:
     from .data import download
-    if args.dataset in ("digits", "digits8"):
+    if args.dataset in tables.EMBEDDED_DATASETS:
         raise UsageError("digits ships with scikit-learn; nothing to download")
     tables.check_dataset(args.dataset)
     download(args.dataset, args.data_root)

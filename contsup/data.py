@@ -1,6 +1,6 @@
 """Datasets as uint8 tensors, and a device-resident loader that augments whole batches.
 
-The paper trains with torchvision datasets and PIL transforms (SPEC §5). Decoding and
+The paper trains with torchvision datasets and PIL transforms (METHOD §5). Decoding and
 augmenting one PIL image at a time costs more than a ResNet-32 step at batch 1024, so, as
 in airbench, we keep every image as a uint8 tensor on the training device and do the
 random crop and flip for a whole batch with one gather. The PIL pipeline survives as
@@ -48,7 +48,7 @@ def load_dataset(name: str, root: str = "data", download: bool = False,
                  train_subset: int | None = None) -> ImageData:
     """Load `name` as uint8 tensors, from `<root>/<name>_uint8.pt` when that cache exists."""
     tables.check_dataset(name)
-    if name in ("digits", "digits8"):
+    if name in tables.EMBEDDED_DATASETS:
         tensors = _load_digits(tables.DATA_RECIPES[name].image_size)
     else:
         if download:
@@ -92,7 +92,7 @@ def _torchvision_dataset(name: str, root: str, train: bool, download: bool, tran
     try:
         if name == "cifar10":
             return tvd.CIFAR10(root, train=train, download=download, transform=transform)
-        split = "train" if train else "test"  # SVHN: no "extra" split (SPEC §5)
+        split = "train" if train else "test"  # SVHN: no "extra" split (METHOD §5)
         cls = tvd.SVHN if name == "svhn" else tvd.STL10
         return cls(root, split=split, download=download, transform=transform)
     except RuntimeError as e:
@@ -266,8 +266,8 @@ class DeviceLoader:
     RandomHorizontalFlip do, but for the whole batch at once. Every random number comes
     from `generator`, a CPU torch.Generator, so the batches are the same on every device,
     and a run resumes exactly where it stopped when the caller restores the generator's
-    state (the training itself repeats bit for bit on a CPU, and on CUDA with
-    --deterministic: train.TrainConfig.deterministic).
+    state (the training itself repeats bit for bit on the same device, thread count and versions:
+    on a CPU as it is, on CUDA with --deterministic: train.TrainConfig.deterministic).
     train=False yields the data in order, only normalised.
 
     No batch waits on the host: when an epoch starts, `draw_epoch` draws all its random
@@ -396,7 +396,7 @@ def torchvision_reference(name: str, root: str = "data", train: bool = True, dow
     """A torch Dataset yielding what the paper's DataLoader sees: PIL transforms per image."""
     recipe = tables.check_dataset(name)
     transform = reference_transform(recipe, train)
-    if name in ("digits", "digits8"):
+    if name in tables.EMBEDDED_DATASETS:
         d = load_dataset(name)
         x, y = (d.train_x, d.train_y) if train else (d.test_x, d.test_y)
         return UInt8ImageDataset(x, y, transform)

@@ -109,8 +109,18 @@ class EpochSteps:
 
     def mean_losses(self) -> list[float]:
         """The epoch's mean loss of each module (a read from the device)."""
-        return (self.loss_sum / self.seen).tolist() if self.seen else []
+        return mean_losses(self.loss_sum, self.seen)
 
     def train_error(self) -> float:
         """Wrong training predictions in % (the logits given to `step`)."""
-        return 100.0 * float(self.wrong) / self.seen
+        return train_error(self.wrong, self.seen)
+
+
+def mean_losses(loss_sum, seen: int) -> list[float]:
+    """The metrics line's `local_losses`: each module's loss summed over `seen` images, averaged."""
+    return (loss_sum / seen).tolist() if seen else []
+
+
+def train_error(wrong, seen: int) -> float:
+    """The metrics line's `train_error`: `wrong` predictions of `seen`, in %."""
+    return 100.0 * float(wrong) / seen

@@ -1,4 +1,4 @@
-"""Local losses (SPEC §4): softmax, supervised contrastive, reconstruction."""
+"""Local losses (METHOD §4): softmax, supervised contrastive, reconstruction."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""The network: a CIFAR ResNet cut into K gradient-isolated local modules (SPEC §2-§4).
+"""The network: a CIFAR ResNet cut into K gradient-isolated local modules (METHOD §2-§4).
 
     image x ──> [module 0] ─h0─> (cut 0) ─> [module 1] ─h1─> (cut 1) ─> ... ─> [module K-1] ─> classifier
                      │                │                                         
@@ -92,7 +92,7 @@ def feature_shape(stage: int, image_size: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------
-# Local heads and decoders (SPEC §4)
+# Local heads and decoders (METHOD §4)
 class AuxHead(nn.Module):
     """Auxiliary head on a module output; config '<convs>c<fcs>f' (the paper's default: 1c2f).
 
@@ -142,7 +142,7 @@ class Decoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------
-# Context supply (SPEC §2)
+# Context supply (METHOD §2)
 @dataclass(frozen=True)
 class ContextMode:
     """R<n> (residual context from the inputs of the last n modules) and/or E (image).
@@ -507,7 +507,7 @@ class ContSupNet(nn.Module):
         return next_input
 
     def run_modules(self, x, run_module, modules=None, h=None, inputs=None, precision=nullcontext):
-        """The loop over the modules (SPEC §1-§2), written only here: for each module k, its
+        """The loop over the modules (METHOD §1-§2), written only here: for each module k, its
         input h_in (the image for module 0, else supply(k-1): module k-1's output h, detached,
         plus context), then h = run_module(k, h_in). `run_module` is the forward alone
         (inference: `module_forward`) or forward, local loss and backward (`step.module_step`).

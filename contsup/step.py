@@ -1,4 +1,4 @@
-"""The local-learning step (SPEC §1-§2): the whole method in one loop.
+"""The local-learning step (METHOD §1-§2): the whole method in one loop.
 
     for each module k:   h = module_k(h_in)                 forward
                          loss_k = local loss of h          head (+ decoder); the last module: the classifier
@@ -43,7 +43,7 @@ def module_step(net: ContSupNet, k: int, h_in, x, y, image=None, bf16: bool = Fa
 
 
 def local_learning_step(net: ContSupNet, x, y, image=None, bf16: bool = False):
-    """Forward and backward through the K modules, one at a time (SPEC §1-§2).
+    """Forward and backward through the K modules, one at a time (METHOD §1-§2).
 
     For module k: forward, its own local loss, backward (`module_step`), then the detached
     output plus context becomes the next input (the loop: `ContSupNet.run_modules`). K=1 is end-to-end. `image` ([B,3,S,S] in

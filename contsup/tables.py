@@ -1,4 +1,4 @@
-"""The paper's tables, as data, in one place (SPEC §3, §4, §5, §7, §8).
+"""The paper's tables, as data, in one place (METHOD §3, §4, §5, §7, §8).
 
 Everything the method needs to know about *where* a network is cut, *how strongly* the
 reconstruction term is weighted and *which recipe* trains each dataset lives here. Code
@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from .errors import UsageError
 
 # --------------------------------------------------------------------------------------
-# Networks (SPEC §3). Blocks per stage of the CIFAR ResNets; widths are 16/32/64.
+# Networks (METHOD §3). Blocks per stage of the CIFAR ResNets; widths are 16/32/64.
 KS = (2, 4, 8, 16)                  # the numbers of local modules the paper's tables compare
 ABLATION_MODES = ("R0", "E", "R1", "R1E")                        # Table 1, Figure 5
 RESIDUAL_MODES = ("R0", "E", "R1", "R2", "R4", "R8", "R16")       # Table 4: how far back the context reaches
 BLOCKS_PER_STAGE = {"resnet32": 5, "resnet110": 18}
 STAGE_WIDTHS = (16, 32, 64)
-# Backbone parameter counts with 10 classes (SPEC §8), checked by a test.
+# Backbone parameter counts with 10 classes (METHOD §8), checked by a test.
 BACKBONE_PARAMS = {"resnet32": 466_906, "resnet110": 1_730_714}
 
 # --------------------------------------------------------------------------------------
@@ -65,7 +65,7 @@ BALANCED_CUTS = {
 }
 
 # --------------------------------------------------------------------------------------
-# Reconstruction loss scales (SPEC §4): (ixx_1, ixy_1, ixx_2, ixy_2); the local loss at
+# Reconstruction loss scales (METHOD §4): (ixx_1, ixy_1, ixx_2, ixy_2); the local loss at
 # cut k is a*L_recon + b*L_head with (a, b) interpolated from (ixx_1, ixy_1) at the first
 # cut to (ixx_2, ixy_2) at cut K-2.
 LOSS_SCALES = {
@@ -79,12 +79,14 @@ BALANCED_LOSS_SCALES = {
     ("resnet32", "cifar10"): {**_balanced_scales, 8: (5, 0, 0, 2)},
     ("resnet110", "cifar10"): dict(_balanced_scales),
 }
+# scikit-learn's digits, at 32x32 and at their native 8x8: shipped with the package, never downloaded.
+EMBEDDED_DATASETS = ("digits", "digits8")
 # The embedded digits data stands in for CIFAR-10 in quick runs: it borrows its scales.
-SCALES_STAND_IN = {"digits": "cifar10", "digits8": "cifar10"}
+SCALES_STAND_IN = dict.fromkeys(EMBEDDED_DATASETS, "cifar10")
 
 
 # --------------------------------------------------------------------------------------
-# Data and training recipes (SPEC §5).
+# Data and training recipes (METHOD §5).
 @dataclass(frozen=True)
 class DataRecipe:
     """How a dataset is shaped, augmented and normalised, and the paper's batch/lr."""
@@ -111,7 +113,7 @@ DATA_RECIPES = {
     "digits8": DataRecipe(10, 8, 1, "constant", False, (0.5,) * 3, (0.5,) * 3, batch_size=128, lr=0.1),
 }
 
-# Images per split, (train, test), as `data.load_dataset` yields them (SPEC §5): SVHN's
+# Images per split, (train, test), as `data.load_dataset` yields them (METHOD §5): SVHN's
 # train split without "extra", STL-10's 5k labelled train images (no unlabelled split).
 # digits: scikit-learn's 1,797 images, data.DIGITS_TEST_SIZE = 500 held out as the test set.
 # Used by the GPU-hours estimate (estimate.py); a test checks the digits rows against the loader.
@@ -137,7 +139,7 @@ class Schedule:
 PAPER_SCHEDULE = Schedule()
 
 # --------------------------------------------------------------------------------------
-# Published anchors to show beside our numbers (SPEC §7): InfoPro (Wang et al., ICLR 2021)
+# Published anchors to show beside our numbers (METHOD §7): InfoPro (Wang et al., ICLR 2021)
 # Table 2, test error %, mean of 5 runs. The ContSup paper's own values could not be
 # retrieved: CONTSUP_PAPER stays empty until somebody fills it from the paper.
 E2E_REFERENCE = {("cifar10", "resnet32"): 7.37, ("cifar10", "resnet110"): 6.50,
@@ -204,7 +206,7 @@ def cut_points(arch: str, k: int, balanced: bool = False, dataset: str = "cifar1
 
 
 def loss_scales(arch: str, dataset: str, k: int, balanced: bool = False) -> tuple[float, float, float, float]:
-    """(ixx_1, ixy_1, ixx_2, ixy_2) of the reconstruction runs of SPEC §4."""
+    """(ixx_1, ixy_1, ixx_2, ixy_2) of the reconstruction runs of METHOD §4."""
     table_data = SCALES_STAND_IN.get(dataset, dataset)
     tables = BALANCED_LOSS_SCALES if balanced else LOSS_SCALES
     table = tables.get((arch, table_data), {})

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import tables
 from .data import DeviceLoader, ImageData, denormalize, load_dataset
-from .epoch import EpochSteps
+from .epoch import EpochSteps, mean_losses, train_error
 from .errors import UsageError, check_bool, check_float, check_int, check_str, command_line, option
 from .model import ContSupNet, ModelConfig, check_model_fields
 from .rundir import checkpoint_fits, end_epoch, finish_run, metrics_row, open_run, prepare_run_folder
@@ -49,8 +49,8 @@ class TrainConfig(ModelConfig):
     channels_last: bool = option(True, "NHWC activations: faster convolutions on CPU and GPU alike")
     bf16: bool = option(False, "bfloat16 autocast for the forward passes (weights stay fp32)")
     cudnn_benchmark: bool = option(True, "CUDA: let cuDNN time and pick its fastest algorithms")
-    deterministic: bool = option(False, "deterministic kernels (cuDNN, cuBLAS, torch): bit for bit on CUDA too, "
-                                        "slower (see use_deterministic)")
+    deterministic: bool = option(False, "deterministic kernels (cuDNN, cuBLAS, torch): bit for bit on CUDA too "
+                                        "(same GPU, threads, versions), slower (see use_deterministic)")
     torch_compile: bool = option(False, "torch.compile every module, head, encoder and decoder (slow first epoch)",
                                  flag="--compile")
     reuse_cpu_memory: bool = option(True, "CPU: freed activations are reused, not unmapped by glibc "
@@ -125,7 +125,7 @@ def learning_rate(epoch: int, base_lr: float, epochs: int, warmup_epochs: int = 
                   warmup_from: float = tables.PAPER_SCHEDULE.warmup_from) -> float:
     """The lr of 0-based epoch `epoch`, set once per epoch, as the authors' train.py sets it.
 
-    SPEC §5's lr_e = lr*(1+cos(pi*e/E))/2 counts epochs from 1: the authors call their
+    METHOD §5's lr_e = lr*(1+cos(pi*e/E))/2 counts epochs from 1: the authors call their
     schedule with e = epoch + 1, so the first epoch (0-based 0) trains at cos(1), the last
     (E-1) at cos(E) = lr 0. The warm-up epochs e = 1..W blend from `warmup_from` towards
     that same epoch's cosine value:
@@ -207,7 +207,7 @@ def first_step_memory(run: "RunSetup") -> dict:
     """measure_step_memory on the first (unshuffled) training batch. It runs with
     torch.use_deterministic_algorithms off (restored after): it measures on copies, and its
     reference step runs the plain encoders, whose adaptive pool has no deterministic CUDA
-    backward (check_deterministic)."""
+    backward (speed/setup.check_deterministic)."""
     x, y, image = run.first_batch()
     strict, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(False)
@@ -217,11 +217,10 @@ def first_step_memory(run: "RunSetup") -> dict:
         torch.use_deterministic_algorithms(strict, warn_only=warn_only)
 
 
-
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, note_fresh_start: bool = False) -> dict:
     """Train one configuration; returns (and writes) its result. With `resume`, continue from
     the run folder's checkpoint (or return the result of a finished run of the same config);
-    without, refuse to touch a folder that already holds a run (see `open_run`). The run
+    without, refuse to touch a folder that already holds a run (see rundir.open_run). The run
     folder's lock is held from before the folder is read until result.json is written.
     `note_fresh_start`: say on stderr when `resume` finds nothing to resume (the CLI's
     --resume; `reproduce` resumes whatever it finds and says nothing)."""
@@ -307,8 +306,8 @@ def _train(cfg: TrainConfig, ckpt: dict | None, progress: bool) -> dict:
         seen, wrong, loss_sum = train_epoch(net, run.train_loader, optimizer, cfg, epoch, lr, progress=progress)
         train_time = time.perf_counter() - t0
         test_error = evaluate(net, run.test_loader, cfg.channels_last, cfg.bf16)
-        row = metrics_row(epoch, lr, train_error=100.0 * float(wrong) / seen, test_error=test_error,
-                          local_losses=(loss_sum / seen).tolist(), seconds=train_time, seen=seen)
+        row = metrics_row(epoch, lr, train_error=train_error(wrong, seen), test_error=test_error,
+                          local_losses=mean_losses(loss_sum, seen), seconds=train_time, seen=seen)
         best = end_epoch(cfg, row, (net.state_dict(), optimizer.state_dict()), run.gen, best, memory)
         epochs.set_postfix(test_error=f"{test_error:.2f}%")
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torchvision.datasets.utils as tv_utils
 
-from contsup.study import experiments, reproduce, runs as run_folders
+from contsup.study import experiments, kernels, reproduce, runs as run_folders
 from contsup.cli import main
 from contsup.errors import UsageError
 from test_data import rand_u8, write_cifar, write_stl10, write_svhn
@@ -411,10 +411,10 @@ def test_notebook_parameters(params, hint, tmp_path):
 
 def test_notebook_bad_key_is_the_runs_one_line_error(tmp_path):
     """Through papermill as `reproduce` runs it: the failure is one line naming the key."""
-    reproduce.check_kernel()
+    kernels.check_kernel()
     params = {"runs": [{**GOOD, "out_dir": str(tmp_path / "run"), "warmup": 0}], "progress": False}
-    error = reproduce.execute(reproduce.NOTEBOOKS / reproduce.TRAIN_NOTEBOOK, tmp_path / "02.ipynb", params,
-                              env=reproduce.kernel_environment(threads=1))
+    error = kernels.execute(kernels.NOTEBOOKS / kernels.TRAIN_NOTEBOOK, tmp_path / "02.ipynb", params,
+                              env=kernels.kernel_environment(threads=1))
     assert error is not None and "\n" not in error
     assert error.startswith("UsageError: runs[0]") and "unknown config keys ['warmup']" in error
     assert not (tmp_path / "run").exists()

@@ -126,3 +126,65 @@ def test_diverging_run_one_line_exit_1(capsys, tmp_path):
     error = json.loads((out / "error.json").read_text())
     assert f"epoch {error['epoch']}, step {error['step']}" in err
     assert (out / "metrics.jsonl").read_text() == "" and not (out / "ckpt.pt").exists()
+
+
+# --------------------------------------------------------------------------------------
+# What the texts say
+def test_describe_names_the_dataset_and_its_image_size(capsys):
+    assert main(["describe", "--dataset", "digits8", "-k", "2", "--no-memory"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header == "resnet32 K=2 mode=R1E on digits8 (8x8 images, 10 classes)", header
+    assert main(["describe", "-k", "2", "--no-memory", "--json"]) == 0   # train's default dataset
+    report = json.loads(capsys.readouterr().out)
+    assert (report["config"]["dataset"], report["image_size"], report["num_classes"]) == ("digits", 32, 10)
+
+
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as stop:
+        main(argv + ["--help"])
+    assert stop.value.code == 0
+    return " ".join(capsys.readouterr().out.split())   # argparse's line breaks undone
+
+
+def test_train_help_says_the_recipe_is_the_papers_and_the_dataset_is_not(capsys):
+    """`train`'s defaults are the paper's recipe (160 epochs...) applied to the embedded
+    digits, which the paper does not use: the help and the README say both."""
+    from contsup import tables
+    from contsup.train import TrainConfig
+    text = _help(["train"], capsys)
+    default = TrainConfig()
+    assert default.dataset == "digits" and default.epochs == tables.PAPER_SCHEDULE.epochs == 160
+    assert f"{default.epochs} epochs" in text and "METHOD.md §5" in text
+    assert "it defaults to `digits`" in text and "the paper's are cifar10, svhn and stl10" in text
+    assert "--dataset digits8 --epochs 4" in text   # a flag is never split at its hyphen
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    sentence = readme[readme.index("Defaults follow the paper"):][:600]
+    assert "160 epochs" in sentence and "`digits`" in sentence and "cifar10" in sentence, sentence
+
+
+def test_describe_stages_help_says_it_counts_flops(capsys):
+    text = _help(["describe"], capsys)
+    stages = text[text.index("--stages G "):]
+    assert "FLOPs" in stages and "nothing is timed" in stages and "time each module" not in text
+    assert "dataset and its image size" in text
+
+
+def test_estimate_table_stays_aligned_with_long_group_names():
+    """Columns are as wide as their widest entry: every row's numbers end at the header's
+    right edges, whatever the group's name."""
+    from contsup.study import estimate as est
+    groups = [{"group": g, "runs": n, "pflops": p, "gpu_hours": h}
+              for g, n, p, h in [("e2e", 4, 1.5, 0.25), ("figure4-authors-and-a-longer-name", 12, 123.45, 10.5),
+                                 ("table1", 1234, 0.01, 1234.567)]]
+    result = {"profile": "paper", "groups": groups, "total": {"runs": 1250, "pflops": 125.0, "gpu_hours": 1245.3},
+              "assumptions": {"device": "H100", "peak_tflops": 400, "precision": "tf32", "utilisation": 0.05,
+                              "counted": "conv + matmul", "utilisation_basis": "a judgement"}}
+    lines = est.format_table(result).splitlines()
+    header, rows = lines[1], lines[2:5] + [lines[6]]
+    assert lines[5] == "-" * len(header)
+    ends = [header.index(name) + len(name) for name in ("runs", "PFLOPs", "GPU-hours")]
+    for row, (first, *values) in zip(rows, [(g["group"], str(g["runs"]), f"{g['pflops']:.2f}",
+                                               f"{g['gpu_hours']:.3f}") for g in groups] + [("total", "1250", "125.00",
+                                                                                            "1245.300")]):
+        assert row.startswith(first + " ") and len(row) == len(header), row
+        assert [row.index(v, len(first)) + len(v) for v in values] == ends, (row, header)

@@ -1,4 +1,4 @@
-"""The experiment registry: every group of SPEC §6 expands, with the paper's recipe."""
+"""The experiment registry: every group of METHOD §6 expands, with the paper's recipe."""
 from pathlib import Path
 
 import pytest

@@ -109,6 +109,6 @@ def test_head_configs_build_and_reject():
         assert out.shape == (2, 128)
     with pytest.raises(UsageError, match="1c2f"):
         ContSupNet(ModelConfig(head="3c3f"))
-    # 1c2f: conv 16->32 stride 2, fc 32->128->10 (SPEC §4)
+    # 1c2f: conv 16->32 stride 2, fc 32->128->10 (METHOD §4)
     head = ContSupNet(ModelConfig(arch="resnet32", k=4, mode="R0")).heads[0].net
     assert head[0][0].out_channels == 32 and head[0][0].stride == (2, 2) and head[-1].out_features == 10

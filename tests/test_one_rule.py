@@ -21,7 +21,7 @@ from contsup.errors import check_int, command_line, option
 from contsup.model import BasicBlock, ContSupNet, ModelConfig, parse_mode
 from contsup.speed.encoders import set_context_impl
 from contsup.step import local_learning_step
-from contsup.study import experiments, report, reproduce, runs
+from contsup.study import experiments, grid, report, reproduce, runs
 from contsup.train import TrainConfig
 from test_report import write_run
 
@@ -70,7 +70,7 @@ def test_a_new_mode_in_table4_needs_only_the_method_and_its_table(r2e_in_table4,
     # the run cost counts the layers the network has, as for a mode the code knew before
     r0 = TrainConfig(dataset="digits8", k=8, mode="R0", epochs=2, train_subset=64)
     layers = conv_and_linear_layers(net), conv_and_linear_layers(ContSupNet(r0.model_config()))
-    assert reproduce.proxy_cost(cfg) * layers[1] == reproduce.proxy_cost(r0) * layers[0]
+    assert grid.proxy_cost(cfg) * layers[1] == grid.proxy_cost(r0) * layers[0]
     assert layers[0] > layers[1]
 
     # the report gives it a row of Table 4 (R2E needs K >= 2: both K=8 and K=16 are filled)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from contsup import tables
-from contsup.study import experiments, information, report, runs
+from contsup.study import experiments, figures, information, report, runs
 from contsup.errors import UsageError
 from contsup.train import TrainConfig
 
@@ -44,6 +44,10 @@ def write_run(root, name=None, finished=True, final_error=20.0, peak_mb=100.0, p
 
 @pytest.fixture
 def results(tmp_path):
+    return _partial_results(tmp_path)
+
+
+def _partial_results(tmp_path):
     """A quick-profile-like folder on digits: E2E, Table 1 modes at K=16, Table 2 at K=4,
     a Table 3 reconstruction run with STL-10's scales, a balanced run, one unfinished run."""
     write_run(tmp_path, k=1, mode="R0", final_error=10.0, peak_mb=150.0)
@@ -168,16 +172,16 @@ def _check_written(paths, names):
 def test_figures_are_written_with_partial_and_no_results(results, tmp_path):
     df = runs.collect(results)
     for data, out in ((df, tmp_path / "fig"), (runs.collect(tmp_path / "empty"), tmp_path / "fig-empty")):
-        _check_written(report.figure4(data, out), ["figure4_memory_vs_error"])
-        _check_written(report.figure4(data, out, authors=True), ["figure4_authors_memory_vs_error"])
-        _check_written(report.figure5(data, out), ["figure5_ablation"])
-        _check_written(report.table4_chart(data, out), ["table4_modes"])
+        _check_written(figures.figure4(data, out), ["figure4_memory_vs_error"])
+        _check_written(figures.figure4(data, out, authors=True), ["figure4_authors_memory_vs_error"])
+        _check_written(figures.figure5(data, out), ["figure5_ablation"])
+        _check_written(figures.table4_chart(data, out), ["table4_modes"])
     info = pd.DataFrame({"method": ["E2E"] * 3 + ["GLL (R0)"] * 3, "depth_fraction": [0, .5, 1] * 2,
                          "psnr_db": [30, 20, 15, 30, 18, 12], "probe_accuracy": [10, 60, 90, 10, 70, 85],
                          "is_cut": [False, False, False, False, True, False], "dataset": "digits",
                          "arch": "resnet32", "k": [1] * 3 + [2] * 3})
-    _check_written(report.motivation_figure(info, tmp_path / "fig"), ["motivation_information"])
-    _check_written(report.motivation_figure(pd.DataFrame(), tmp_path / "fig-empty"), ["motivation_information"])
+    _check_written(figures.motivation_figure(info, tmp_path / "fig"), ["motivation_information"])
+    _check_written(figures.motivation_figure(pd.DataFrame(), tmp_path / "fig-empty"), ["motivation_information"])
 
 
 # --------------------------------------------------------------------------------------
@@ -262,7 +266,7 @@ def test_headline_mean_sd_and_what_is_beyond_seed_noise(tmp_path):
     assert bool(noise.loc["R1E - R0", "beyond noise"]) and noise.loc["R1E - R0", "difference (points)"] < -15
     assert not bool(noise.loc["E - R0", "beyond noise"])
     assert bool(noise.loc["R0 - E2E", "beyond noise"])
-    paths = report.headline_figure(df, tmp_path / "fig")
+    paths = figures.headline_figure(df, tmp_path / "fig")
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
     # The same verdicts in words, every number from the runs (notebook 04 prints this)
     text = report.headline_text(df).splitlines()
@@ -324,27 +328,150 @@ def test_table_notes_name_the_noise_in_words(tmp_path):
     assert report.table_notes(report.table1(df.iloc[0:0]), df) == ""
 
 
-def test_figure4_keeps_legend_off_the_data_and_labels_apart(tmp_path):
+def _crowded_results(root):
+    """Figure 4's ResNet-32 panel as the quick profile drew it: K=16, K=8 and K=4 of both
+    series within 0.2 MiB of each other, every point within seed noise (E2E over three seeds,
+    sd 3: margin 2·√2·3 = 8.5 points); softmax runs of Figure 5 / Table 4 within noise at
+    K=16, beyond it at K=8."""
+    for seed, e2e in enumerate((12.0, 15.0, 18.0)):
+        write_run(root, dataset="digits8", k=1, mode="R0", final_error=e2e, peak_mb=9.7, paper_mb=15.0, seed=seed)
+    for k, err, mb in ((8, 17.0, 4.0), (4, 14.2, 4.1), (2, 12.4, 5.6)):
+        write_run(root, dataset="digits8", k=k, mode="E", loss="contrast", balanced=True, final_error=err,
+                  peak_mb=mb, paper_mb=mb + 9)
+    for k, err, mb in ((16, 18.0, 4.1), (4, 17.6, 3.9), (8, 10.2, 3.9), (2, 13.0, 7.0)):
+        write_run(root, dataset="digits8", k=k, mode="E", loss="contrast", final_error=err, peak_mb=mb,
+                  paper_mb=mb + 8)
+    for k, r0, e in ((16, 20.0, 18.0), (8, 19.0, 35.0)):
+        write_run(root, dataset="digits8", k=k, mode="R0", final_error=r0, peak_mb=3.0)
+        write_run(root, dataset="digits8", k=k, mode="E", final_error=e, peak_mb=3.5)
+    return runs.collect(root)
+
+
+def _area(a, b) -> float:
+    return max(0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0, min(a.y1, b.y1) - max(a.y0, b.y0))
+
+
+def _drawn_labels(fig, renderer) -> list[tuple]:
+    """(name, box) of every piece of text of `fig` as drawn: titles, notes and point labels,
+    axis labels, the tick labels inside the view, legends."""
+    from matplotlib.transforms import Bbox
+    out = [("suptitle", fig._suptitle)] if fig._suptitle is not None else []
+    out += [("legend", legend) for legend in fig.legends]
+    for i, ax in enumerate(fig.axes):
+        out += [(f"panel {i}: {t.get_text()!r}", t) for t in (ax.title, ax.xaxis.label, ax.yaxis.label, *ax.texts)]
+        out += [(f"panel {i}: legend", ax.get_legend())] if ax.get_legend() else []
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            ticks = zip(axis.get_ticklocs(), axis.get_ticklabels())
+            out += [(f"panel {i}: tick {t.get_text()!r}", t) for loc, t in ticks
+                    if t.get_visible() and lo - 1e-6 * (hi - lo) <= loc <= hi + 1e-6 * (hi - lo)]
+    return [(name, Bbox(artist.get_window_extent(renderer))) for name, artist in out
+            if not hasattr(artist, "get_text") or artist.get_text()]
+
+
+def _drawn_markers(fig) -> list[tuple]:
+    """(panel, box) of every marker of every line and every dot of a scatter/strip plot."""
+    from matplotlib.collections import PathCollection
+    from matplotlib.transforms import Bbox
+    out, px = [], fig.dpi / 72
+    for i, ax in enumerate(fig.axes):
+        for line in ax.get_lines():
+            if line.get_marker() not in (None, "None", "", " "):
+                half = line.get_markersize() / 2 * px
+                out += [(i, Bbox([[x - half, y - half], [x + half, y + half]]))
+                        for x, y in ax.transData.transform(line.get_xydata())]
+        for dots in (c for c in ax.collections if isinstance(c, PathCollection) and len(c.get_offsets())):
+            half = math.sqrt(max(dots.get_sizes())) / 2 * px
+            out += [(i, Bbox([[x - half, y - half], [x + half, y + half]]))
+                    for x, y in ax.transData.transform(dots.get_offsets())]
+    return out
+
+
+def assert_labels_clear(fig):
+    """No label covers another label, a marker or a tick label (as drawn, in pixels); legends
+    sit below the panels."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labels, markers = _drawn_labels(fig, renderer), _drawn_markers(fig)
+    clashes = [(a, b) for i, (a, box) in enumerate(labels) for b, other in labels[i + 1:] if _area(box, other) > 0.5]
+    clashes += [(a, f"a marker of panel {p}") for a, box in labels for p, m in markers if _area(box, m) > 0.5]
+    assert not clashes, clashes
+    assert all(ax.get_legend() is None for ax in fig.axes)
+    for legend in fig.legends:
+        assert all(legend.get_window_extent(renderer).y1 <= ax.get_window_extent(renderer).y0 + 1 for ax in fig.axes)
+
+
+FIGURES = {
+    "figure4": lambda df, out: figures.figure4(df, out, show=True),
+    "figure4-authors": lambda df, out: figures.figure4(df, out, show=True, authors=True),
+    "figure5": lambda df, out: figures.figure5(df, out, show=True),
+    "table4": lambda df, out: figures.table4_chart(df, out, show=True),
+    "headline": lambda df, out: figures.headline_figure(df, out, show=True),
+}
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_no_label_covers_a_label_a_marker_or_a_tick(tmp_path, name):
+    """Issue 22: Figure 4's ResNet-32 labels K=16 and K=4 collided and hid a marker. Every
+    figure, on crowded, noisy, partial and no results."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    for i, df in enumerate((_crowded_results(tmp_path / "crowded"), _noisy_results(tmp_path / "noisy"),
+                            runs.collect(_partial_results(tmp_path / "partial")), runs.collect(tmp_path / "empty"))):
+        FIGURES[name](df, tmp_path / f"fig{i}")
+        assert_labels_clear(plt.gcf())
+        plt.close("all")
+
+
+def test_motivation_figure_labels_clear(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    info = pd.DataFrame({"method": ["E2E"] * 3 + ["GLL (R0)"] * 3, "depth_fraction": [0, .5, 1] * 2,
+                         "psnr_db": [30, 20, 15, 30, 18, 12], "probe_accuracy": [10, 60, 90, 10, 70, 85],
+                         "is_cut": [False, False, False, False, True, False], "dataset": "digits",
+                         "arch": "resnet32", "k": [1] * 3 + [2] * 3})
+    figures.motivation_figure(info, tmp_path, show=True)
+    assert_labels_clear(plt.gcf())
+    plt.close("all")
+
+
+def test_figure_panels_carry_their_computed_noise_note(tmp_path):
+    """Issue 22: a panel within seed noise says so, with the margin computed from the runs'
+    seeds (`noise_margin`); Figure 5 and the Table 4 chart name the K where the modes are
+    within it. Figure 4's ResNet-110 panel keeps its E2E-did-not-train flag."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    df = _crowded_results(tmp_path / "r")
+    margin = report.noise_margin(df)
+    assert margin == pytest.approx(2 * math.sqrt(2) * 3)
+    figures.figure4(df, tmp_path / "fig", show=True)
+    title = " ".join(plt.gcf().axes[0].get_title().split())
+    assert f"noise: points within seed noise ({margin:.1f} points) of each other" in title
+    figures.figure5(df, tmp_path / "fig", show=True)
+    softmax = " ".join(plt.gcf().axes[0].get_title().split())
+    assert softmax == f"softmax noise: modes within seed noise ({margin:.1f} points) of each other at K=16"
+    figures.table4_chart(df, tmp_path / "fig", show=True)
+    assert " ".join(plt.gcf().axes[0].get_title().split()) == \
+        f"noise: modes within seed noise ({margin:.1f} points) of each other at K=16"
+    plt.close("all")
+    noisy = _noisy_results(tmp_path / "n")
+    figures.figure4(noisy, tmp_path / "fig", show=True)
+    assert "noise: E2E did not train" in plt.gcf().axes[1].get_title()
+    figures.figure5(noisy, tmp_path / "fig", show=True)   # R0 70 against E 30 at K=16: far apart
+    assert "modes apart by more than seed noise (2.8 points)" in " ".join(plt.gcf().axes[0].get_title().split())
+    plt.close("all")
+    one_seed = noisy[noisy["seed"] == 0]
+    assert report.spread_note({16: [70.0, 30.0]}, one_seed).startswith("noise unknown")
+    assert report.spread_note({16: [70.0]}, noisy) == ""
+
+
+def test_figure4_notes_in_words(tmp_path):
     df = _noisy_results(tmp_path / "r")
-    notes = report.figure4_notes(df)
+    notes = figures.figure4_notes(df)
     assert notes.splitlines()[1].startswith("ResNet-110: Noise: end-to-end reaches only 75.6 %")
-    report.figure4(df, tmp_path / "fig", show=True)
-    fig = plt.gcf()
-    renderer = fig.canvas.get_renderer()
-    assert all(ax.get_legend() is None for ax in fig.axes) and fig.legends   # one legend, below the panels
-    legend = fig.legends[0].get_window_extent(renderer)
-    for ax in fig.axes:
-        assert legend.y1 <= ax.get_window_extent(renderer).y0 + 1   # nothing of it over an axes
-        boxes = [t.get_window_extent(renderer) for t in ax.texts if t.get_text().startswith(("K=", "E2E"))]
-        assert boxes
-        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
-        frame = ax.get_window_extent(renderer)   # and none spills over the tick labels
-        assert all(frame.x0 - 1 <= b.x0 and b.x1 <= frame.x1 + 1 for b in boxes), [t.get_text() for t in ax.texts]
-    assert "noise: E2E did not train" in fig.axes[1].get_title()
-    plt.close(fig)
 
 
 def test_notebook_02_default_folder_is_named_after_the_run():

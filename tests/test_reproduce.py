@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from contsup.study import experiments, reproduce, runs
+from contsup.study import experiments, grid, kernels, reproduce, runs
 from contsup.cli import main
 
 
@@ -66,7 +66,7 @@ def test_rerun_skips_finished_runs(first_pass, capsys):
 
 
 def test_missing_analysis_notebook_is_skipped_with_a_note(tmp_path, capsys):
-    result = reproduce.run_notebooks(["99_not_written_yet.ipynb"], tmp_path, "smoke", tmp_path / "figures")
+    result = kernels.run_notebooks(["99_not_written_yet.ipynb"], tmp_path, "smoke", tmp_path / "figures")
     assert result[0]["status"] == "missing"
     assert "does not exist yet" in capsys.readouterr().out
 
@@ -88,7 +88,7 @@ def test_finished_run_of_another_config_is_flagged_not_reused(first_pass):
     out, (e2e, _, _), _ = first_pass
     changed = replace(e2e, config=replace(e2e.config, epochs=3))  # e.g. the profile's scaling changed
     before = (e2e.out_dir / "result.json").stat().st_mtime_ns
-    [status] = reproduce.run_all([changed], out, progress=False)
+    [status] = grid.run_all([changed], out, progress=False)
     assert status["status"] == "failed" and "differs in ['epochs']" in status["error"]
     assert (e2e.out_dir / "result.json").stat().st_mtime_ns == before
 
@@ -110,7 +110,7 @@ def test_two_jobs_side_by_side_leave_paths_and_working_directory_alone(tmp_path,
     assert json.loads((tmp_path / "res" / "summary.json").read_text())["done"] == 4
     assert [n["status"] for n in summary["notebooks"]] == ["done", "done"]
     assert list((tmp_path / "figs").glob("*.png"))
-    assert not (reproduce.NOTEBOOKS / "res").exists() and not (reproduce.NOTEBOOKS / "figs").exists()
+    assert not (kernels.NOTEBOOKS / "res").exists() and not (kernels.NOTEBOOKS / "figs").exists()
 
 
 def test_train_jobs_keeps_the_trainers_error_record(tmp_path, capsys):
@@ -132,10 +132,10 @@ DRIVER = """
 import sys
 from dataclasses import replace
 from pathlib import Path
-from contsup.study import experiments, reproduce
+from contsup.study import experiments, kernels, reproduce
 out, notebooks = Path(sys.argv[1]), sys.argv[2]
 if notebooks != "-":
-    reproduce.NOTEBOOKS = Path(notebooks)
+    kernels.NOTEBOOKS = Path(notebooks)
 runs = [replace(r, config=replace(r.config, epochs=2)) for r in experiments.expand("motivation", "smoke", out)[:2]]
 summary = reproduce.reproduce("smoke", out, runs=runs, notebook_per="run", analysis=False, progress=False,
                               devices="cpu", jobs=1)
@@ -162,12 +162,12 @@ def two_epoch_runs(out):
 def gated_notebooks(folder):
     """A copy of 02_train.ipynb whose runs stop before their second evaluation until the file
     $CONTSUP_TEST_GATE exists: a run that is surely still training when the test acts."""
-    nb = json.loads((reproduce.NOTEBOOKS / reproduce.TRAIN_NOTEBOOK).read_text())
+    nb = json.loads((kernels.NOTEBOOKS / kernels.TRAIN_NOTEBOOK).read_text())
     at = next(i for i, c in enumerate(nb["cells"]) if "parameters" in c.get("metadata", {}).get("tags", []))
     nb["cells"].insert(at + 1, {"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [],
                                 "source": GATE_CELL})
     folder.mkdir()
-    (folder / reproduce.TRAIN_NOTEBOOK).write_text(json.dumps(nb))
+    (folder / kernels.TRAIN_NOTEBOOK).write_text(json.dumps(nb))
     return folder
 
 
@@ -284,8 +284,8 @@ def test_sigterm_while_waiting_for_another_process_ends_the_wait(tmp_path, monke
     from contsup.runlock import run_lock
     [held] = experiments.expand("table1", "smoke", tmp_path)[:1]
     waiting = threading.Event()
-    monkeypatch.setattr(reproduce, "execute", lambda *args: pytest.fail("a held run was handed to a notebook"))
-    monkeypatch.setattr(reproduce.tqdm, "write", lambda line: waiting.set())  # "waiting for <run>: ..."
+    monkeypatch.setattr(kernels, "execute", lambda *args: pytest.fail("a held run was handed to a notebook"))
+    monkeypatch.setattr(grid.tqdm, "write", lambda line: waiting.set())  # "waiting for <run>: ..."
 
     def terminate_once_waiting():
         waiting.wait()

@@ -14,7 +14,7 @@ import pytest
 
 from contsup import jsonio
 from contsup.runlock import run_lock
-from contsup.study import experiments, reproduce
+from contsup.study import experiments, grid, kernels, reproduce
 from contsup.cli import main
 
 
@@ -24,24 +24,24 @@ def registry(request, tmp_path_factory):
     `reproduce`, whose counting takes minutes on a CPU; a partition is a partition whatever
     the costs, so the proxy stands in here."""
     runs = experiments.expand_all(request.param, tmp_path_factory.mktemp(request.param))
-    return runs, {r.name: float(reproduce.proxy_cost(r.config)) for r in runs}
+    return runs, {r.name: float(grid.proxy_cost(r.config)) for r in runs}
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
 def test_shards_partition_the_runs_and_are_balanced(registry, count):
     runs, cost = registry
-    parts = [reproduce.shard_runs(runs, i, count, cost) for i in range(1, count + 1)]
+    parts = [grid.shard_runs(runs, i, count, cost) for i in range(1, count + 1)]
     names = [r.name for part in parts for r in part]
     assert sorted(names) == sorted(r.name for r in runs) and len(set(names)) == len(runs)
     totals = [sum(cost[r.name] for r in part) for part in parts]
     assert max(totals) - min(totals) <= max(cost.values())  # dealt 1..N, N..1: within one run
     shuffled = random.Random(count).sample(runs, len(runs))  # the same parts whatever the order
-    assert [reproduce.shard_runs(shuffled, i, count, cost) for i in range(1, count + 1)] == parts
+    assert [grid.shard_runs(shuffled, i, count, cost) for i in range(1, count + 1)] == parts
 
 
 def test_queue_hands_out_longest_first_in_shrinking_chunks(registry):
     runs, cost = registry
-    queue = reproduce._Queue(runs, cost, slots=2, per_run=False)
+    queue = grid.RunQueue(runs, cost, slots=2, per_run=False)
     chunks = []
     while (batch := queue.take()[1]):
         chunks.append(batch)
@@ -49,16 +49,16 @@ def test_queue_hands_out_longest_first_in_shrinking_chunks(registry):
     assert order == [r.name for r in sorted(runs, key=lambda r: (-cost[r.name], r.name))]
     assert len(chunks[-1]) == 1 and cost[chunks[-1][0].name] == min(cost.values())
     assert len(chunks[0]) > 1 and len(chunks) < len(runs) / 2  # far fewer kernel starts than runs
-    one_slot = reproduce._Queue(runs, cost, slots=1, per_run=False)
+    one_slot = grid.RunQueue(runs, cost, slots=1, per_run=False)
     assert len(one_slot.take()[1]) == len(runs) and one_slot.take()[1] == []
-    per_run = reproduce._Queue(runs, cost, slots=2, per_run=True)
+    per_run = grid.RunQueue(runs, cost, slots=2, per_run=True)
     assert [len(per_run.take()[1]) for _ in range(3)] == [1, 1, 1]
 
 
 def test_devices_become_slots():
-    assert reproduce.parse_devices("cpu", "quick", 3) == ["cpu"] * 3
-    assert reproduce.parse_devices("cpu", "paper") == ["cpu"]
-    assert reproduce.parse_devices(["cpu", "cpu"], "smoke", 1) == ["cpu", "cpu"]
+    assert grid.parse_devices("cpu", "quick", 3) == ["cpu"] * 3
+    assert grid.parse_devices("cpu", "paper") == ["cpu"]
+    assert grid.parse_devices(["cpu", "cpu"], "smoke", 1) == ["cpu", "cpu"]
 
 
 @pytest.mark.parametrize("argv,hint", [
@@ -85,13 +85,13 @@ def test_failing_run_does_not_stop_the_other_slots(tmp_path):
     """Two CPU slots, one notebook per run; the costliest run (taken first) is broken (CIFAR-10
     in an empty data folder, which only train() finds out): every other run is still trained."""
     good = experiments.expand("table1", "smoke", tmp_path)[:3]
-    costliest = max(good, key=lambda r: reproduce.proxy_cost(r.config))
+    costliest = max(good, key=lambda r: grid.proxy_cost(r.config))
     cfg = replace(costliest.config, dataset="cifar10", data_root=str(tmp_path / "no-data"),
                   out_dir=str(tmp_path / "runs" / "broken"))
     broken = experiments.Run("table1", "broken", cfg, "cifar10", "resnet32")
-    costs = {r.name: reproduce.proxy_cost(r.config) for r in good + [broken]}
+    costs = {r.name: grid.proxy_cost(r.config) for r in good + [broken]}
     assert costs["broken"] == max(costs.values())
-    rows = reproduce.run_all(good + [broken], tmp_path, notebook_per="run", progress=False,
+    rows = grid.run_all(good + [broken], tmp_path, notebook_per="run", progress=False,
                              slots=["cpu", "cpu"])
     status = {r["name"]: r for r in rows}
     assert status["broken"]["status"] == "failed" and "cifar10" in status["broken"]["error"]
@@ -137,10 +137,10 @@ def test_gpu_slots_see_only_their_gpu_and_data_is_downloaded_once(tmp_path, monk
     cuda:0), and every paper run downloaded into one data folder at once. Four fake GPUs, of
     which this process sees physical 1,3,5,7 (as SLURM sets CUDA_VISIBLE_DEVICES); a fake
     executor records what each notebook process would get."""
-    monkeypatch.setattr(reproduce.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(grid.torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3,5,7")
-    assert reproduce.parse_devices("auto", "paper") == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
-    slots = reproduce.parse_devices("cuda:1,cuda:2", "paper", 2)
+    assert grid.parse_devices("auto", "paper") == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    slots = grid.parse_devices("cuda:1,cuda:2", "paper", 2)
     assert slots == ["cuda:1", "cuda:2", "cuda:1", "cuda:2"]
     downloads, executed = [], {}
 
@@ -154,15 +154,15 @@ def test_gpu_slots_see_only_their_gpu_and_data_is_downloaded_once(tmp_path, monk
             (Path(cfg["out_dir"]) / "result.json").write_text(json.dumps({"train_seconds": 1.0}))
         return None
 
-    monkeypatch.setattr(reproduce.data, "download", fake_download)
-    monkeypatch.setattr(reproduce, "execute", fake_execute)
+    monkeypatch.setattr(grid.data, "download", fake_download)
+    monkeypatch.setattr(kernels, "execute", fake_execute)
     data = tmp_path / "data"
 
     def cifar_runs(folder):
         return [replace(r, config=replace(r.config, dataset="cifar10", download=True, data_root=str(data)))
                 for r in experiments.expand("table1", "smoke", tmp_path / folder)]
 
-    rows = reproduce.run_all(cifar_runs("first"), tmp_path, notebook_per="run", progress=False, slots=slots)
+    rows = grid.run_all(cifar_runs("first"), tmp_path, notebook_per="run", progress=False, slots=slots)
     assert downloads == [("cifar10", str(data))]  # once, for all runs and slots
     assert [r["status"] for r in rows] == ["done"] * 4
     for row in rows:
@@ -171,13 +171,13 @@ def test_gpu_slots_see_only_their_gpu_and_data_is_downloaded_once(tmp_path, monk
         assert cfg["device"] == "cuda"  # the only GPU its process sees
         assert row["gpu"] == {"cuda:1": 3, "cuda:2": 5}[row["device"]]  # the physical GPU
         assert env["CUDA_VISIBLE_DEVICES"] == str(row["gpu"])
-    rows = reproduce.run_all(cifar_runs("second"), tmp_path, notebook_per="run", progress=False, slots=slots)
+    rows = grid.run_all(cifar_runs("second"), tmp_path, notebook_per="run", progress=False, slots=slots)
     assert [r["status"] for r in rows] == ["done"] * 4 and len(downloads) == 1  # present: not fetched again
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # nothing set: cuda:N is physical GPU N
-    env, gpu, device = reproduce.slot_environment("cuda:2", None)
+    env, gpu, device = grid.slot_environment("cuda:2", None)
     assert (env["CUDA_VISIBLE_DEVICES"], gpu, device) == ("2", 2, "cuda")
-    env, gpu, device = reproduce.slot_environment("cpu", None)
+    env, gpu, device = grid.slot_environment("cpu", None)
     assert (gpu, device) == (None, "cpu") and "CUDA_VISIBLE_DEVICES" not in env
 
 
@@ -199,15 +199,15 @@ def test_a_run_another_process_holds_is_waited_for_not_trained(tmp_path, monkeyp
         with run_lock(held.out_dir):
             locked.set()
             release.wait()
-            result = {"train_seconds": 2.0, "config": reproduce._notebook_config(held.config)}
+            result = {"train_seconds": 2.0, "config": grid.notebook_config(held.config)}
             (held.out_dir / "result.json").write_text(json.dumps(result))
 
-    monkeypatch.setattr(reproduce, "execute", fake_execute)
+    monkeypatch.setattr(kernels, "execute", fake_execute)
     thread = threading.Thread(target=writer)
     thread.start()
     locked.wait()
     cost = {held.name: 2.0, free.name: 1.0}  # the held run first: it is passed over, the other one trained
-    rows = reproduce.run_all([held, free], tmp_path, notebook_per="run", progress=False, cost=cost)
+    rows = grid.run_all([held, free], tmp_path, notebook_per="run", progress=False, cost=cost)
     thread.join()
     status = {r["name"]: r for r in rows}
     assert executed == [free.name]

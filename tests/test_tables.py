@@ -1,4 +1,4 @@
-"""One test per paper table (SPEC §3-§5, §8): the data in tables.py means what SPEC says."""
+"""One test per paper table (METHOD §3-§5, §8): the data in tables.py means what METHOD.md says."""
 import math
 
 import pytest
@@ -98,7 +98,7 @@ def test_backbone_parameter_counts(arch):
 
 def test_mode_lists_are_the_papers():
     """Table 1 / Figure 5 compare no context, the image, the last module's input and both;
-    Table 4 lengthens the residual context R1..R16 (SPEC §6). Every entry is a valid mode at
+    Table 4 lengthens the residual context R1..R16 (METHOD §6). Every entry is a valid mode at
     K=16, and Table 4's residual lengths double."""
     from contsup.model import parse_mode
     assert tables.ABLATION_MODES == ("R0", "E", "R1", "R1E")

@@ -7,7 +7,8 @@ Local learning needs no gradient across a cut, so only activations flow: rank r 
 modules, their heads and decoders, and the context encoders of the cuts that feed its
 modules (`module_of`), runs forward + local loss + backward for them (step.module_step) and
 steps its own optimizer. Processing the batches in order (a FIFO pipeline) gives exactly
-the single-process result of train.train, bit for bit; world size 1 runs the same code.
+the single-process result of train.train, bit for bit at the same thread count per process
+(on CUDA only under --deterministic); world size 1 runs the same code.
 
 Reading order, one concern per file: `split` (the stage split, by measured per-module
 step time; `describe --stages` by counted FLOPs), `messages` (what a rank owns, what each

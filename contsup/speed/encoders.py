@@ -13,7 +13,10 @@ while training:
 - `plain` puts the autograd `nn.Sequential` back (the reference).
 
 Each way computes the same function: tests/test_performance.py compares outputs, every
-gradient and BN's running statistics with the plain encoders in float64.
+gradient and BN's running statistics with the plain encoders in float64. Under autocast
+(train --bf16) lean and fused make autocast's casts themselves -- convolutions and
+activations in bfloat16, BN's parameters and statistics in float32 -- and so keep their
+memory; tests/test_encoders_bf16.py holds them as close to float32 as plain under bf16.
 
 An encoder is a chain of conv+BN+ReLU layers followed by an adaptive average pool. Plain
 autograd saves, per layer, the conv output (for BN) and the ReLU output (for ReLU and the
@@ -48,6 +51,12 @@ from ..model import ContextSupply, ImageEncoder, ResidualEncoder
 SHAPE = (1, -1, 1, 1)
 
 
+def _stats_dtype(t):
+    """The dtype BN statistics of `t` are summed in: float32 at least (a bfloat16 z's mean and
+    variance in float32, as BatchNorm keeps them under autocast), float64 kept."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 def _bn_momentum(bn: nn.BatchNorm2d):
     """Count one training step of `bn` and return this step's running-stat factor (as
     F.batch_norm does); None when `bn` keeps no running statistics."""
@@ -73,7 +82,7 @@ def _bn_train_stats(z_of, n: int, step: int, bn: nn.BatchNorm2d):
     for s in range(0, n, step):
         z = z_of(s)
         c = z.numel() // z.shape[1]
-        m = z.sum((0, 2, 3)) / c
+        m = z.sum((0, 2, 3), dtype=_stats_dtype(z)) / c
         q = (z - m.view(SHAPE)).square_().sum((0, 2, 3))
         delta = m - mean
         mean = mean + delta * (c / (count + c))
@@ -87,15 +96,15 @@ def _bn_train_stats_1x1(h, weight, step: int, bn: nn.BatchNorm2d):
     """The same for z = conv1x1(h) without computing z: its channel means are W mu and its
     variances the diagonal of W Sigma W^T, from the mean mu and covariance Sigma of h's
     channels (centred, chunk by chunk). h has fewer channels than z and no conv is run."""
-    c_in, n = h.shape[1], h.shape[0]
+    c_in, n, acc = h.shape[1], h.shape[0], _stats_dtype(h)
     count = h.numel() // c_in
-    mu = h.sum((0, 2, 3)) / count
-    cov = h.new_zeros(c_in, c_in)
+    mu = h.sum((0, 2, 3), dtype=acc) / count
+    cov = h.new_zeros(c_in, c_in, dtype=acc)
     for s in range(0, n, step):
         hc = (h[s:s + step] - mu.view(SHAPE)).transpose(0, 1).reshape(c_in, -1)
         cov.addmm_(hc, hc.t())
         del hc
-    w = weight.view(weight.shape[0], c_in)
+    w = weight.view(weight.shape[0], c_in).to(acc)
     var = ((w @ cov) * w).sum(1).clamp_(min=0) / count
     return _bn_batch_stats(bn, w @ mu, var, count)
 
@@ -135,9 +144,10 @@ _SAVED = ("weight", "gamma", "beta", "z", "mean", "invstd")
 
 
 def _bn_relu(z, layer: _Layer):
-    """relu(batch_norm(z)) with the layer's batch statistics, as a new tensor."""
+    """relu(batch_norm(z)) with the layer's batch statistics, as a new tensor of z's dtype."""
     scale = layer.invstd * layer.gamma
-    return torch.addcmul((layer.beta - layer.mean * scale).view(SHAPE), z, scale.view(SHAPE)).relu_()
+    shift = layer.beta - layer.mean * scale
+    return torch.addcmul(shift.to(z.dtype).view(SHAPE), z, scale.to(z.dtype).view(SHAPE)).relu_()
 
 
 def _relu_backward_(g, relu_out):
@@ -154,10 +164,15 @@ def _bn_reductions(g, z, layer: _Layer):
 
 def _bn_input_grad_(g, z, layer: _Layer, g_weight, g_bias, count: int):
     """dL/dz of BatchNorm (training) from g = dL/d(output), written into g:
-    invstd * weight * (g - mean(g) - x_hat * mean(g * x_hat)), as g*k1 + z*k2 + k3."""
+    invstd * weight * (g - mean(g) - x_hat * mean(g * x_hat)), as g*k1 + z*k2 + k3. A g in a
+    narrower dtype than the statistics (bfloat16 under autocast) is computed in theirs and
+    rounded once, as BatchNorm's own backward does (three in-place roundings would add
+    about as much error again as bf16's own)."""
     k1 = layer.invstd * layer.gamma
     k2 = -k1 * layer.invstd * g_weight / count
     k3 = -k1 * g_bias / count - k2 * layer.mean
+    if g.dtype != k1.dtype:
+        return g.copy_(torch.addcmul(k3.view(SHAPE), z, k2.view(SHAPE)).addcmul_(g, k1.view(SHAPE)))
     return g.mul_(k1.view(SHAPE)).addcmul_(z, k2.view(SHAPE)).add_(k3.view(SHAPE))
 
 
@@ -222,7 +237,7 @@ class _EncoderChainFn(torch.autograd.Function):
                 z = _conv(conv, h, w)
                 z_of = lambda s: z[s:s + step]  # noqa: E731
                 last.mean, last.invstd = _bn_train_stats(z_of, B, step, last.bn)
-            gamma, beta = last.gamma.view(SHAPE), last.beta.view(SHAPE)
+            gamma, beta = last.gamma.to(h.dtype).view(SHAPE), last.beta.to(h.dtype).view(SHAPE)
             pooled_stats = side < h.shape[-1]
             parts = ([], [], [])
             for s in range(0, B, step):
@@ -320,11 +335,16 @@ def _lean_last_layer(ctx, last, h_in, g_out, pooled: tuple, need_in: bool):
     return g_h, g_w, g_gamma, g_beta
 
 
-def encoder_chain(x, layers, side: int, lean: bool = False, chunks: int = 8):
+def encoder_chain(x, layers, side: int, lean: bool = False, chunks: int = 8, dtype=None):
     """adaptive_avg_pool(relu(bn(conv(... x ...))), side) over `layers` = [(conv, bn), ...],
     training mode, with fewer saved activations (see above); `lean` recomputes the last conv
-    in the backward in `chunks` slices of the batch."""
-    params = [p for conv, bn in layers for p in (conv.weight, bn.weight, bn.bias)]
+    in the backward in `chunks` slices of the batch. `dtype` (autocast's, e.g. bfloat16; run
+    with autocast off): the convolutions and the activations in it, as autocast runs a
+    plain encoder; BN's parameters, statistics and gradients stay float32."""
+    if dtype is not None:
+        x = x.to(dtype)
+    params = [p for conv, bn in layers for p in (conv.weight if dtype is None else conv.weight.to(dtype),
+                                                  bn.weight, bn.bias)]
     return _EncoderChainFn.apply(x, layers, side, lean, chunks, *params)
 
 
@@ -353,8 +373,9 @@ def pool_to_backward(g, like):
 
 class EncoderChain(nn.Sequential):
     """A plain encoder's blocks (conv+BN+ReLU ..., then the pool) under the same names, run
-    by `encoder_chain` while training with gradients on; otherwise block by block, as the
-    plain encoder (autocast included: autograd handles its casts)."""
+    by `encoder_chain` while training with gradients on (under autocast too: the casts it
+    would make, made by `encoder_chain`, so that lean and fused keep their memory in bf16);
+    otherwise block by block, as the plain encoder."""
 
     def __init__(self, plain: nn.Sequential, lean: bool):
         super().__init__(*plain)
@@ -365,12 +386,15 @@ class EncoderChain(nn.Sequential):
     def forward(self, x):
         layers_and_pool = list(self)
         layers = [(block[0], block[1]) for block in layers_and_pool if isinstance(block, nn.Sequential)]
-        if not (self.training and torch.is_grad_enabled()) or torch.is_autocast_enabled(x.device.type) \
-                or not all(bn.training for _, bn in layers):
+        if not (self.training and torch.is_grad_enabled()) or not all(bn.training for _, bn in layers):
             for block in layers_and_pool[:-1]:
                 x = block(x)
             return pool_to(x, self.side)
-        return encoder_chain(x, layers, self.side, lean=self.lean)
+        kind = x.device.type
+        if not torch.is_autocast_enabled(kind):
+            return encoder_chain(x, layers, self.side, lean=self.lean)
+        with torch.autocast(kind, enabled=False):
+            return encoder_chain(x, layers, self.side, lean=self.lean, dtype=torch.get_autocast_dtype(kind))
 
 
 CONTEXT_IMPLS = ("lean", "fused", "plain")

@@ -49,9 +49,10 @@ CUBLAS_WORKSPACE_CONFIG = ":4096:8"
 def use_deterministic(on: bool) -> None:
     """Deterministic kernels, process-wide (the run's config decides, on or off):
     torch.use_deterministic_algorithms, cudnn.deterministic, and cudnn.benchmark off (its
-    timing picks algorithms by the clock). On a CPU the trainer is bit for bit without it;
-    on CUDA, atomics-based kernels (convolution backward algorithms, index/scatter sums)
-    make two runs, or a run and its resume, differ in the last bits unless it is on.
+    timing picks algorithms by the clock). On a CPU the trainer is bit for bit without it (at
+    the same thread count and versions); on CUDA, atomics-based kernels (convolution
+    backward algorithms, index/scatter sums) make two runs, or a run and its resume, differ
+    in the last bits unless it is on.
 
     cuBLAS needs CUBLAS_WORKSPACE_CONFIG=:4096:8 before its first call in the process: the
     CLI (`cli.cmd_train`) sets it before anything touches CUDA, and this function sets it

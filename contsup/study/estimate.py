@@ -310,7 +310,7 @@ def check_assumptions(utilisation: float, peak_tflops: float | None, precision: 
 
 
 def estimate(profile: str = "paper", only: list[str] | None = None, utilisation: float = UTILISATION,
-             peak_tflops: float | None = None, precision: str | None = None, progress: bool = False,
+             peak_tflops: float | None = None, precision: str | None = None, *, progress: bool = False,
              calibrate: bool = False) -> dict:
     """FLOPs and GPU-hours of the runs of `profile` (groups `only`, all by default).
 
@@ -337,13 +337,7 @@ def estimate(profile: str = "paper", only: list[str] | None = None, utilisation:
         cfg = run.config
         flops = run_flops(cfg)
         n_train, n_test = dataset_sizes(cfg)
-        if calibration is None:
-            prec = run_precision(cfg, precision)
-            peak = peak_tflops or PEAK_TFLOPS[prec]
-            rate = {"precision": prec, "peak_tflops": peak, "gpu_hours": gpu_hours(flops, peak, utilisation)}
-        else:
-            measured = calibration["archs"][cfg.arch]["flops_per_s"]
-            rate = {"measured_tflops": measured / 1e12, "gpu_hours": flops / measured / 3600}
+        rate = _rate(cfg, flops, calibration, utilisation, peak_tflops, precision)
         rows[run.name] = {
             "name": run.name, "groups": [g for g, ns in names.items() if run.name in ns],
             "epochs": cfg.epochs, "batch_size": cfg.batch_size, "train_images": n_train, "test_images": n_test,
@@ -358,23 +352,39 @@ def estimate(profile: str = "paper", only: list[str] | None = None, utilisation:
                 "gpu_hours": sum(rows[n]["gpu_hours"] for n in run_names)}
 
     groups = [{"group": g, "description": experiments.GROUPS[g], **summary(ns)} for g, ns in names.items()]
+    return {"profile": profile, "assumptions": _assumptions(rows, calibration, utilisation), "groups": groups,
+            "total": summary(list(rows)), "runs": list(rows.values())}
+
+
+def _rate(cfg, flops: float, calibration: dict | None, utilisation: float, peak_tflops: float | None,
+          precision: str | None) -> dict:
+    """How fast a run's FLOPs go, and its GPU-hours: peak x utilisation, or the rate
+    `calibration` measured for its arch."""
+    if calibration is None:
+        prec = run_precision(cfg, precision)
+        peak = peak_tflops or PEAK_TFLOPS[prec]
+        return {"precision": prec, "peak_tflops": peak, "gpu_hours": gpu_hours(flops, peak, utilisation)}
+    measured = calibration["archs"][cfg.arch]["flops_per_s"]
+    return {"measured_tflops": measured / 1e12, "gpu_hours": flops / measured / 3600}
+
+
+def _assumptions(rows: dict, calibration: dict | None, utilisation: float) -> dict:
+    """What the estimate assumed: the device, precision, peak and utilisation (or the
+    calibration), and what its FLOPs count."""
     counted = ("conv + matmul FLOPs (torch.utils.flop_counter's formulas) of every training step (forward + "
                "backward, all K modules, heads, context encoders, decoders) and one test-set forward per epoch")
-    if calibration is None:
-        precisions = sorted({r["precision"] for r in rows.values()})
-        peaks = sorted({r["peak_tflops"] for r in rows.values()})
-        assumptions = {
-            "device": DEVICE,
-            "precision": precisions[0] if len(precisions) == 1 else "per run",
-            "peak_tflops": peaks[0] if len(peaks) == 1 else "per run",
-            "utilisation": utilisation,
-            "utilisation_basis": UTILISATION_BASIS if utilisation == UTILISATION else "the caller's (--utilisation), not the default",
-            "counted": counted,
-        }
-    else:
-        assumptions = {"device": calibration["device"], "calibration": calibration, "counted": counted}
-    return {"profile": profile, "assumptions": assumptions, "groups": groups, "total": summary(list(rows)),
-            "runs": list(rows.values())}
+    if calibration is not None:
+        return {"device": calibration["device"], "calibration": calibration, "counted": counted}
+    precisions = sorted({r["precision"] for r in rows.values()})
+    peaks = sorted({r["peak_tflops"] for r in rows.values()})
+    return {
+        "device": DEVICE,
+        "precision": precisions[0] if len(precisions) == 1 else "per run",
+        "peak_tflops": peaks[0] if len(peaks) == 1 else "per run",
+        "utilisation": utilisation,
+        "utilisation_basis": UTILISATION_BASIS if utilisation == UTILISATION else "the caller's (--utilisation), not the default",
+        "counted": counted,
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -474,15 +484,20 @@ def _group_rows(result: dict):
 
 
 def format_table(result: dict) -> str:
-    """The plain-text table `python -m contsup estimate` prints."""
+    """The plain-text table `python -m contsup estimate` prints; every column as wide as its
+    widest entry (a long group name keeps the columns aligned)."""
     total = result["total"]
+    rows = [("group", "runs", "PFLOPs", "GPU-hours")]
+    rows += [(g, str(n), f"{p:.2f}", f"{h:.3f}") for g, n, p, h in _group_rows(result)]
+    rows.append(("total", str(total["runs"]), f"{total['pflops']:.2f}", f"{total['gpu_hours']:.3f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    line = lambda row: "  ".join([row[0].ljust(widths[0])]  # noqa: E731
+                                 + [v.rjust(w) for v, w in zip(row[1:], widths[1:])])
+    rule = "-" * (sum(widths) + 2 * 3)
     lines = [f"profile {result['profile']}: GPU-hours of every run, FLOPs counted on the CPU",
-             f"{'group':<12}{'runs':>6}{'PFLOPs':>12}{'GPU-hours':>12}"]
-    lines += [f"{g:<12}{n:>6}{p:>12.2f}{h:>12.3f}" for g, n, p, h in _group_rows(result)]
-    lines.append("-" * 42)
-    lines.append(f"{'total':<12}{total['runs']:>6}{total['pflops']:>12.2f}{total['gpu_hours']:>12.3f}")
-    lines.append("(a run two groups share is in both groups' rows and once in the total)")
-    lines.append(assumptions_line(result))
+             *map(line, rows[:-1]), rule, line(rows[-1]),
+             "(a run two groups share is in both groups' rows and once in the total)",
+             assumptions_line(result)]
     return "\n".join(lines)
 
 

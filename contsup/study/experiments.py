@@ -1,10 +1,10 @@
-"""The experiment registry: every run of SPEC §6 as named groups, under three profiles.
+"""The experiment registry: every run of METHOD §6 as named groups, under three profiles.
 
 A *group* (`GROUPS`) lists the runs one table or figure of the paper needs, as the paper
 states them (dataset, arch, K, context mode, local loss, reconstruction, balanced cuts).
 A *profile* decides how each run is trained:
 
-- `paper`: the recipe of SPEC §5 on the paper's datasets: 160 epochs (10 warm-up), SGD
+- `paper`: the recipe of METHOD §5 on the paper's datasets: 160 epochs (10 warm-up), SGD
   Nesterov, cosine schedule, the dataset's batch size and learning rate
   (`tables.DATA_RECIPES`: CIFAR-10/SVHN 1024 / 0.8, STL-10 128 / 0.1). Datasets are
   downloaded on first use.
@@ -36,7 +36,7 @@ from ..model import parse_mode
 from ..train import TrainConfig
 
 # --------------------------------------------------------------------------------------
-# Groups (SPEC §6)
+# Groups (METHOD §6)
 GROUPS = {
     "e2e": "End-to-end (K=1) baselines: ResNet-32 CIFAR-10, ResNet-110 CIFAR-10/SVHN/STL-10",
     "table1": f"Table 1: ResNet-32 CIFAR-10 K=16 softmax, modes {'/'.join(tables.ABLATION_MODES)}",

@@ -1,4 +1,4 @@
-"""The motivation study (SPEC §1, §6): how much a trained network's hidden features h still
+"""The motivation study (METHOD §1, §6): how much a trained network's hidden features h still
 know about the input x and the label y, layer by layer.
 
 Greedy local learning is said to throw information about x away layer after layer faster

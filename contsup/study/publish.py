@@ -4,10 +4,15 @@
 01, 03 and 04 in `<out>/notebooks/`, plus 00 and 02 executed now with their own defaults,
 are written back to `notebooks/`, so that a reader sees figures and numbers on GitHub.
 
-Each copy loses what papermill added: the `injected-parameters` cell (so the stored
-`parameters` cell, with its small defaults, is again what runs first under nbval) and
-papermill's metadata. nbval re-runs the notebooks with those defaults and compares only
-the cells marked `# NBVAL_CHECK_OUTPUT`, which print nothing that depends on the profile.
+Each copy keeps papermill's `injected-parameters` cell, so that a reader sees the values that
+produced the outputs (`profile = "quick"`, the results folder) right under the `parameters`
+cell's small defaults; its paths are written relative to the notebook's folder, and a comment
+says where it came from. The cell is tagged `nbval-skip`: nbval re-runs the stored notebooks
+top to bottom in the tests, and with that cell skipped it runs them with the `parameters`
+cell's smoke defaults, in the time the tests allow, without a results folder that a fresh
+clone lacks, and without writing into `figures/`. nbval compares only the cells marked
+`# NBVAL_CHECK_OUTPUT`, which print nothing that depends on the profile. Papermill's
+bookkeeping metadata is dropped.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from pathlib import Path
 from ..errors import UsageError
 
 MAX_BYTES = 2_000_000            # a notebook GitHub renders without trouble
-RUN_NOW = ("00_walkthrough.ipynb", "02_train.ipynb")          # executed with their defaults
+RUN_NOW = ("00_walkthrough.ipynb", "02_train.ipynb")          # executed with their defaults (nothing injected)
 FROM_REPRODUCE = ("01_information_motivation.ipynb", "03_tables.ipynb", "04_figures.ipynb")
 
 
@@ -29,10 +34,29 @@ def _relative(text, root: str):
     return text.replace(root + "/", "").replace(root, ".") if isinstance(text, str) else text
 
 
+INJECTED = "injected-parameters"      # papermill's tag of the cell it adds after `parameters`
+SKIP = "nbval-skip"                   # nbval's tag of a cell it does not run
+INJECTED_NOTE = ("# Injected by papermill when `make demo` ran this notebook: the values that produced\n"
+                 "# the outputs below. The tests (nbval) skip this cell and run the defaults above.\n")
+
+
+def _injected(cell: dict, root: str | None) -> dict:
+    """Papermill's injected-parameters cell as published: tagged nbval-skip, with a note on
+    where it came from, its paths relative to the notebook's folder (`root`/notebooks)."""
+    source = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+    if root:
+        source = source.replace(root + "/", "../").replace(root, "..")
+    tags = cell["metadata"]["tags"]
+    source = source if source.startswith(INJECTED_NOTE) else INJECTED_NOTE + source
+    return {**cell, "source": source.splitlines(keepends=True),
+            "metadata": {**cell["metadata"], "tags": tags + [SKIP] * (SKIP not in tags)}}
+
+
 def clean(nb: dict, root: str | None = None) -> dict:
-    """The notebook without papermill's injected parameters and bookkeeping metadata (and,
-    given the checkout's `root`, without that path in its text outputs)."""
-    cells = [c for c in nb["cells"] if "injected-parameters" not in c.get("metadata", {}).get("tags", [])]
+    """The notebook with papermill's injected parameters kept for the reader (but skipped by
+    nbval) and its bookkeeping metadata dropped; given the checkout's `root`, without that
+    path in its text outputs and injected parameters."""
+    cells = [_injected(c, root) if INJECTED in c.get("metadata", {}).get("tags", []) else c for c in nb["cells"]]
     for c in cells:
         c.get("metadata", {}).pop("papermill", None)
         c.get("metadata", {}).pop("execution", None)

@@ -1,8 +1,9 @@
-"""Tables and figures of the paper from finished run folders (SPEC §6, §7).
+"""Tables of the paper from finished run folders, and their notes in words (METHOD §6, §7).
 
     collect(results_dir)           -> one row per finished run (config + result fields)
     table1..table4(df)             -> the paper's tables: ours | published reference | ContSup paper
-    figure4 / figure5 / table4_chart / motivation_figure(..., figures_dir) -> written PNG+PDF paths
+    table_notes, headline_text    -> which entries are noise, in words, from the runs' seeds
+(the figures are drawn by `figures`)
 
 Everything is read from `<results_dir>/runs/<name>/{config.json, result.json}`; the config
 says what was trained. Runs of the quick/smoke profiles train a stand-in data set (digits)
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +50,7 @@ def inventory(df: pd.DataFrame) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------------------
 # Selecting and aggregating
-def _sel(df: pd.DataFrame, **where) -> pd.DataFrame:
+def select(df: pd.DataFrame, **where) -> pd.DataFrame:
     mask = pd.Series(True, index=df.index)
     for key, value in where.items():
         if isinstance(value, (list, tuple, set)):
@@ -58,7 +60,7 @@ def _sel(df: pd.DataFrame, **where) -> pd.DataFrame:
     return df[mask]
 
 
-def _mean(df: pd.DataFrame, metric: str) -> float:
+def mean_of(df: pd.DataFrame, metric: str) -> float:
     values = pd.to_numeric(df[metric], errors="coerce").dropna()
     return float(values.mean()) if len(values) else np.nan
 
@@ -72,7 +74,7 @@ def _pick_arch(df: pd.DataFrame, want: str, arch: str | None) -> str:
 
 
 def reference_label(dataset: str | None, paper_dataset: str, arch: str) -> str:
-    """Column label of the InfoPro numbers (SPEC §7): comparable only on the paper's data."""
+    """Column label of the InfoPro numbers (METHOD §7): comparable only on the paper's data."""
     setting = f"{DATASET_NAMES[paper_dataset]} {ARCH_NAMES.get(arch, arch)}"
     if dataset == paper_dataset:
         return f"InfoPro paper ({setting})"
@@ -129,15 +131,15 @@ def table1(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_er
     end-to-end and greedy SL (= R0) numbers."""
     dataset = pick_dataset(df, "cifar10", dataset)
     arch, ref, ours = "resnet32", reference_label(dataset, "cifar10", "resnet32"), ours_label(dataset)
-    base = _sel(df, dataset=dataset, arch=arch, reconstruct=False, balanced=False)
+    base = select(df, dataset=dataset, arch=arch, reconstruct=False, balanced=False)
     columns = [(ours, "test error (%)"), (ours, "best error (%)"), (ours, "peak activation (MiB)"),
                (ours, "context params"), (ref, "test error (%)"), (CONTSUP_SLOT, "test error (%)")]
     rows = {}
     for mode in ("E2E", *tables.ABLATION_MODES):
-        sel = _sel(base, k=1) if mode == "E2E" else _sel(base, k=16, mode=mode, loss="softmax")
+        sel = select(base, k=1) if mode == "E2E" else select(base, k=16, mode=mode, loss="softmax")
         ref_method = {"E2E": "E2E", "R0": "Greedy SL"}.get(mode)
-        rows[mode] = [_mean(sel, metric), _mean(sel, "best_error"), _mean(sel, "peak_activation_MiB"),
-                      _mean(sel, "params_context_encoders"),
+        rows[mode] = [mean_of(sel, metric), mean_of(sel, "best_error"), mean_of(sel, "peak_activation_MiB"),
+                      mean_of(sel, "params_context_encoders"),
                       infopro_value("cifar10", arch, ref_method, 16) if ref_method else np.nan,
                       contsup_value("cifar10", arch, mode, "softmax", 16 if mode != "E2E" else 1)]
     return _frame(rows, columns, "mode")
@@ -148,14 +150,14 @@ def table2(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_er
     E2E column repeats the end-to-end baseline. Reference: InfoPro with the same loss."""
     dataset = pick_dataset(df, "cifar10", dataset)
     arch, ref, ours = "resnet32", reference_label(dataset, "cifar10", "resnet32"), ours_label(dataset)
-    base = _sel(df, dataset=dataset, arch=arch, reconstruct=False, balanced=False)
-    e2e = _mean(_sel(base, k=1), metric)
+    base = select(df, dataset=dataset, arch=arch, reconstruct=False, balanced=False)
+    e2e = mean_of(select(base, k=1), metric)
     kcols = ["E2E"] + [f"K={k}" for k in KS]
     columns = [(ours, c) for c in kcols] + [(ref, c) for c in kcols] + [(CONTSUP_SLOT, c) for c in kcols]
     rows = {}
     for mode in ("E", "R1E"):
         for loss in ("contrast", "softmax"):
-            ours_vals = [e2e] + [_mean(_sel(base, k=k, mode=mode, loss=loss), metric) for k in KS]
+            ours_vals = [e2e] + [mean_of(select(base, k=k, mode=mode, loss=loss), metric) for k in KS]
             ref_vals = [infopro_value("cifar10", arch, "E2E", 1)] + \
                        [infopro_value("cifar10", arch, f"InfoPro {loss}", k) for k in KS]
             slot = [contsup_value("cifar10", arch, "E2E", "softmax", 1)] + \
@@ -167,10 +169,10 @@ def table2(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_er
 def table3(df: pd.DataFrame, arch: str | None = None, metric: str = "final_error") -> pd.DataFrame:
     """Table 3: R1E + reconstruction (ResNet-110), rows dataset x loss, columns K; the E2E
     column is the end-to-end run on the same trained data. Reference: InfoPro, same loss."""
-    recon = _sel(df, mode="R1E", reconstruct=True, balanced=False)
+    recon = select(df, mode="R1E", reconstruct=True, balanced=False)
     arch = _pick_arch(recon, "resnet110", arch)
     kcols = ["E2E"] + [f"K={k}" for k in KS]
-    trained = sorted(set(_sel(recon, arch=arch)["dataset"]))
+    trained = sorted(set(select(recon, arch=arch)["dataset"]))
     comparable = all(d in PAPER_DATASETS for d in (trained or set(df["dataset"].dropna())))
     ours = ours_label(", ".join(trained) if trained else None)
     ref = f"InfoPro paper ({ARCH_NAMES.get(arch, arch)})" if comparable else \
@@ -178,12 +180,12 @@ def table3(df: pd.DataFrame, arch: str | None = None, metric: str = "final_error
     columns = [(ours, c) for c in kcols] + [(ref, c) for c in kcols] + [(CONTSUP_SLOT, c) for c in kcols]
     rows = {}
     for paper_dataset in PAPER_DATASETS:
-        runs = _sel(recon, arch=arch, paper_dataset=paper_dataset)
+        runs = select(recon, arch=arch, paper_dataset=paper_dataset)
         data_trained = pick_dataset(runs, paper_dataset)
-        e2e = _mean(_sel(df, k=1, arch=arch, dataset=data_trained), metric) if data_trained else np.nan
+        e2e = mean_of(select(df, k=1, arch=arch, dataset=data_trained), metric) if data_trained else np.nan
         for loss in ("contrast", "softmax"):
-            sel = _sel(runs, loss=loss, dataset=data_trained)
-            ours_vals = [e2e] + [_mean(_sel(sel, k=k), metric) for k in KS]
+            sel = select(runs, loss=loss, dataset=data_trained)
+            ours_vals = [e2e] + [mean_of(select(sel, k=k), metric) for k in KS]
             ref_vals = [infopro_value(paper_dataset, arch, "E2E", 1)] + \
                        [infopro_value(paper_dataset, arch, f"InfoPro {loss}", k) for k in KS]
             slot = [contsup_value(paper_dataset, arch, "E2E", "softmax", 1)] + \
@@ -202,7 +204,7 @@ def table4(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_er
     Reference: InfoPro's greedy SL (= R0) and E2E errors."""
     dataset = pick_dataset(df, "cifar10", dataset)
     arch, ref, ours = "resnet32", reference_label(dataset, "cifar10", "resnet32"), ours_label(dataset)
-    base = _sel(df, dataset=dataset, arch=arch, reconstruct=False, balanced=False)
+    base = select(df, dataset=dataset, arch=arch, reconstruct=False, balanced=False)
     gpu = base["cuda_peak_MiB"].notna().any()
     columns = []
     for k in (8, 16):
@@ -217,13 +219,13 @@ def table4(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_er
         vals, refs, slot = [], [], []
         for k in (8, 16):
             if mode == "E2E":
-                sel = _sel(base, k=1)
+                sel = select(base, k=1)
             elif parse_mode(mode, None).fits(k):
-                sel = _sel(base, k=k, mode=mode, loss="softmax")
+                sel = select(base, k=k, mode=mode, loss="softmax")
             else:
                 sel = base.iloc[0:0]
-            vals += [_mean(sel, metric), _mean(sel, "peak_activation_MiB"), _mean(sel, "paper_memory_MiB")]
-            vals += [_mean(sel, "cuda_peak_MiB")] if gpu else []
+            vals += [mean_of(sel, metric), mean_of(sel, "peak_activation_MiB"), mean_of(sel, "paper_memory_MiB")]
+            vals += [mean_of(sel, "cuda_peak_MiB")] if gpu else []
             ref_method = {"E2E": "E2E", "R0": "Greedy SL"}.get(mode)
             refs.append(infopro_value("cifar10", arch, ref_method, k) if ref_method else np.nan)
             slot += [contsup_value("cifar10", arch, mode, "softmax", k), np.nan]
@@ -240,10 +242,10 @@ def headline_runs(df: pd.DataFrame, dataset: str | None = None, metric: str = "f
     """Every seed of Table 1's configurations (ResNet-32: E2E, and K=16 softmax R0/E/R1/R1E),
     long format: method, seed, test error (%)."""
     dataset = pick_dataset(df, "cifar10", dataset)
-    base = _sel(df, dataset=dataset, arch="resnet32", reconstruct=False, balanced=False)
+    base = select(df, dataset=dataset, arch="resnet32", reconstruct=False, balanced=False)
     rows = []
     for method in HEADLINE_METHODS:
-        sel = _sel(base, k=1) if method == "E2E" else _sel(base, k=16, mode=method, loss="softmax")
+        sel = select(base, k=1) if method == "E2E" else select(base, k=16, mode=method, loss="softmax")
         rows += [{"method": method, "seed": int(r["seed"]), "test error (%)": float(r[metric])}
                  for _, r in sel.iterrows() if pd.notna(r[metric])]
     return pd.DataFrame(rows, columns=["method", "seed", "test error (%)"])
@@ -345,7 +347,7 @@ def noise_margin(df: pd.DataFrame, metric: str = "final_error") -> float:
     return 2 * math.sqrt(2) * seed_sd(df, metric)[0]
 
 
-def _noise(entries: list[tuple], chance: float, df: pd.DataFrame, metric: str) -> dict:
+def noise_verdict(entries: list[tuple], chance: float, df: pd.DataFrame, metric: str) -> dict:
     """What is noise among `entries` [(label, error, error of its end-to-end run, is_e2e)]:
     end-to-end errors that learned little, local entries that learned little, and local
     entries that beat end-to-end by more than seed noise (none when it is unknown)."""
@@ -361,8 +363,8 @@ def _noise(entries: list[tuple], chance: float, df: pd.DataFrame, metric: str) -
                       if not is_e2e and not math.isnan(ref) and v < ref - margin]}  # none when noise is unknown
 
 
-def _notes(n: dict) -> list[str]:
-    """The sentences of a `_noise` verdict (none for no entries)."""
+def noise_sentences(n: dict) -> list[str]:
+    """The sentences of a `noise_verdict` (none for no entries)."""
     if not n["entries"]:
         return []
     out = []
@@ -391,13 +393,36 @@ def _notes(n: dict) -> list[str]:
     return out
 
 
-def _flag(n: dict) -> str:
+def noise_flag(n: dict) -> str:
     """The verdict in a few words (a figure panel's subtitle); '' when nothing is noise."""
     if n["e2e"]:
         return f"noise: E2E did not train ({n['e2e'][0]:.1f} % error, chance {n['chance']:.0f} %)"
     parts = [f"{len(n['beats'])} beat E2E beyond seed noise"] if n["beats"] else []
     parts += [f"{len(n['little'])} learned little (≥ {n['threshold']:.1f} %)"] if n["little"] else []
     return ("noise: " + ", ".join(parts)) if parts else ""
+
+
+def spread_note(errors: dict, df: pd.DataFrame, metric: str = "final_error", what: str = "points") -> str:
+    """A figure panel's seed-noise note, computed from the runs' seeds (`noise_margin`, as the
+    tables' notes): `errors` maps a K (or None: the whole panel) to the errors compared there;
+    are they within seed noise of each other (largest minus smallest at most the margin)? A
+    note starting with 'noise' warns that differences in the panel are not to be read. ''
+    when nothing has two errors to compare."""
+    spreads = {}
+    for key, values in errors.items():
+        values = [float(v) for v in values if not math.isnan(v)]
+        if len(values) >= 2:
+            spreads[key] = max(values) - min(values)
+    if not spreads:
+        return ""
+    margin = noise_margin(df, metric)
+    if math.isnan(margin):
+        return "noise unknown: no config was trained on several seeds"
+    within = [key for key, spread in spreads.items() if spread <= margin]
+    if not within:
+        return f"{what} apart by more than seed noise ({margin:.1f} points)"
+    where = "" if len(within) == len(spreads) else " at K=" + ", ".join(str(k) for k in within)
+    return f"noise: {what} within seed noise ({margin:.1f} points) of each other{where}"
 
 
 def _ours_dataset(label: str) -> str | None:
@@ -411,7 +436,6 @@ def table_notes(table: pd.DataFrame, df: pd.DataFrame, metric: str = "final_erro
     quarter of chance's (`LEARNED_LITTLE`), and local runs that beat end-to-end by more than
     seed noise (`noise_margin`, from the configs of `df` trained on several seeds). Else one
     sentence saying that every entry learned."""
-    import re
     ours = [c for c in table.columns if str(c[0]).startswith("ours")]
     if not ours or table.empty:
         return ""
@@ -428,30 +452,7 @@ def table_notes(table: pd.DataFrame, df: pd.DataFrame, metric: str = "final_erro
                 (table.loc[row, e2e_col] if e2e_col is not None else np.nan)
             entries.append(("E2E" if is_e2e else f"{name} {k}".strip(), float(table.loc[row, col]),
                             float(ref), is_e2e))
-    return "\n".join(_notes(_noise(entries, chance, df, metric)))
-
-
-def headline_figure(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: str = "final_error",
-                    show: bool = False) -> list[Path]:
-    """Table 1 as bars: mean test error over seeds with a one-standard-deviation error bar,
-    every seed a dot; the InfoPro reference (E2E, greedy SL) as a dashed line where comparable."""
-    plt, sns = _plt()
-    dataset = pick_dataset(df, "cifar10", dataset)
-    runs = headline_runs(df, dataset, metric)
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    if runs.empty:
-        _note(ax, "no Table 1 runs yet")
-    else:
-        order = [m for m in HEADLINE_METHODS if (runs["method"] == m).any()]
-        sns.barplot(runs, x="method", y="test error (%)", order=order, errorbar="sd", color="C0", alpha=0.6,
-                    capsize=0.2, ax=ax)
-        sns.stripplot(runs, x="method", y="test error (%)", order=order, color="k", size=4, ax=ax)
-        seeds = runs.groupby("method")["seed"].nunique()
-        ax.set_xticks(range(len(order)), [f"{m}\n({seeds[m]} seed{'s' if seeds[m] > 1 else ''})" for m in order])
-        ax.set_xlabel("")
-        ax.set_title(f"Table 1 over seeds: ResNet-32, K=16, softmax local heads; trained on {dataset}",
-                     fontsize=10)
-    return _save(fig, figures_dir, "headline_table1_seeds", show)
+    return "\n".join(noise_sentences(noise_verdict(entries, chance, df, metric)))
 
 
 def all_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -475,7 +476,6 @@ def save_tables(tables_: dict[str, pd.DataFrame], out_dir) -> list[Path]:
 def learning_curves(cfgs):
     """Train and test error per epoch of every run, long format (run, epoch, split, error).
     Epochs count from 0, as in metrics.jsonl, result.json and what `train` prints."""
-    import pandas as pd
     rows = []
     for cfg in cfgs:
         path = Path(cfg.out_dir) / "metrics.jsonl"
@@ -515,7 +515,6 @@ def memory_table(cfgs, results: dict):
 
 def results_table(cfgs, results: dict):
     """One row per run: errors, memory, parameters, time (or the error)."""
-    import pandas as pd
     rows = []
     for cfg in cfgs:
         name = Path(cfg.out_dir).name
@@ -543,7 +542,7 @@ def describe_config(cfg: TrainConfig) -> str:
 
 
 def reference_table() -> pd.DataFrame:
-    """The published anchors of SPEC §7 as one table: InfoPro Table 2 (test error %) with
+    """The published anchors of METHOD §7 as one table: InfoPro Table 2 (test error %) with
     the E2E baselines; rows (dataset, arch, method), columns K."""
     rows = {}
     for (data, arch), err in tables.E2E_REFERENCE.items():
@@ -559,298 +558,3 @@ def reference_table() -> pd.DataFrame:
 def memory_reference_table() -> pd.DataFrame:
     """InfoPro Table 3: peak GPU memory (GB) of ResNet-110 on CIFAR-10, batch 1024."""
     return pd.DataFrame({"peak GPU memory (GB)": tables.INFOPRO_MEMORY_GB}).rename_axis("method")
-
-
-# --------------------------------------------------------------------------------------
-# Figures
-def _plt():
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-    sns.set_theme(style="whitegrid", context="notebook")
-    return plt, sns
-
-
-def _save(fig, figures_dir, name: str, show: bool = False) -> list[Path]:
-    """Lay out, write `name`.png and .pdf, and close the figure unless it is to be shown."""
-    fig.tight_layout()
-    out = Path(figures_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{name}.png", out / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
-    if not show:
-        import matplotlib.pyplot as plt
-        plt.close(fig)
-    return paths
-
-
-def _note(ax, text: str):
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=10, color="0.4",
-            wrap=True)
-
-
-def _k_axis(ax, ks):
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(list(ks))
-    ax.set_xticklabels([str(k) for k in ks])
-    ax.set_xlim(min(ks) / 1.25, max(ks) * 1.25)
-    ax.minorticks_off()
-
-
-def _figure4_series(base: pd.DataFrame, arch: str, authors: bool) -> tuple[dict, list]:
-    """Figure 4's series of one arch panel ({label: runs}) and the (mode, loss) pairs of its E* runs."""
-    runs = _sel(base, arch=arch)
-    balanced = _sel(runs, balanced=True)
-    modes = balanced[["mode", "loss"]].drop_duplicates().values.tolist() or [["E", "contrast"]]
-    equal = pd.concat([_sel(runs, balanced=False, mode=m, loss=l) for m, l in modes]).query("k > 1")
-    if authors and arch == "resnet32":
-        return {"E* (equal cuts, authors' ResNet-32)": equal, "E2E": _sel(runs, k=1)}, modes
-    return {"E* (memory-balanced)": balanced, "equal-layer cuts": equal, "E2E": _sel(runs, k=1)}, modes
-
-
-def _figure4_noise(df: pd.DataFrame, dataset: str | None, metric: str, authors: bool) -> dict[str, dict]:
-    """{arch: `_noise` verdict} of Figure 4's panels: every point against the panel's E2E."""
-    dataset = pick_dataset(df, "cifar10", dataset)
-    base = _sel(df, dataset=dataset, reconstruct=False) if dataset else df.iloc[0:0]
-    out = {}
-    for arch in ("resnet32", "resnet110"):
-        series, _ = _figure4_series(base, arch, authors)
-        e2e = _mean(series["E2E"], metric)
-        entries = [("E2E", e2e, e2e, True)] if not math.isnan(e2e) else []
-        for label, sel in series.items():
-            if label != "E2E":
-                entries += [(f"{label.split(' (')[0] if label.startswith('E*') else 'equal cuts'} K={int(k)}",
-                             float(v), e2e, False) for k, v in sel.groupby("k")[metric].mean().items()]
-        if entries:
-            out[arch] = _noise(entries, chance_error(dataset), df, metric)
-    return out
-
-
-def figure4_notes(df: pd.DataFrame, dataset: str | None = None, metric: str = "final_error",
-                  authors: bool = False) -> str:
-    """Which points of Figure 4 are noise, per panel, in words (see `table_notes`)."""
-    return "\n".join(f"{ARCH_NAMES.get(arch, arch)}: " + " ".join(_notes(n))
-                     for arch, n in _figure4_noise(df, dataset, metric, authors).items())
-
-
-def _label_points(ax, points: list[tuple], fontsize: float = 8):
-    """Annotate [(x, y, text, color)] so that no label covers another label or a marker, nor
-    leaves the axes (where it would cover the tick labels): each takes the first of a few
-    offsets (right/left, above/below, then further out) whose box, estimated from the text's
-    length, is free and inside; else the least covered one."""
-    ax.autoscale_view()
-    to_px = ax.transData.transform
-    scale = ax.figure.dpi / 72                                   # points -> pixels
-    w_char, h = 0.62 * fontsize * scale, 1.25 * fontsize * scale
-    r = 4 * scale                                                # a marker's half size
-    markers = [to_px((x, y)) for line in ax.get_lines() for x, y in line.get_xydata()]
-    taken = [(mx - r, my - r, mx + r, my + r) for mx, my in markers]
-    offsets = [(4, 3), (4, -3), (-4, 3), (-4, -3), (0, 9), (0, -9), (10, 12), (10, -12), (-10, 12), (-10, -12)]
-    frame = ax.get_window_extent()
-    frame = (frame.x0, frame.y0, frame.x1, frame.y1)
-
-    def overlap(a, b):
-        return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
-
-    for x, y, text, color in sorted(points, key=lambda p: (p[0], p[1])):
-        px, py = to_px((x, y))
-        w, best = w_char * len(text), None
-        for dx, dy in offsets:
-            x0 = px + dx * scale - (w if dx < 0 else w / 2 if dx == 0 else 0)
-            y0 = py + dy * scale - (h if dy < 0 else 0)
-            box = (x0, y0, x0 + w, y0 + h)
-            outside = (box[2] - box[0]) * (box[3] - box[1]) - overlap(box, frame)
-            cost = sum(overlap(box, t) for t in taken) + outside
-            if best is None or cost < best[0]:
-                best = (cost, dx, dy, box)
-            if cost == 0:
-                break
-        _, dx, dy, box = best
-        taken.append(box)
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize, color=color,
-                    ha="right" if dx < 0 else "center" if dx == 0 else "left", va="top" if dy < 0 else "bottom")
-
-
-def figure4(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: str = "final_error",
-            show: bool = False, authors: bool = False) -> list[Path]:
-    """Figure 4: test error vs memory of one training step, one panel per arch:
-    memory-balanced cuts (E*) against equal-layer cuts of the same mode/loss, and E2E.
-    Points are labelled with K (placed where they cover no other label or point). Each series
-    is drawn twice: filled at the peak activation memory of our (lean) step, hollow and dashed
-    at the training memory as the paper counts it (parameters + gradients + momentum + the
-    authors' plain encoders' activations), the one comparable with the paper's axis. The
-    legend sits below the panels, off the data; a panel whose points are noise says so under
-    its title (`figure4_notes` gives the sentences).
-
-    E* follows the paper's text: memory-balanced cuts for both archs (group `figure4`).
-    `authors=True` draws it as the authors' command.sh trains it (group `figure4-authors`):
-    their ResNet-32 E* runs have no --balanced_memory, so its E* points are the equal-layer runs.
-    """
-    plt, sns = _plt()
-    dataset = pick_dataset(df, "cifar10", dataset)
-    base = _sel(df, dataset=dataset, reconstruct=False) if dataset else df.iloc[0:0]
-    archs = [a for a in ("resnet32", "resnet110") if (base["arch"] == a).any()] or ["resnet32"]
-    noise = _figure4_noise(df, dataset, metric, authors)
-    fig, axes = plt.subplots(1, len(archs), figsize=(5.2 * len(archs), 4.4), squeeze=False)
-    palette = {"E* (memory-balanced)": "C3", "E* (equal cuts, authors' ResNet-32)": "C3",
-               "equal-layer cuts": "C0", "E2E": "k"}
-    handles, to_label = {}, []
-    for ax, arch in zip(axes[0], archs):
-        series, modes = _figure4_series(base, arch, authors)
-        labels = []
-        for label, sel in series.items():
-            if sel.empty:
-                continue
-            pts = sel.groupby("k")[[metric, "peak_activation_MiB", "paper_memory_MiB"]].mean().reset_index()
-            pts = pts.sort_values("peak_activation_MiB")
-            e2e = label == "E2E"
-            ax.plot(pts["peak_activation_MiB"], pts[metric], "*" if e2e else "o-",
-                    color=palette[label], label=f"{label}, our peak activations", markersize=14 if e2e else 7)
-            paper = pts.dropna(subset=["paper_memory_MiB"]).sort_values("paper_memory_MiB")
-            if not paper.empty:
-                ax.plot(paper["paper_memory_MiB"], paper[metric], "*" if e2e else "o--", color=palette[label],
-                        markerfacecolor="none", markersize=14 if e2e else 7,
-                        label=f"{label}, paper-counted memory")
-            labels += [(p["peak_activation_MiB"], p[metric], f"K={int(p['k'])}" if p["k"] > 1 else "E2E",
-                        palette[label]) for _, p in pts.iterrows()]
-        mode_text = ", ".join(f"{m}/{l}" for m, l in modes)
-        flag = _flag(noise[arch]) if arch in noise else ""
-        ax.set_title(f"{ARCH_NAMES.get(arch, arch)} on {dataset or '—'} ({mode_text})"
-                     + (f"\n{flag}" if flag else ""), fontsize=10, color="C3" if flag else "k")
-        ax.set_xlabel("memory of one training step (MiB)")
-        ax.set_ylabel("test error (%)")
-        if labels:
-            to_label.append((ax, labels))
-            handles.update(zip(*reversed(ax.get_legend_handles_labels())))
-            if _sel(base, arch=arch, balanced=True).empty and not (authors and arch == "resnet32"):
-                ax.text(0.5, 0.02, "no memory-balanced (E*) runs yet", ha="center", va="bottom",
-                        transform=ax.transAxes, fontsize=9, color="0.4")
-        else:
-            _note(ax, "no finished runs for this panel yet")
-    cuts = ("E*: ResNet-32 on equal cuts, ResNet-110 memory-balanced, as the authors' command.sh"
-            if authors else "E*: memory-balanced cuts, as the paper's text (the authors' command.sh "
-            "trains ResNet-32 E* on equal cuts: group figure4-authors)")
-    fig.suptitle(f"Figure 4: error vs memory. {cuts}.\nFilled: our peak activations; hollow: training "
-                 f"memory as the paper counts it", fontsize=10)
-    fig.tight_layout()  # the panels' final size first: the labels are placed in pixels
-    for ax, labels in to_label:
-        _label_points(ax, labels)
-    if handles:  # below the panels, off every point
-        fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.0),
-                   ncol=2, fontsize=8, frameon=False)
-    return _save(fig, figures_dir, "figure4_authors_memory_vs_error" if authors else "figure4_memory_vs_error",
-                 show)
-
-
-def _variant(row) -> str:
-    return row["loss"] + (" + reconstruction" if row["reconstruct"] else "")
-
-
-def figure5(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: str = "final_error",
-            show: bool = False) -> list[Path]:
-    """Figure 5 (ablation): test error vs K, ResNet-32, modes R0/E/R1/R1E, one panel per
-    local-loss variant (softmax, softmax + reconstruction — R0 there is the GDL decoder
-    baseline —, contrast). Dashed: E2E. Grey: InfoPro's published curve when comparable."""
-    plt, sns = _plt()
-    dataset = pick_dataset(df, "cifar10", dataset)
-    base = _sel(df, dataset=dataset, arch="resnet32", balanced=False) if dataset else df.iloc[0:0]
-    runs = _sel(base, mode=list(tables.ABLATION_MODES), k=list(KS))
-    order = ["softmax", "softmax + reconstruction", "contrast", "contrast + reconstruction"]
-    present = sorted({_variant(r) for _, r in runs.iterrows()}, key=lambda v: order.index(v) if v in order else 99)
-    variants = [v for v in order[:3]] + [v for v in present if v not in order[:3]]
-    e2e = _mean(_sel(base, k=1), metric)
-    fig, axes = plt.subplots(1, len(variants), figsize=(4.3 * len(variants), 4), squeeze=False, sharey=True)
-    colors = dict(zip(tables.ABLATION_MODES, sns.color_palette("deep", 4)))
-    refs = {"softmax": "Greedy SL", "softmax + reconstruction": "InfoPro softmax", "contrast": "InfoPro contrast"}
-    for ax, variant in zip(axes[0], variants):
-        sel = runs[[(_variant(r) == variant) for _, r in runs.iterrows()]] if not runs.empty else runs
-        for mode in tables.ABLATION_MODES:
-            pts = _sel(sel, mode=mode).groupby("k")[metric].mean()
-            if pts.empty:
-                continue
-            label = "R0 (GDL)" if mode == "R0" and "reconstruction" in variant else mode
-            ax.plot(pts.index, pts.values, "o-", color=colors[mode], label=label)
-        if not math.isnan(e2e):
-            ax.axhline(e2e, color="k", ls="--", lw=1, label="E2E")
-        if dataset == "cifar10" and variant in refs:
-            ref = tables.INFOPRO_REFERENCE[("cifar10", "resnet32", refs[variant])]
-            ax.plot(list(ref), list(ref.values()), "s:", color="0.6", label=f"{refs[variant]} (paper)")
-        _k_axis(ax, KS)
-        ax.set_title(variant, fontsize=10)
-        ax.set_xlabel("K (local modules)")
-        ax.set_ylabel("test error (%)")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        if sel.empty:
-            _note(ax, "no finished runs yet")
-    fig.suptitle(f"Figure 5: context-supply ablation, ResNet-32 on {dataset or '—'}", fontsize=11)
-    return _save(fig, figures_dir, "figure5_ablation", show)
-
-
-def table4_chart(df: pd.DataFrame, figures_dir, dataset: str | None = None, metric: str = "final_error",
-                 show: bool = False) -> list[Path]:
-    """Table 4 as bars: test error, peak activation memory of our (lean) step and training
-    memory as the paper counts it, per context mode at K=8 and K=16 (ResNet-32, softmax);
-    E2E as a dashed line. Runs recorded before the paper-counted memory leave that panel empty."""
-    plt, sns = _plt()
-    dataset = pick_dataset(df, "cifar10", dataset)
-    base = _sel(df, dataset=dataset, arch="resnet32", reconstruct=False, balanced=False, loss="softmax") \
-        if dataset else df.iloc[0:0]
-    runs = _sel(base, k=[8, 16], mode=list(tables.RESIDUAL_MODES))
-    agg = runs.groupby(["mode", "k"])[[metric, "peak_activation_MiB", "paper_memory_MiB"]].mean().reset_index()
-    agg["K"] = "K=" + agg["k"].astype(int).astype(str) if not agg.empty else pd.Series(dtype=str)
-    modes = [m for m in tables.RESIDUAL_MODES if (agg["mode"] == m).any()] if not agg.empty else []
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    e2e = _sel(base, k=1)
-    panels = [(metric, "test error (%)"), ("peak_activation_MiB", "our peak activations (MiB)"),
-              ("paper_memory_MiB", "training memory, paper's count (MiB)")]
-    for ax, (col, label) in zip(axes, panels):
-        if agg.empty or agg[col].isna().all():
-            _note(ax, "no finished runs for Table 4 yet" if agg.empty else "not recorded by these runs")
-        else:
-            sns.barplot(data=agg, x="mode", y=col, hue="K", order=modes, hue_order=["K=8", "K=16"], ax=ax,
-                        palette="deep")
-            if not e2e.empty:
-                ax.axhline(_mean(e2e, col), color="k", ls="--", lw=1, label="E2E")
-            ax.legend(fontsize=8)
-        ax.set_ylabel(label)
-        ax.set_xlabel("context mode")
-    fig.suptitle(f"Table 4: context modes at K=8 and K=16, ResNet-32 on {dataset or '—'}", fontsize=11)
-    return _save(fig, figures_dir, "table4_modes", show)
-
-
-METHOD_ORDER = ["E2E", "GLL (R0)", "ContSup E", "ContSup R1E"]
-
-
-def motivation_figure(info_df: pd.DataFrame, figures_dir, show: bool = False) -> list[Path]:
-    """The motivation figure: along depth, the PSNR of a decoder trained on frozen h (a
-    proxy of I(h,x)) and the accuracy of a linear probe on frozen h (a proxy of I(h,y)),
-    one line per method; dotted verticals mark the cuts of the local-learning runs."""
-    plt, sns = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    info = info_df if info_df is not None else pd.DataFrame()
-    if info.empty:
-        for ax in axes:
-            _note(ax, "no information study results yet")
-    else:
-        methods = [m for m in METHOD_ORDER if (info["method"] == m).any()] + \
-                  sorted(set(info["method"]) - set(METHOD_ORDER))
-        palette = dict(zip(methods, ["k"] + sns.color_palette("deep", len(methods))[:len(methods) - 1]
-                           if methods and methods[0] == "E2E" else sns.color_palette("deep", len(methods))))
-        cuts = info[(info["is_cut"] == True) & (info["method"] != "E2E")]["depth_fraction"].unique()  # noqa: E712
-        for ax, (col, label) in zip(axes, [("psnr_db", "reconstruction PSNR (dB)  ~ I(h, x)"),
-                                           ("probe_accuracy", "linear-probe accuracy (%)  ~ I(h, y)")]):
-            for c in cuts:
-                ax.axvline(c, color="0.85", ls=":", lw=1, zorder=0)
-            sns.lineplot(data=info, x="depth_fraction", y=col, hue="method", hue_order=methods, palette=palette,
-                         marker="o", markersize=4, ax=ax, errorbar=None)
-            ax.set_xlabel("depth (fraction of layers; 0 = input image)")
-            ax.set_ylabel(label)
-            ax.legend(fontsize=8)
-        settings = info[["dataset", "arch", "k"]].drop_duplicates() if {"dataset", "arch", "k"} <= set(info) else None
-        if settings is not None and not settings.empty:
-            ks = sorted(int(k) for k in settings["k"].unique() if k > 1)
-            fig.suptitle(f"Layer-wise information, {ARCH_NAMES.get(settings['arch'].iloc[0], '')} on "
-                         f"{settings['dataset'].iloc[0]} (local learning with K={', '.join(map(str, ks))}; "
-                         f"dotted: cuts)", fontsize=11)
-    return _save(fig, figures_dir, "motivation_information", show)

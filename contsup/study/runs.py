@@ -288,7 +288,7 @@ def find_motivation_runs(results_dir, k: int | None = None, dataset: str | None 
     return out
 
 
-def train_demo_runs(out_dir, k: int = 4, modes=("E2E", *MOTIVATION_MODES), dataset: str | None = None,
+def train_demo_runs(out_dir, *, k: int = 4, modes=("E2E", *MOTIVATION_MODES), dataset: str | None = None,
                     arch: str = "resnet32", epochs: int | None = None, train_subset: int | None = None,
                     batch_size: int = 32, lr: float = 0.05, threads: int | None = 1,
                     progress: bool = False) -> dict[str, Path]:
