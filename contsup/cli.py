@@ -188,10 +188,11 @@ def describe(args) -> dict:
     cfg = TrainConfig(**given(args, ModelConfig)).model_config()   # with train's defaults (digits)
     net = build_net(cfg)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    report = {"config": vars(cfg) | {"loss_scales": cfg.loss_scales},
-              "image_size": net.image_size, "num_classes": net.num_classes, "cut_points": net.cuts,
+    report = {"config": vars(cfg) | {"loss_scales": cfg.loss_scales}, "image_size": net.image_size,
+              "num_classes": net.num_classes, "cut_points": net.cuts,
               "modules": len(net.blocks), "params": net.parts(), "loss_weights": net.loss_weights,
-              "module_table": [{"module": k, "input_shape": list(net.shapes[k]), "params": count(net.blocks[k]) + (count(net.classifier) if k == net.k - 1 else 0),
+              "module_table": [{"module": k, "input_shape": list(net.shapes[k]),
+                                "params": count(net.blocks[k]) + (count(net.classifier) if k == net.k - 1 else 0),
                                 "head_params": count(net.heads[k]) if k < len(net.heads) else 0,
                                 "context_params": count(net.context[k - 1]) if k else 0}
                                for k in range(net.k)]}

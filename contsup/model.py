@@ -183,16 +183,29 @@ def parse_mode(mode: str, k: int | None) -> ContextMode:
     return parsed
 
 
-class ImageEncoder(nn.Module):
-    """Enc_k(x): conv3x3(3->12)+BN+ReLU, conv3x3(12->C)+BN+ReLU, pooled to the feature side."""
+# The paper's largest ratio of image side to feature side at a cut (CIFAR 32 -> 8, STL-10
+# 96 -> 24): its image encoders run at the image's resolution up to it.
+IMAGE_SIDE_RATIO = 4
 
-    def __init__(self, channels: int, side: int, widen: float = 1.0):
+
+class ImageEncoder(nn.Module):
+    """Enc_k(x): conv3x3(3->12)+BN+ReLU, conv3x3(12->C)+BN+ReLU, pooled to the feature side.
+
+    The convs run at the image's resolution, as the paper's, where the image side is at most
+    IMAGE_SIDE_RATIO x the feature side (always so in the paper's networks); a larger image
+    (`image_side`: a wrapped network whose features shrink faster, e.g. an ImageNet stem) is
+    first average-pooled to that, so the encoder's C-channel map costs at most 16x the
+    feature map's area rather than growing with the image."""
+
+    def __init__(self, channels: int, side: int, widen: float = 1.0, image_side: int | None = None):
         super().__init__()
         hidden = int(12 * widen)
+        limit = IMAGE_SIDE_RATIO * side
+        self.pre = nn.AdaptiveAvgPool2d(limit) if image_side is not None and image_side > limit else nn.Identity()
         self.net = nn.Sequential(conv_bn_relu(3, hidden), conv_bn_relu(hidden, channels), nn.AdaptiveAvgPool2d(side))
 
     def forward(self, x):
-        return self.net(x)
+        return self.net(self.pre(x))
 
 
 class ResidualEncoder(nn.Module):
@@ -238,14 +251,17 @@ def local_head(shape, config: str, out_dim: int, widen: float) -> nn.Module:
 def context_encoder(source, target, widen: float, image: bool) -> nn.Module:
     """The encoder from a module input of shape `source` (the image where `image`) to the
     shape `target` of the activation at a cut:
-    map -> map: ImageEncoder (the image) or ResidualEncoder (pooled to the target side);
+    map -> map: ImageEncoder (the image; pooled first to at most IMAGE_SIDE_RATIO x the
+    target side) or ResidualEncoder (pooled to the target side);
     map -> tokens: PatchEncoder; tokens -> tokens of the same N: TokenEncoder;
     tokens -> map, or tokens -> another N: no rule, refused."""
     if len(target) == 3:
         if len(source) != 3:
             raise UsageError(f"no context rule from tokens {tuple(source)} to a feature map {tuple(target)}: "
                              "use a mode without residual context (E or R0) or cut elsewhere")
-        return ImageEncoder(target[0], target[1], widen) if image else ResidualEncoder(source[0], target[0], target[1])
+        if image:
+            return ImageEncoder(target[0], target[1], widen, image_side=source[1])
+        return ResidualEncoder(source[0], target[0], target[1])
     layout = TokenLayout.of(target)
     if len(source) == 3:
         return PatchEncoder(source[0], source[1], layout)
@@ -313,7 +329,7 @@ class ModelConfig:
     """The network; each field with its command-line help (errors.option)."""
     arch: str = option("resnet32", ARCH_HELP)
     k: int = option(4, "number of local modules (1 = end-to-end)", flag="-k")
-    cuts: tuple | None = option(None, "not the paper's archs: cut after these modules (names from "
+    cuts: str | tuple | None = option(None, "not the paper's archs: cut after these modules (names from "
                                       "model.named_modules()), e.g. layer1,layer3; K = names + 1 (-k: leave it out)")
     mode: str = option("R1E", "context supply: R0, E, Rn or RnE (n = 1, 2, 4, ... up to K), e.g. R1E")
     loss: str = option("softmax", f"local head loss: {' or '.join(LOSSES)}")
@@ -421,7 +437,7 @@ class Backbone:
 
 
 def paper_backbone(cfg: ModelConfig) -> Backbone:
-    """The paper's CIFAR ResNet split into K modules at its cut table's points (SPEC §3)."""
+    """The paper's CIFAR ResNet split into K modules at its cut table's points (METHOD §3)."""
     recipe = tables.DATA_RECIPES[cfg.dataset]   # cfg's fields were checked when it was made
     cuts, size = tables.cut_points(cfg.arch, cfg.k, cfg.balanced, cfg.dataset), recipe.image_size
     modules, current, labels = [], [], [[]]
@@ -481,7 +497,7 @@ class ContSupNet(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """The paper's initialisation (SPEC §3) of every conv and BN; of a network given to
+        """The paper's initialisation (METHOD §3) of every conv and BN; of a network given to
         `wrap` (keep_weights), only of the parts ContSup adds (heads, encoders, decoders)."""
         parts = [self.heads, self.context, self.decoders] if self.keep_weights else [self]
         for m in (m for part in parts for m in part.modules()):

@@ -4,11 +4,12 @@ torch.fx and returns the same `ContSupNet` the paper's ResNets are.
     net = contsup.wrap(torchvision.models.resnet18(num_classes=10), cuts=4, image_size=32)
     logits, losses = step.local_learning_step(net, x, y)       # as for the paper's networks
 
-How a model is cut (the rules; the method document repeats them):
+How a model is cut (the rules; METHOD §9 repeats them):
 
 1. The model is copied (the caller's model is left as it is, weights included) and traced
-   with `torch.fx.symbolic_trace` (an `nn.Sequential` traces as its children in order); its
-   graph runs once on a zero image [2, 3, S, S] in eval mode (`ShapeProp`) for the shapes.
+   with `torch.fx.symbolic_trace` in eval mode (see `trace`; an `nn.Sequential` traces as its
+   children in order); its graph runs once on a zero image [2, 3, S, S] for the
+   shapes. The net comes back in the mode the model was in.
 2. A cut can go after a node of the graph where exactly one value crosses: one tensor made
    before it is read after it, nothing else (no second tensor, as inside a residual block,
    nor a number such as a batch size read from the input's shape). Parameters read by
@@ -25,7 +26,8 @@ How a model is cut (the rules; the method document repeats them):
    unknown name, a name out of forward order, and K beyond the number of places (one line:
    the maximum) too. A place no module ends at is named by its fx node (e.g. `flatten`).
 5. Each piece is an `fx.GraphModule` holding the model's own submodules and parameters
-   (state_dict keys `blocks.<k>.<the model's name>`); the last piece ends in the model's own
+   (state_dict keys `blocks.<k>.<the model's name>`; a weight two pieces would share, as a
+   module called on both sides of a cut, is refused); the last piece ends in the model's own
    classifier, so `ContSupNet.classifier` is an identity. Nothing in the backbone is
    re-initialised (`Backbone.keep_weights`): only the heads, encoders and decoders ContSup
    adds are. In eval mode under R0 the net computes the model's own ops in the same order.
@@ -47,7 +49,6 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from . import tables
 from .errors import UsageError
@@ -64,11 +65,32 @@ class Place:
     module: bool = False  # named after a module (else after its fx node)
 
 
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+class _RecordShapes(fx.Interpreter):
+    """Runs the graph once, recording each tensor value's shape (node.meta['tensor_meta'])."""
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = TensorMeta(result.shape, result.dtype)
+        return result
+
+
 def trace(model: nn.Module, image_size: int) -> fx.GraphModule:
-    """A traced copy of `model`, its nodes annotated with shapes (`node.meta['tensor_meta']`)."""
+    """A traced copy of `model` in eval mode, its nodes annotated with shapes
+    (`node.meta['tensor_meta']`). Eval mode, because fx bakes forward code that reads
+    `self.training` itself into the graph: traced in training mode, torchvision's stochastic
+    depth would drop paths at test time too. Modules (BN, dropout) still follow train() and
+    eval(); such code keeps its eval branch (no stochastic depth, no GoogLeNet/Inception aux
+    logits, whose role the local heads take)."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"wrap takes an nn.Module, got {type(model).__name__}")
-    model = copy.deepcopy(model)
+    model = copy.deepcopy(model).eval()
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:  # fx raises many kinds (TraceError, TypeError, NotImplementedError ...)
@@ -77,16 +99,13 @@ def trace(model: nn.Module, image_size: int) -> fx.GraphModule:
                          "or an nn.Sequential") from e
     param = next(model.parameters(), None)
     example = torch.zeros(2, 3, image_size, image_size, device=param.device if param is not None else None)
-    training = gm.training
     try:
         with torch.no_grad():
-            ShapeProp(gm.eval()).propagate(example)
+            _RecordShapes(gm).run(example)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UsageError(f"{type(model).__name__} does not run on a [2, 3, {image_size}, {image_size}] image "
-                         f"({first}); give the image_size it takes") from e
-    finally:
-        gm.train(training)
+                         f"({first}); build it for that size (or give the image_size it takes)") from e
     return gm
 
 
@@ -271,6 +290,12 @@ def split(gm: fx.GraphModule, nodes: list, chosen: list[Place]) -> tuple[list, l
     blocks = [piece(gm, nodes, (bounds[t], bounds[t + 1]), values[t], values[t + 1]) for t in range(len(chosen) + 1)]
     labels = [[n.target for n in nodes[bounds[t] + 1:bounds[t + 1] + 1] if n.op == "call_module"]
               for t in range(len(blocks))]
+    owner: dict[int, int] = {}
+    for t, block in enumerate(blocks):
+        for name, p in block.named_parameters():
+            if owner.setdefault(id(p), t) != t:   # a weight two modules use: its gradient would cross the cut
+                raise UsageError(f"parameter '{name}' is used by modules {owner[id(p)]} and {t}; a weight shared "
+                                 "across a cut carries gradient across it: cut elsewhere")
     return blocks, labels
 
 
@@ -287,7 +312,8 @@ def wrap(model: nn.Module, cuts, *, mode: str = "R1E", loss: str = "softmax", im
     one line: a named cut inside a residual block (naming the nearest valid places), an
     unknown name, names out of order, K above the number of places (naming the maximum).
     Heads and encoders by the shape at a cut: a square feature map [B, C, H, H] gets the
-    paper's AuxHead, ImageEncoder, ResidualEncoder (pooled to H) and Decoder; tokens
+    paper's AuxHead, ImageEncoder (the image pooled to at most 4H first), ResidualEncoder
+    (pooled to H) and Decoder; tokens
     [B, N, D] with N = g*g (+1 class token, first) get TokenHead (LayerNorm, mean over
     tokens, MLP), PatchEncoder for the image or an earlier map (patch conv to the g*g
     tokens; the class token gets zero context), TokenEncoder (a linear map per token,
@@ -315,8 +341,9 @@ def wrap(model: nn.Module, cuts, *, mode: str = "R1E", loss: str = "softmax", im
                       dataset=dataset, widen=widen)
     blocks, labels = split(gm, nodes, chosen)
     shapes = [(3, image_size, image_size)] + [_shape(p.value) for p in chosen]
-    return ContSupNet(cfg, Backbone(blocks, nn.Identity(), shapes, labels, names, out_shape[0], image_size,
-                                    keep_weights=True))
+    net = ContSupNet(cfg, Backbone(blocks, nn.Identity(), shapes, labels, names, out_shape[0], image_size,
+                                   keep_weights=True))
+    return net.train(model.training)   # the mode the model was in (it was traced in eval mode)
 
 
 def make_model(arch: str, num_classes: int) -> nn.Module:

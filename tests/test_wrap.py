@@ -128,6 +128,10 @@ def test_shapes_without_a_rule_and_untraceable_models_are_refused():
             return x.mean() if x.sum() > 0 else x   # data-dependent control flow: fx cannot trace it
     with pytest.raises(UsageError, match="torch.fx cannot trace Branchy"):
         contsup.wrap(Branchy(), cuts=2, image_size=32)
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    tied = nn.Sequential(conv, nn.ReLU(), conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 10))
+    with pytest.raises(UsageError, match="parameter '0.weight' is used by modules 0 and 1"):
+        contsup.wrap(tied, cuts=["1"], image_size=32)
     with pytest.raises(UsageError, match="returns 10 logits, not num_classes=100"):
         contsup.wrap(small_sequential(), cuts=2, image_size=32, num_classes=100)
 
@@ -281,3 +285,39 @@ def test_a_diverging_wrapped_run_stops_with_the_module_named(tmp_path):
     with pytest.raises(DivergedError) as e:
         train(_wrapped_cfg(tmp_path / "run", lr=1e12, warmup_epochs=0, check_every=1), progress=False)
     assert 1 <= e.value.module <= 3 and "--lr" in str(e.value)
+
+
+def test_cuts_flag_takes_names_that_look_like_numbers():
+    from contsup import cli
+    from contsup.train import TrainConfig
+    train = cli.build_parser().subcommands["train"]
+    args = train.parse_args(["--arch", "tests.test_wrap:factory", "--cuts", "2,5"])
+    cfg = TrainConfig(**cli.given(args, TrainConfig))
+    assert cfg.cuts == ("2", "5") and cfg.k == 3
+    assert build_net(cfg.model_config()).cuts == ["2", "5"]
+
+
+def test_image_encoders_pool_the_image_only_beyond_the_papers_ratio(models):
+    from contsup.model import ContSupNet, ImageEncoder
+    for cfg in (ModelConfig(arch="resnet32", k=16, mode="R1E"), ModelConfig(arch="resnet110", k=4, mode="E",
+                                                                              dataset="stl10")):
+        encoders = [m for m in ContSupNet(cfg).modules() if isinstance(m, ImageEncoder)]
+        assert encoders and all(isinstance(e.pre, nn.Identity) for e in encoders)   # the paper's, unchanged
+    net = contsup.wrap(models["resnet18"], cuts=["layer1", "layer2", "layer3"], mode="E", image_size=32)
+    sides = [(e.pre.output_size if isinstance(e.pre, nn.AdaptiveAvgPool2d) else None) for e in
+             (c.image for c in net.context)]
+    assert sides == [None, 16, 8]                                     # feature sides 8, 4, 2: at most 4x
+    assert net.context[2].image(torch.randn(2, 3, 32, 32)).shape == (2, 256, 2, 2)
+
+
+
+def test_a_model_in_training_mode_is_traced_in_eval_mode():
+    """fx bakes `self.training` read in forward code into the graph: traced in training mode,
+    efficientnet's stochastic depth would drop paths at test time too."""
+    torch.manual_seed(0)
+    model = torchvision.models.efficientnet_b0(num_classes=10)           # training mode, as built
+    net = contsup.wrap(model, cuts=3, mode="R0", image_size=32)
+    assert net.training and all(m.training for m in net.modules())      # back in the model's mode
+    x, _ = batch()
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), model.eval()(x))
