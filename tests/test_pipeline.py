@@ -345,7 +345,8 @@ def test_links_are_sized_from_the_shapes_at_the_cuts_and_carry_a_step_bit_for_bi
     net = _wrapped_or_paper(family).train()
     staged, bounds, size = copy.deepcopy(net), [0, 2, 4], net.shapes[0][-1]
     gen = torch.Generator().manual_seed(1)
-    x, y, image = torch.randn(6, 3, size, size, generator=gen), torch.arange(6), torch.rand(6, 3, size, size, generator=gen)
+    x, image = torch.randn(6, 3, size, size, generator=gen), torch.rand(6, 3, size, size, generator=gen)
+    y = torch.arange(6)
     logits, losses = local_learning_step(net, x, y, image)
     inputs = []
     h, first = stages.stage_step(staged, range(0, 2), None, stages.Batch(x, y, image, inputs), True)
