@@ -160,9 +160,11 @@ def run_name(cfg) -> str:
     field that differs from its default (the seed included), as `<field><value>`, in the
     config's order: two configs that may not share a folder (config_diff) never share a name.
     The fields that may change on resume (where and how fast it runs) are left out.
-        digits8-resnet32-K4-R1E-softmax-epochs2-batch_size64-train_subset128-seed1"""
+        digits8-resnet32-K4-R1E-softmax-epochs2-batch_size64-train_subset128-seed1
+    An arch such as `torchvision:resnet18` is written `torchvision_resnet18` (':' is not a
+    file-name character everywhere)."""
     now, default = config_json(cfg), _defaults(cfg)
-    parts = [cfg.dataset, cfg.arch, f"K{cfg.k}", cfg.mode, cfg.loss]
+    parts = [cfg.dataset, cfg.arch.replace(":", "_"), f"K{cfg.k}", cfg.mode, cfg.loss]  # torchvision:x -> a portable name
     for name, value in now.items():
         if name in {"dataset", "arch", "k", "mode", "loss"} | MAY_CHANGE_ON_RESUME or value == default.get(name):
             continue

@@ -268,6 +268,9 @@ def test_headline_mean_sd_and_what_is_beyond_seed_noise(tmp_path):
     assert bool(noise.loc["R0 - E2E", "beyond noise"])
     paths = figures.headline_figure(df, tmp_path / "fig")
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+    # drawn again, the same picture: the seeds' dots are not jittered at random
+    again = figures.headline_figure(df, tmp_path / "fig2")
+    assert paths[0].suffix == ".png" and paths[0].read_bytes() == again[0].read_bytes()
     # The same verdicts in words, every number from the runs (notebook 04 prints this)
     text = report.headline_text(df).splitlines()
     assert text[0] == ("At K=16, plain greedy learning (R0) ends at 62.0 ± 2.0 % test error against "

@@ -224,6 +224,8 @@ def test_the_default_name_holds_every_setting_that_is_not_the_default():
     speed = TrainConfig(device="cpu", data_root="elsewhere", channels_last=False, context_impl="plain",
                         torch_compile=True, cudnn_benchmark=False, reuse_cpu_memory=False)
     assert run_name(speed) == run_name(TrainConfig())
+    # a wrapped backbone's arch names a folder every file system accepts
+    assert run_name(TrainConfig(arch="torchvision:resnet18")) == "digits-torchvision_resnet18-K4-R1E-softmax"
 
 
 def test_a_fresh_start_into_a_folder_of_another_config_is_refused(reference, tmp_path, capsys):

@@ -384,7 +384,8 @@ def headline_figure(df: pd.DataFrame, figures_dir, dataset: str | None = None, m
         order = [m for m in HEADLINE_METHODS if (runs["method"] == m).any()]
         sns.barplot(runs, x="method", y="test error (%)", order=order, errorbar="sd", color="C0", alpha=0.6,
                     capsize=0.2, ax=ax)
-        sns.stripplot(runs, x="method", y="test error (%)", order=order, color="k", size=4, ax=ax)
+        # a swarm, not a strip: its dots are placed deterministically (a strip jitters them at random)
+        sns.swarmplot(runs, x="method", y="test error (%)", order=order, color="k", size=4, ax=ax)
         seeds = runs.groupby("method")["seed"].nunique()
         ax.set_xticks(range(len(order)), [f"{m}\n({seeds[m]} seed{'s' if seeds[m] > 1 else ''})" for m in order])
         ax.set_xlabel("")
