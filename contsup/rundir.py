@@ -2,8 +2,9 @@
 
 A run (one `train.TrainConfig`) lives in its folder `cfg.out_dir`: `config.json`,
 `metrics.jsonl` (one line per epoch), `ckpt.pt` (everything resume needs, written atomically
-every epoch) and, once finished, `result.json`; a run stopped by a non-finite loss leaves
-`error.json` instead. All JSON is strict (jsonio): no NaN/Infinity literals.
+every epoch, and the metrics rows: a resume restores a lost or damaged line) and, once
+finished, `result.json` (with the facts that made it: provenance.run_facts); a run stopped
+by a non-finite loss leaves `error.json` instead. All JSON is strict (jsonio): no NaN/Infinity literals.
 
 One writer per run folder: `open_run` takes the folder's lock (runlock.run_lock) before it
 reads the folder, into the caller's ExitStack, which holds it until result.json is written;
@@ -24,14 +25,16 @@ import io
 import json
 import math
 import numbers
+import sys
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from . import jsonio
 from .errors import UsageError, check_writable_folder
+from .provenance import facts_by_part, result_facts
 from .runlock import run_lock
 from .speed.setup import pick_device
 
@@ -58,10 +61,19 @@ _BEST = (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and _NUMBER[0](v
 CHECKPOINT_FIELDS = {"model": _DICT, "optimizer": _DICT, "epoch": _COUNT, "config": _DICT, "data_rng": _TENSOR,
                      "torch_rng": _TENSOR, "best": _BEST, "memory": _DICT}
 CHECKPOINT_KEYS = tuple(CHECKPOINT_FIELDS)
+METRICS_FIELDS = {"epoch": _COUNT, "test_error": _NUMBER, "epoch_seconds": _NUMBER}
+_ROWS = (lambda v: isinstance(v, list) and all(isinstance(r, dict) and all(ok(r.get(n)) for n, (ok, _)
+                                                                         in METRICS_FIELDS.items()) for r in v),
+         "a list of metrics rows")
+_PARTS = (lambda v: isinstance(v, list) and all(isinstance(p, dict) and _COUNT[0](p.get("from_epoch")) for p in v),
+          "a list of facts by part")
+# Missing in checkpoints of older versions (a resume then keeps metrics.jsonl's lines as they are).
+CHECKPOINT_OPTIONAL = {"metrics": _ROWS, "run_facts": _PARTS}
 RESULT_FIELDS = {"final_error": _NUMBER, "best_error": _NUMBER, "best_epoch": _COUNT, "epochs": _COUNT,
                  "peak_activation_bytes": _NUMBER, "train_seconds": _NUMBER, "config": _DICT}
-RESULT_OPTIONAL = {"paper_memory_bytes": _NUMBER}   # null or missing in results of older versions
-METRICS_FIELDS = {"epoch": _COUNT, "test_error": _NUMBER, "epoch_seconds": _NUMBER}
+_TEXT = (lambda v: isinstance(v, str), "a string")
+RESULT_OPTIONAL = {"paper_memory_bytes": _NUMBER,   # null or missing in results of older versions
+                   "torch_version": _TEXT, "device_name": _TEXT, "threads": _COUNT, "commit": _TEXT}
 MOVE_AWAY = "move it (or its whole run folder) away, or use another --out"
 
 
@@ -89,7 +101,8 @@ def load_checkpoint(path: Path, keys=("model", "config")) -> dict:
         raise UsageError(f"checkpoint {path} is unreadable ({type(e).__name__}); {fix}") from None
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in ("model", "config")):
         raise UsageError(f"checkpoint {path} is unreadable (not a checkpoint of this trainer); {fix}")
-    check_fields(f"checkpoint {path}", ckpt, {k: CHECKPOINT_FIELDS[k] for k in keys}, fix)
+    check_fields(f"checkpoint {path}", ckpt, {k: CHECKPOINT_FIELDS[k] for k in keys}, fix,
+                 optional=CHECKPOINT_OPTIONAL if set(keys) == set(CHECKPOINT_KEYS) else None)
     return ckpt
 
 
@@ -249,11 +262,27 @@ def _check_folder_config(cfg, config_path: Path) -> None:
 RUN_FILES = ("config.json", "metrics.jsonl", "ckpt.pt", "result.json", "error.json")
 
 
-def prepare_run_folder(cfg, ckpt: dict | None, measure_memory) -> tuple[int, tuple, dict]:
-    """(first epoch, (best error, its epoch), memory) of the run. Resuming: from the checkpoint,
-    dropping metric lines of an epoch that finished after it (or was cut short by a kill).
-    New: config.json, an empty metrics.jsonl and `measure_memory()`. Called with the run
-    folder's lock held: a .tmp left by a writer killed mid-write (SIGKILL) is removed."""
+@dataclass
+class RunLog:
+    """What every checkpoint carries besides the states, for the run's files: the metrics
+    rows so far (a resume restores metrics.jsonl from them: `resumed_metrics`) and the facts
+    each part of the run trained under (provenance.facts_by_part, for result.json)."""
+    rows: list
+    facts: list
+
+    def add(self, cfg, row: dict) -> None:
+        """One epoch's row: a line more in metrics.jsonl, and in the next checkpoint."""
+        append_metrics(cfg, row)
+        self.rows.append(json.loads(jsonio.dumps(row)))   # as the line reads back
+
+
+def prepare_run_folder(cfg, ckpt: dict | None, measure_memory, facts: dict) -> tuple[int, tuple, dict, RunLog]:
+    """(first epoch, (best error, its epoch), memory, log) of the run, `facts` (run_facts)
+    those of this process. Resuming: from the checkpoint, metrics.jsonl rewritten with the
+    epochs before it (`resumed_metrics`: a line of an epoch that finished after it, or was
+    cut short by a kill, is dropped; one lost is restored or named). New: config.json, an
+    empty metrics.jsonl and `measure_memory()`. Called with the run folder's lock held: a
+    .tmp left by a writer killed mid-write (SIGKILL) is removed."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in RUN_FILES:
@@ -262,28 +291,86 @@ def prepare_run_folder(cfg, ckpt: dict | None, measure_memory) -> tuple[int, tup
     metrics_path = out / "metrics.jsonl"
     if ckpt is not None:
         start_epoch = ckpt["epoch"] + 1
-        if metrics_path.exists():
-            lines = [line for line, row in read_metrics(metrics_path) if row["epoch"] < start_epoch]
-            jsonio.write_atomic(metrics_path, "".join(line + "\n" for line in lines))
-        return start_epoch, tuple(ckpt["best"]), ckpt["memory"]
+        rows, note = resumed_metrics(metrics_path, start_epoch, ckpt.get("metrics"))
+        if note:
+            print(f"contsup: {note}", file=sys.stderr)
+        jsonio.write_atomic(metrics_path, "".join(jsonio.dumps(row) + "\n" for row in rows))
+        log = RunLog(rows, facts_by_part(ckpt.get("run_facts"), start_epoch, facts))
+        return start_epoch, tuple(ckpt["best"]), ckpt["memory"], log
     atomic_save(config_json(cfg), out / "config.json", as_json=True)
     jsonio.write_atomic(metrics_path, "")
-    return 0, (math.inf, -1), measure_memory()
+    return 0, (math.inf, -1), measure_memory(), RunLog([], facts_by_part(None, 0, facts))
+
+
+def resumed_metrics(path: Path, start_epoch: int, vouched: list | None) -> tuple[list[dict], str | None]:
+    """The metrics rows a resume from before `start_epoch` keeps, and one line naming the
+    epochs whose line metrics.jsonl lost (deleted, damaged, edited), or None.
+
+    `vouched`: the checkpoint's rows, restored whatever the file holds. A checkpoint of an
+    older version keeps none: the file's rows are kept (a last line cut short by a kill is
+    dropped, any other damaged line refused: read_metrics) and the epochs it lacks named."""
+    found, damaged = _readable_rows(path)
+    why = ("is missing" if not path.exists() else "is unreadable" if damaged is None
+           else f"has damaged lines {damaged}" if damaged else "lacks or changed them")
+    if vouched is None:
+        rows = [row for _, row in read_metrics(path) if row["epoch"] < start_epoch] if path.exists() else []
+        restored = []
+    else:
+        rows = [row for row in vouched if row["epoch"] < start_epoch]
+        restored = [row["epoch"] for row in rows if found.get(row["epoch"]) != row]
+    missing = sorted(set(range(start_epoch)) - {row["epoch"] for row in rows})
+    notes = ([f"metrics of epochs {_epoch_list(restored)} restored from ckpt.pt ({path.name} {why})"] * bool(restored)
+             + [f"epochs {_epoch_list(missing)} have no metrics line and ckpt.pt keeps none to restore "
+                f"({path.name} {why}; a checkpoint of an older version): result.json counts the others only"]
+             * bool(missing))
+    return rows, (("warning: " if missing else "note: ") + "; ".join(notes)) if notes else None
+
+
+def _readable_rows(path: Path) -> tuple[dict[int, dict], list[int] | None]:
+    """({epoch: row} of the lines of metrics.jsonl that read as rows, numbers of those that do
+    not: None if the file cannot be read as text at all)."""
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return {}, []
+    except (OSError, UnicodeDecodeError):
+        return {}, None
+    found, damaged = {}, []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            check_fields("", row, METRICS_FIELDS)
+            found[row["epoch"]] = row
+        except (json.JSONDecodeError, UsageError):
+            damaged.append(n)
+    return found, damaged
+
+
+def _epoch_list(epochs: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    spans = []
+    for e in epochs:
+        if spans and spans[-1][1] == e - 1:
+            spans[-1][1] = e
+        else:
+            spans.append([e, e])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 
-def checkpoint(cfg, epoch: int, states: tuple[dict, dict], data_rng, best, memory: dict) -> dict:
-    """ckpt.pt: everything resume needs, after `epoch`; `states`: the model's and the
-    optimizer's state_dicts."""
+def checkpoint(cfg, epoch: int, states: tuple[dict, dict], data_rng, best, memory: dict, *, log: RunLog) -> dict:
+    """ckpt.pt: everything resume needs, after `epoch`, and the run's log (RunLog); `states`:
+    the model's and the optimizer's state_dicts."""
     model_state, optimizer_state = states
     return {"model": model_state, "optimizer": optimizer_state, "epoch": epoch, "config": config_json(cfg),
             "data_rng": data_rng.get_state(), "torch_rng": torch.get_rng_state(), "best": list(best),
-            "memory": memory}
+            "memory": memory, "metrics": log.rows, "run_facts": log.facts}
 
 
-def save_checkpoint(cfg, epoch: int, states: tuple[dict, dict], data_rng, best, memory: dict) -> None:
+def save_checkpoint(cfg, epoch: int, states: tuple[dict, dict], data_rng, best, memory: dict, *,
+                    log: RunLog) -> None:
     """Write the run's ckpt.pt (`checkpoint`), whole or not at all (atomic_save)."""
-    atomic_save(checkpoint(cfg, epoch, states, data_rng, best, memory), Path(cfg.out_dir) / "ckpt.pt")
+    atomic_save(checkpoint(cfg, epoch, states, data_rng, best, memory, log=log), Path(cfg.out_dir) / "ckpt.pt")
 
 
 @contextmanager
@@ -309,14 +396,15 @@ def append_metrics(cfg, row: dict) -> None:
     jsonio.append_line(Path(cfg.out_dir) / "metrics.jsonl", row)
 
 
-def end_epoch(cfg, row: dict, states: tuple[dict, dict], data_rng, best: tuple, memory: dict) -> tuple:
+def end_epoch(cfg, row: dict, states: tuple[dict, dict], data_rng, best: tuple, memory: dict, *,
+              log: RunLog) -> tuple:
     """The end of the epoch `row` (metrics_row) is of, for the trainer and the pipeline alike:
-    the best test error so far, the metrics line, then the checkpoint (`states`: the model's
-    and the optimizer's state_dicts). Returns the best (error, epoch)."""
+    the best test error so far, the metrics line (in `log` too), then the checkpoint
+    (`states`: the model's and the optimizer's state_dicts). Returns the best (error, epoch)."""
     if row["test_error"] < best[0]:
         best = (row["test_error"], row["epoch"])
-    append_metrics(cfg, row)
-    save_checkpoint(cfg, row["epoch"], states, data_rng, best, memory)
+    log.add(cfg, row)
+    save_checkpoint(cfg, row["epoch"], states, data_rng, best, memory, log=log)
     return best
 
 
@@ -325,13 +413,16 @@ def write_error(out: Path, record: dict) -> None:
     atomic_save(record, out / "error.json", as_json=True)
 
 
-def finish_run(cfg, net, best: tuple, memory: dict, device, **extra) -> dict:
-    """Write result.json from the run's metrics and return it."""
+def finish_run(cfg, net, best: tuple, memory: dict, device, *, log: RunLog, **extra) -> dict:
+    """Write result.json from the run's metrics and return it, with the facts that made it
+    (provenance.result_facts: bit for bit holds on the same device, threads and versions)."""
     out = Path(cfg.out_dir)
     rows = [row for _, row in read_metrics(out / "metrics.jsonl")]
+    missing = sorted(set(range(cfg.epochs)) - {row["epoch"] for row in rows})   # named on resume
     result = {"final_error": rows[-1]["test_error"], "best_error": best[0], "best_epoch": best[1],
               "epochs": cfg.epochs, **memory, "params": net.parts(), "cuts": net.cuts,
               "train_seconds": sum(r["epoch_seconds"] for r in rows), "device": str(device),
+              **result_facts(log.facts), **({"epochs_without_metrics": missing} if missing else {}),
               "config": config_json(cfg), **extra}
     atomic_save(result, out / "result.json", as_json=True)
     return json.loads((out / "result.json").read_text())  # the same types as a skipped rerun returns

@@ -25,10 +25,11 @@ from .data import DeviceLoader, ImageData, denormalize, load_dataset
 from .epoch import EpochSteps, mean_losses, train_error
 from .errors import UsageError, check_bool, check_float, check_int, check_str, command_line, option
 from .model import ContSupNet, ModelConfig, check_model_fields
-from .rundir import checkpoint_fits, end_epoch, finish_run, metrics_row, open_run, prepare_run_folder
+from .provenance import run_facts
+from .rundir import RunLog, checkpoint_fits, end_epoch, finish_run, metrics_row, open_run, prepare_run_folder
 from .speed.encoders import AUTO, CONTEXT_IMPLS
 from .speed.memory import measure_step_memory, reuse_freed_cpu_memory
-from .speed.setup import compile_model, pick_device, prepare_model, resolved_for, to_format
+from .speed.setup import compile_model, pick_device, prepare_model, resolved_for, to_format, use_device
 from .step import autocast, local_learning_step
 from .wrap import build_net
 
@@ -255,9 +256,10 @@ class RunSetup:
         x, y = next(iter(loader))
         return to_format(x, self.cfg.channels_last), y, reconstruction_target(x, loader, self.cfg)
 
-    def open_folder(self, ckpt: dict | None) -> tuple[int, tuple, dict]:
-        """prepare_run_folder, measuring a new run's memory on its first batch."""
-        return prepare_run_folder(self.cfg, ckpt, lambda: first_step_memory(self))
+    def open_folder(self, ckpt: dict | None) -> tuple[int, tuple, dict, RunLog]:
+        """prepare_run_folder, measuring a new run's memory on its first batch; this process's
+        facts (provenance.run_facts) are read here, once."""
+        return prepare_run_folder(self.cfg, ckpt, lambda: first_step_memory(self), run_facts(self.device))
 
 
 def set_up_run(cfg: TrainConfig, device, ckpt: dict | None, data: bool = True) -> RunSetup:
@@ -287,13 +289,13 @@ def set_up_run(cfg: TrainConfig, device, ckpt: dict | None, data: bool = True) -
 
 def _train(cfg: TrainConfig, ckpt: dict | None, progress: bool) -> dict:
     """The run itself, from `ckpt` (None: from scratch), in a folder `open_run` has opened."""
-    run = set_up_run(cfg, pick_device(cfg.device), ckpt)
+    run = set_up_run(cfg, use_device(pick_device(cfg.device)), ckpt)
     cfg, net = run.cfg, run.net
     optimizer = make_optimizer(net, cfg)
     if ckpt is not None:
         with checkpoint_fits(cfg):
             optimizer.load_state_dict(ckpt["optimizer"])
-    start_epoch, best, memory = run.open_folder(ckpt)
+    start_epoch, best, memory, log = run.open_folder(ckpt)
     if cfg.torch_compile:  # after the memory measurement, which runs eagerly on a copy
         compile_model(net)
 
@@ -308,7 +310,7 @@ def _train(cfg: TrainConfig, ckpt: dict | None, progress: bool) -> dict:
         test_error = evaluate(net, run.test_loader, cfg.channels_last, cfg.bf16)
         row = metrics_row(epoch, lr, train_error=train_error(wrong, seen), test_error=test_error,
                           local_losses=mean_losses(loss_sum, seen), seconds=train_time, seen=seen)
-        best = end_epoch(cfg, row, (net.state_dict(), optimizer.state_dict()), run.gen, best, memory)
+        best = end_epoch(cfg, row, (net.state_dict(), optimizer.state_dict()), run.gen, best, memory, log=log)
         epochs.set_postfix(test_error=f"{test_error:.2f}%")
 
-    return finish_run(cfg, net, best, memory, run.device)
+    return finish_run(cfg, net, best, memory, run.device, log=log)

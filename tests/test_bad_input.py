@@ -143,6 +143,9 @@ def edit_checkpoint(**fields):
     return setup
 
 
+old_checkpoint = edit_checkpoint(metrics=DELETE, run_facts=DELETE)   # as written before they were kept
+
+
 def read_only_parent(t, run):
     (t / "locked").mkdir()
     os.chmod(t / "locked", 0o555)
@@ -259,10 +262,12 @@ CASES = [
          also(unfinished, edit_checkpoint(torch_rng=[1, 2]))),
     Case("resume-ckpt-epoch-past-the-end", TRAIN + ["--resume"], "'epoch' is 5, past the run's last epoch 0",
          also(unfinished, edit_checkpoint(epoch=5))),
+    # a checkpoint of an older version (no metrics rows to restore from): a damaged line is refused
     Case("resume-metrics-test-error-a-string", TRAIN + ["--resume"], "metrics.jsonl line 1: 'test_error' is 'x'",
-         also(unfinished, a_file("run/metrics.jsonl", '{"epoch": 0, "test_error": "x", "epoch_seconds": 1.0}\n'))),
+         also(unfinished, old_checkpoint,
+              a_file("run/metrics.jsonl", '{"epoch": 0, "test_error": "x", "epoch_seconds": 1.0}\n'))),
     Case("resume-metrics-line-not-json", TRAIN + ["--resume"], "metrics.jsonl line 1 is not JSON",
-         also(unfinished, a_file("run/metrics.jsonl", '{"epoch": 0, \n{"epoch": 1}\n'))),
+         also(unfinished, old_checkpoint, a_file("run/metrics.jsonl", '{"epoch": 0, \n{"epoch": 1}\n'))),
     Case("resume-config-seed-a-string", TRAIN + ["--resume"], "config.json was written by a different config "
          "(differs in ['seed'])", also(unfinished, edit_json("run/config.json", seed="0"))),
     # datasets half-downloaded (torchvision's layout, tiny fake files)

@@ -2,7 +2,7 @@
 
     method    errors, tables, losses, tokens, model,     the paper, top to bottom; wrap: the same
               step, wrap                                 method on any backbone
-    data      data, jsonio, runlock                      data path, strict JSON files, run-folder lock
+    data      data, jsonio, runlock, provenance          data path, strict JSON files, run-folder lock, run facts
     speed     speed/                                     lean encoders, memory tracker, device set-up
     trainer   rundir, epoch, train, pipeline             one run: its folder, its steps' books, one process
                                                          or one rank per stage
@@ -18,7 +18,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "contsup"
 LAYERS = [
     ("method", {"__init__", "errors", "tables", "losses", "tokens", "model", "step", "wrap"}),
-    ("data", {"data", "jsonio", "runlock"}),
+    ("data", {"data", "jsonio", "runlock", "provenance"}),
     ("speed", {"speed"}),
     ("trainer", {"rundir", "epoch", "train", "pipeline"}),
     ("study", {"study"}),

@@ -79,6 +79,9 @@ def slot_sample_bytes(net: ContSupNet, bounds: list[int], rank: int, slot) -> in
 # The header is written on the buffer's device without a host->device copy: the layouts a
 # link sends are few (train or eval, full or last batch), each is made once on the device
 # (`layouts`) and copied device to device; epoch and step are written by two scalar fills.
+# The receiver knows each message's head from the batch schedule (the same batches every
+# epoch), so it reads a header on the host only for the first message of each layout, not
+# once a message (Link.recv): on CUDA its host need not wait for every message to arrive.
 HEAD, PER_SLOT = 4, 11
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.uint8, torch.float64]
 
@@ -123,11 +126,22 @@ def pack(buf: torch.Tensor, head: tuple, tensors: list, layouts: dict | None = N
         offset += _align(n)
 
 
+def header_of(buf: torch.Tensor, slots: int) -> torch.Tensor:
+    """The int64 header of the message in `buf`, on the buffer's device."""
+    return buf[:8 * (HEAD + PER_SLOT * slots)].view(torch.int64)
+
+
 def unpack(buf: torch.Tensor, slots: int) -> tuple[tuple, list]:
     """(head, tensors) of a message: views into `buf`, valid until the buffer is reused. The
-    header is read on the host (on CUDA the one device->host read of a message: the receiver
-    needs the batch's shapes), which is where a receiving host waits for the message."""
-    header = buf[:8 * (HEAD + PER_SLOT * slots)].view(torch.int64).tolist()
+    header is read on the host (on CUDA a device->host read, which waits for the message):
+    a receiver that knows the message's layout uses `views` instead (Link.recv)."""
+    header = header_of(buf, slots).tolist()
+    return tuple(header[:HEAD]), views(buf, header, slots)
+
+
+def views(buf: torch.Tensor, header: list[int], slots: int) -> list:
+    """The tensors of the message in `buf` laid out as `header` (a message's header read on
+    the host) says: views into `buf`, nothing read from it."""
     offset, tensors = _align(8 * len(header)), []
     for i in range(slots):
         present, dtype, ndim, *rest = header[HEAD + PER_SLOT * i:HEAD + PER_SLOT * (i + 1)]
@@ -141,7 +155,7 @@ def unpack(buf: torch.Tensor, slots: int) -> tuple[tuple, list]:
         n = numel * dtype.itemsize
         tensors.append(torch.as_strided(buf[offset:offset + n].view(dtype), shape, strides))
         offset += _align(n)
-    return tuple(header[:HEAD]), tensors
+    return tensors
 
 
 
@@ -155,6 +169,8 @@ class Link:
         self.peer, self.slots, self.watch = peer, slots, watch
         self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(depth)]
         self.layouts = {}        # header layouts made on the device (pack)
+        self.known = {}          # (kind, batch) -> (header read on the host, its copy on the device) (recv)
+        self.mismatch = torch.zeros((), dtype=torch.bool, device=device)   # a message unlike its layout's first
         self.pending = deque()   # (buffer index, work) in message order
         self.count = 0           # messages sent or receives posted so far
         watch.links.append(self)
@@ -177,16 +193,47 @@ class Link:
     def expect(self, n: int):
         self.expected = n
 
-    def recv(self) -> tuple[tuple, list]:
+    def recv(self, head: tuple | None = None) -> tuple[tuple, list]:
+        """(head, tensors) of the next message. With `head` (kind, epoch, step, batch), which
+        the receiver knows from the batch schedule, only the first message of each (kind,
+        batch) has its header read on the host (`_known_layout`): on CUDA the host then runs
+        ahead instead of waiting for every message. Without it, every header is read."""
         while self.expected and len(self.pending) < len(self.buffers):   # all buffers are free now
             i = self.count % len(self.buffers)
             self.pending.append((i, self.watch.call(dist.irecv, self.buffers[i], self.peer)))
             self.count += 1
             self.expected -= 1
         i, work = self.pending.popleft()
-        with self.watch.waiting(self.peer, "receiving from"):   # on CUDA the host waits in unpack
+        with self.watch.waiting(self.peer, "receiving from"):   # on gloo the host waits here
             self.watch.wait(work, self.peer, "receiving from")
-            return unpack(self.buffers[i], self.slots)
+            if head is None:
+                return unpack(self.buffers[i], self.slots)
+            return head, views(self.buffers[i], self._known_layout(self.buffers[i], head), self.slots)
+
+    def _known_layout(self, buf: torch.Tensor, head: tuple) -> list[int]:
+        """The layout of the message in `buf`, whose head the receiver knows: read on the host
+        from the first message of its (kind, batch) on this link (at most four for a run:
+        train and test, full and last batch), then taken as known. Each message's header is
+        still compared with it, on the device (`mismatch`, read once an epoch: check_layouts)."""
+        header = header_of(buf, self.slots)
+        kind, epoch, step, batch = head
+        if (kind, batch) not in self.known:
+            layout = header.tolist()
+            if tuple(layout[:HEAD]) != tuple(head):
+                raise RuntimeError(f"rank {self.peer} sent {tuple(layout[:HEAD])} where the batch schedule says {head}")
+            self.known[(kind, batch)] = (layout, header.clone())
+        layout, expected = self.known[(kind, batch)]
+        expected[1].fill_(epoch)
+        expected[2].fill_(step)
+        self.mismatch |= (header != expected).any()
+        return layout
+
+    def check_layouts(self):
+        """Raise if a message since the last check was not laid out as the first of its kind
+        and batch size said (one host read)."""
+        if bool(self.mismatch):
+            raise RuntimeError(f"a message from rank {self.peer} did not match the layout of the first of its "
+                               f"kind and batch size")
 
     def waiting_on(self) -> int | None:
         """The peer, if a message of this link is not through yet (for the watchdog)."""

@@ -16,8 +16,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..errors import UsageError, stop_on_signals
-from ..rundir import checkpoint_fits, end_epoch, finish_run, metrics_row, open_run
-from ..speed.setup import compile_model, pick_device
+from ..rundir import RunLog, checkpoint_fits, end_epoch, finish_run, metrics_row, open_run
+from ..speed.setup import compile_model, pick_device, use_device
 from ..train import RunSetup, TrainConfig, learning_rate, reconstruction_target, set_up_run
 from . import faults
 from .messages import EVAL, TRAIN
@@ -73,10 +73,7 @@ def rank_device(name: str, env=os.environ) -> torch.device:
 
 
 def _device(cfg: TrainConfig) -> torch.device:
-    device = rank_device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return device
+    return use_device(rank_device(cfg.device))   # always indexed on CUDA
 
 
 def _broadcast(watch: Watch, obj=None, seconds: float | None = None):
@@ -147,7 +144,7 @@ def _run(cfg: TrainConfig, watch: Watch, device, lock: ExitStack, *, resume: boo
     _check_ranks(cfg, split, watch.world)   # before any file is written
     run = set_up_run(cfg, device, ckpt, data=first)
     cfg, net = run.cfg, run.net   # 'auto' encoders named as they run (config.json, checkpoint, result)
-    plan, best, memory = _plan(run, ckpt, split, watch.world) if first else (None, None, None)
+    plan, best, memory, log = _plan(run, ckpt, split, watch.world) if first else (None, None, None, None)
     plan = _broadcast(watch, plan, SETUP_TIMEOUT_S)
     if cfg.torch_compile:
         compile_model(net)
@@ -163,14 +160,14 @@ def _run(cfg: TrainConfig, watch: Watch, device, lock: ExitStack, *, resume: boo
     for epoch in epochs:
         faults.at_epoch_start(watch.rank, epoch)
         lr = learning_rate(epoch, cfg.lr, cfg.epochs, cfg.warmup_epochs)
-        numbers = stage.run_epoch(epoch, lr, _batches(run) if first else None, *plan["batches"])
+        numbers = stage.run_epoch(epoch, lr, _batches(run) if first else None, *plan["batches"], plan["sizes"])
         parts = _gather(watch, numbers | stage.part())   # the pipe is drained
         if first:
-            best = _end_epoch(run, stage, parts, (epoch, lr), best, memory)
+            best = _end_epoch(run, stage, parts, (epoch, lr), best, (memory, log))
             epochs.set_postfix(test_error=f"{parts[-1]['test_error']:.2f}%")
     result = None
     if first:
-        result = finish_run(cfg, net, best, memory, device, world_size=watch.world, stages=plan["bounds"])
+        result = finish_run(cfg, net, best, memory, device, log=log, world_size=watch.world, stages=plan["bounds"])
     return _broadcast(watch, result)
 
 
@@ -198,12 +195,14 @@ def _check_ranks(cfg: TrainConfig, split: list[int] | None, world: int) -> None:
                          f"give one number per rank")
 
 
-def _plan(run: RunSetup, ckpt: dict | None, split: list[int] | None, world: int) -> tuple[dict, tuple, dict]:
-    """Rank 0: (the plan every rank learns, best (error, epoch), memory). It opens the run
-    folder (the first epoch, a new run's memory) and finds the split: as given, one stage
-    alone, or balanced by each module's measured step time."""
+def _plan(run: RunSetup, ckpt: dict | None, split: list[int] | None, world: int) -> tuple[dict, tuple, dict, RunLog]:
+    """Rank 0: (the plan every rank learns, best (error, epoch), memory, the run's log). It
+    opens the run folder (the first epoch, a new run's memory) and finds the split: as given,
+    one stage alone, or balanced by each module's measured step time. The plan holds the
+    batch schedule (`batch_sizes`), which the receiving ranks use to know each message's
+    layout before it arrives."""
     cfg, net = run.cfg, run.net
-    start_epoch, best, memory = run.open_folder(ckpt)
+    start_epoch, best, memory, log = run.open_folder(ckpt)
     if split is not None:
         bounds, seconds = split_from_sizes(list(split), net.k), None
     elif world == 1:
@@ -212,8 +211,16 @@ def _plan(run: RunSetup, ckpt: dict | None, split: list[int] | None, world: int)
         seconds = profile_modules(net, *run.first_batch(), cfg.bf16)
         bounds = balanced_split(seconds, world)
     plan = {"bounds": bounds, "seconds": seconds, "batches": (len(run.train_loader), len(run.test_loader)),
+            "sizes": batch_sizes(run.train_loader) + batch_sizes(run.test_loader),
             "max_batch": max(cfg.batch_size, 256), "start_epoch": start_epoch}
-    return plan, best, memory
+    return plan, best, memory, log
+
+
+def batch_sizes(loader) -> list[int]:
+    """The size of each batch `loader` (a DeviceLoader) gives in an epoch, in order: the same
+    every epoch, so that the ranks behind rank 0, which read no data, know them in advance."""
+    n, b = len(loader.images), loader.batch_size
+    return [min(b, n - i) for i in range(0, len(loader) * b, b)]
 
 
 def _batches(run: RunSetup):
@@ -233,14 +240,16 @@ def _gather(watch: Watch, part: dict) -> list[dict] | None:
 
 
 def _end_epoch(run: RunSetup, stage: Stage, parts: list[dict], when: tuple[int, float], best: tuple,
-               memory: dict) -> tuple:
+               books: tuple[dict, RunLog]) -> tuple:
     """Rank 0: the epoch's metrics line and checkpoint from the ranks' `parts` (rundir.end_epoch),
-    as train.train writes them; returns the best (error, epoch). `when`: (epoch, lr)."""
+    as train.train writes them; returns the best (error, epoch). `when`: (epoch, lr); `books`:
+    (memory, the run's log)."""
     epoch, lr = when
+    memory, log = books
     seconds = max(p["t1"] for p in parts) - min(p["t0"] for p in parts)
     row = metrics_row(epoch, lr, train_error=parts[-1]["train_error"], test_error=parts[-1]["test_error"],
                       local_losses=[v for p in parts for v in p["losses"]], seconds=seconds, seen=parts[0]["seen"])
     net = run.net
     whole = {n: next(p["model"][n] for p in parts if n in p["model"]) for n in net.state_dict()}
     optimizer = _whole_optimizer_state([p["optimizer"] for p in parts], len(stage.names))
-    return end_epoch(run.cfg, row, (whole, optimizer), run.gen, best, memory)
+    return end_epoch(run.cfg, row, (whole, optimizer), run.gen, best, memory, log=log)

@@ -14,7 +14,7 @@ from ..model import ContSupNet
 from ..speed.setup import to_format
 from ..step import autocast, module_step
 from ..train import TrainConfig, make_optimizer
-from .messages import TRAIN, Link, link_slots, message_bytes, module_of
+from .messages import EVAL, TRAIN, Link, link_slots, message_bytes, module_of
 from .watch import Watch
 
 
@@ -104,21 +104,25 @@ class Stage:
             self.outbound = Link(rank + 1, message_bytes(net, bounds, rank, max_batch), len(self.slots_out),
                                  device, depth, watch)
 
-    def run_epoch(self, epoch: int, lr: float, source, n_train: int, n_eval: int) -> dict:
+    def run_epoch(self, epoch: int, lr: float, source, n_train: int, n_eval: int,
+                  sizes: list[int] | None = None) -> dict:
         """n_train training batches, then n_eval test batches, through this rank's modules.
         Rank 0 takes them from `source` ((kind, x, y, image) each), the others from the link.
-        Returns this rank's numbers: its modules' mean losses, the errors (last rank), the
-        images seen and the wall-clock times: start, end of each training batch (`ends`), last end.
-        The whole epoch is under the watchdog's deadline (watch.py)."""
+        `sizes`: the batch size of each of them (the batch schedule, run.batch_sizes), so that
+        a receiving rank knows each message's layout before it arrives (Link.recv); None: read
+        from every message. Returns this rank's numbers: its modules' mean losses, the errors
+        (last rank), the images seen and the wall-clock times: start, end of each training
+        batch (`ends`), last end. The whole epoch is under the watchdog's deadline (watch.py)."""
         self.watch.epoch = epoch
         self.watch.step()
         try:
-            return self._epoch(epoch, lr, source, n_train, n_eval)
+            return self._epoch(epoch, lr, source, (n_train, n_eval), sizes)
         finally:
             self.watch.disarm()
 
-    def _epoch(self, epoch: int, lr: float, source, n_train: int, n_eval: int) -> dict:
+    def _epoch(self, epoch: int, lr: float, source, counts: tuple[int, int], sizes: list[int] | None) -> dict:
         net, cfg = self.net, self.cfg
+        n_train, n_eval = counts
         books = EpochSteps(self.optimizer, cfg, epoch, lr, k=net.k, losses=len(self.modules), device=self.device,
                            first=self.bounds[self.rank] + 1)   # (from 1) the module of this stage's first loss
         if not self.first:
@@ -127,7 +131,7 @@ class Stage:
         t0 = t1 = time.time()
         for i in range(n_train + n_eval):
             self.watch.step()
-            head, h, batch = self._receive(epoch, i, n_train, source)
+            head, h, batch = self._receive(epoch, i, n_train, source, sizes)
             train = head[0] == TRAIN
             net.train(train)
             out, losses = stage_step(net, self.modules, h, batch, train, bf16=cfg.bf16)
@@ -144,18 +148,23 @@ class Stage:
             out = h = batch = None
         if self.outbound is not None:
             self.outbound.flush()
+        if self.inbound is not None:
+            self.inbound.check_layouts()
         return {"losses": books.mean_losses(), "seen": books.seen, "t0": t0, "t1": t1, "ends": ends,
                 "train_error": books.train_error() if self.last and books.seen else None,
                 "test_error": 100.0 * int(test_wrong) / test_total if self.last and test_total else None}
 
-    def _receive(self, epoch: int, i: int, n_train: int, source) -> tuple[tuple, torch.Tensor | None, Batch]:
+    def _receive(self, epoch: int, i: int, n_train: int, source,
+                 sizes: list[int] | None) -> tuple[tuple, torch.Tensor | None, Batch]:
         """(header, the previous rank's output, the batch) of the epoch's i-th batch: from
-        `source` on rank 0, else from the inbound link."""
+        `source` on rank 0, else from the inbound link (the header known from the batch
+        schedule `sizes` where given, see run_epoch)."""
         if self.first:
             kind, x, y, image = next(source)
             head = (kind, epoch, i if kind == TRAIN else i - n_train, len(y))
             return head, None, Batch(to_format(x, self.cfg.channels_last), y, image, [])
-        head, tensors = self.inbound.recv()
+        kind, step = (TRAIN, i) if i < n_train else (EVAL, i - n_train)
+        head, tensors = self.inbound.recv((kind, epoch, step, sizes[i]) if sizes is not None else None)
         got = dict(zip(self.slots_in, tensors))
         x = got.get("x")
         inputs = [x] + [got.get(("in", m)) for m in range(1, self.bounds[self.rank])]

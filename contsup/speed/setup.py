@@ -6,7 +6,10 @@ estimates make to put a model where it runs.
 """
 from __future__ import annotations
 
+import functools
 import os
+import re
+import sys
 import types
 from dataclasses import replace
 
@@ -22,6 +25,7 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
+        _note_unusable_driver()
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -32,13 +36,50 @@ def pick_device(name: str = "auto") -> torch.device:
     if device is None or device.type not in ("cpu", "cuda", "mps"):  # meta, xla...: not training devices
         raise UsageError(f"unknown device '{name}'; choose auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but no CUDA GPU is visible; use --device cpu or auto")
+        raise UsageError(f"--device cuda asked for, but {cuda_unusable_reason()}; use --device cpu or auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPUs (cuda:0 ...); "
                          f"use --device cuda or auto")
     mps = getattr(torch.backends, "mps", None)
     if device.type == "mps" and not (mps and mps.is_available()):
         raise UsageError("--device mps asked for, but this PyTorch has no Apple GPU; use --device cpu or auto")
+    return device
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_unusable_reason() -> str:
+    """Why torch.cuda.is_available() is False, for a one-line error: a CUDA build of PyTorch
+    that needs a newer NVIDIA driver than the installed one (CUDA's initialisation says so:
+    "The NVIDIA driver on your system is too old (found version 12080)"), or no GPU."""
+    if torch.version.cuda is None:
+        return "this PyTorch is built without CUDA"
+    try:
+        torch.cuda.init()   # raises why it cannot start; is_available() keeps that to a warning
+        return "no CUDA GPU is visible"
+    except Exception as e:
+        why = str(e)
+    if not any(s in why.lower() for s in ("driver on your system is too old", "driver version is insufficient",
+                                           "insufficient_driver", "insufficientdriver")):
+        return "no CUDA GPU is visible"
+    found = re.search(r"found version (\d+)", why)
+    supports = f" (it supports CUDA {int(found[1]) // 1000}.{int(found[1]) % 1000 // 10})" if found else ""
+    return (f"this PyTorch's CUDA {torch.version.cuda} build needs a newer NVIDIA driver than the installed one"
+            f"{supports}: update the driver or install a PyTorch built for its CUDA")
+
+
+@functools.lru_cache(maxsize=1)
+def _note_unusable_driver() -> None:
+    """--device auto on a machine whose driver is too old for this PyTorch: say so, once."""
+    if torch.version.cuda is not None and "driver" in cuda_unusable_reason():
+        print(f"contsup: warning: --device auto trains on the CPU: {cuda_unusable_reason()}", file=sys.stderr)
+
+
+def use_device(device: torch.device) -> torch.device:
+    """Make an indexed CUDA device the process's current one (torch.cuda.set_device): pinned
+    host copies, cuBLAS/cuDNN handles and other implicit allocations go to the current
+    device, so a run on cuda:N without it would also open a context on GPU 0."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     return device
 
 
