@@ -165,7 +165,7 @@ def cmd_train(args) -> int:
             print(f"contsup: error: {e}", file=sys.stderr, flush=True)
             os._exit(1)   # a process group with a lost peer cannot be torn down cleanly
         if int(os.environ.get("RANK", "0")) != 0:
-            return 0
+            _leave_process_group()
     else:
         result = train(cfg, resume=args.resume, progress=not args.no_progress, note_fresh_start=True)
     print(f"{out}: test error {result['final_error']:.2f}% (best {result['best_error']:.2f}% "
@@ -173,7 +173,18 @@ def cmd_train(args) -> int:
           f"{result['peak_activation_bytes'] / 2**20:.1f} MiB"
           + (f", training memory as the paper counts it {result['paper_memory_bytes'] / 2**20:.1f} MiB"
              if result.get("paper_memory_bytes") is not None else ""))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group():
+    """A rank of a finished multi-rank run ends here, status 0, once its files are written and
+    the group destroyed: the interpreter's own shutdown could meet a backend thread still
+    alive and abort ("terminate called without an active exception", seen under load)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def describe(args) -> dict:

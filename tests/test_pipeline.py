@@ -7,6 +7,7 @@ gives them (gloo on CPU), one thread each; the single-process references run her
 with one thread, so that every kernel sums in the same order.
 """
 import copy
+import dataclasses
 import itertools
 import json
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import contsup
 from contsup import pipeline
 from contsup.pipeline import faults, messages, split, stages, watch as watching
 from contsup.cli import main
@@ -47,6 +49,10 @@ def _argv(cfg: TrainConfig) -> list[str]:
             "--epochs", str(cfg.epochs), "--warmup-epochs", str(cfg.warmup_epochs), "--batch-size",
             str(cfg.batch_size), "--lr", str(cfg.lr), "--train-subset", str(cfg.train_subset), "--out", cfg.out_dir,
             "--device", "cpu", "--seed", str(cfg.seed), "--no-progress"]
+    if cfg.arch != "resnet32":
+        args += ["--arch", cfg.arch]
+    if cfg.loss_scales is not None:
+        args += ["--loss-scales", ",".join(map(str, cfg.loss_scales))]
     return args + (["--reconstruct"] if cfg.reconstruct else [])
 
 
@@ -92,7 +98,7 @@ def reference(tmp_path_factory, one_thread):
     return {case: root / case for case in CASES}
 
 
-def _assert_same_run(a: Path, b: Path):
+def _assert_same_run(a: Path, b: Path, epochs: int = 2):
     ca, cb = (torch.load(d / "ckpt.pt", weights_only=True) for d in (a, b))
     assert ca["epoch"] == cb["epoch"] and list(ca["model"]) == list(cb["model"])
     for name, tensor in ca["model"].items():   # every parameter and buffer
@@ -104,7 +110,7 @@ def _assert_same_run(a: Path, b: Path):
     assert torch.equal(ca["data_rng"], cb["data_rng"]) and ca["best"] == cb["best"]
     rows = lambda d: [{k: v for k, v in json.loads(l).items() if k not in TIMING_KEYS}  # noqa: E731
                       for l in (d / "metrics.jsonl").read_text().splitlines()]
-    assert rows(a) == rows(b) and len(rows(a)) == 2
+    assert rows(a) == rows(b) and len(rows(a)) == epochs
 
 
 def test_two_ranks_equal_the_single_process_trainer(tmp_path, reference):
@@ -114,6 +120,22 @@ def test_two_ranks_equal_the_single_process_trainer(tmp_path, reference):
     _assert_same_run(reference["R2"], tmp_path / "run")
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["world_size"] == 2 and result["stages"] == [0, 2, 4]
+
+
+def test_two_ranks_equal_the_single_process_trainer_on_a_wrapped_resnet18(tmp_path, one_thread):
+    """torchvision's ResNet-18 cut by contsup.wrap (-k 4 on the 32x32 digits): the links are
+    sized from the shapes at its cuts. Under --split 2,2 and R2E with reconstruction, rank 1
+    gets module 1's output, the labels, the image, the reconstruction target and module 1's
+    input (cut 2's residual context); both ranks end bit for bit where one process does."""
+    wrapped = dict(arch="torchvision:resnet18", dataset="digits", epochs=1, warmup_epochs=0, mode="R2E",
+                   reconstruct=True, loss_scales=(1, 1, 1, 1))
+    cfg = dataclasses.replace(_cfg(tmp_path / "run", "R1E"), **wrapped)
+    train(dataclasses.replace(cfg, out_dir=str(tmp_path / "reference")), progress=False)
+    codes, errors, _ = _launch(cfg, 2, "--split", "2,2")
+    assert codes == [0, 0], errors
+    _assert_same_run(tmp_path / "reference", tmp_path / "run", epochs=1)
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["world_size"] == 2 and result["stages"] == [0, 2, 4] and len(result["cuts"]) == 3
 
 
 def test_world_size_one_runs_the_same_path(tmp_path, reference):
@@ -301,6 +323,48 @@ def test_links_carry_what_later_ranks_need():
     assert owners == {0, 1, 2, 3} and messages.module_of("context.0.image.net.0.0.weight", 4) == 1
 
 
+def _wrapped_or_paper(family: str) -> ContSupNet:
+    """R2E with reconstruction, K=4: the paper's ResNet-32 (8x8 digits), a torchvision
+    ResNet-18 (feature maps) or a small ViT (tokens [B, N, D]) cut by contsup.wrap (32x32)."""
+    import torchvision
+    torch.manual_seed(0)
+    kw = dict(mode="R2E", reconstruct=True, loss_scales=(1, 1, 1, 1))
+    if family == "resnet32":
+        return ContSupNet(ModelConfig(dataset="digits8", k=4, **kw))
+    model = torchvision.models.resnet18(num_classes=10) if family == "resnet18" else \
+        torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=4, num_heads=2, hidden_dim=32,
+                                             mlp_dim=64, num_classes=10)
+    return contsup.wrap(model, cuts=4, image_size=32, **kw)
+
+
+@pytest.mark.parametrize("family", ["resnet32", "resnet18", "vit"])
+def test_links_are_sized_from_the_shapes_at_the_cuts_and_carry_a_step_bit_for_bit(family):
+    """The link 0 -> 1 of --split 2,2 is sized from the shapes the net recorded at its cuts
+    (each slot exactly one sample's bytes), for the paper's ResNet and wrapped nets alike;
+    a training step sent through it in one message equals local_learning_step bit for bit."""
+    net = _wrapped_or_paper(family).train()
+    staged, bounds, size = copy.deepcopy(net), [0, 2, 4], net.shapes[0][-1]
+    gen = torch.Generator().manual_seed(1)
+    x, image = torch.randn(6, 3, size, size, generator=gen), torch.rand(6, 3, size, size, generator=gen)
+    y = torch.arange(6)
+    logits, losses = local_learning_step(net, x, y, image)
+    inputs = []
+    h, first = stages.stage_step(staged, range(0, 2), None, stages.Batch(x, y, image, inputs), True)
+    slots = messages.link_slots(staged, bounds, 0)
+    assert slots == ["h", "y", "x", "image", ("in", 1)]   # cut 2 encodes module 1's input
+    tensors = [{"h": h, "y": y, "x": x, "image": image}[s] if isinstance(s, str) else inputs[s[1]] for s in slots]
+    assert [messages.slot_sample_bytes(staged, bounds, 0, s) for s in slots] == \
+        [t[0].numel() * t.element_size() for t in tensors]
+    buf = torch.empty(messages.message_bytes(staged, bounds, 0, max_batch=6), dtype=torch.uint8)
+    messages.pack(buf, (messages.TRAIN, 0, 0, 6), tensors)   # asserts that the message fits
+    got = dict(zip(slots, messages.unpack(buf, len(slots))[1]))
+    batch = stages.Batch(got["x"], got["y"], got["image"], [got["x"], got[("in", 1)]])
+    out, rest = stages.stage_step(staged, range(2, 4), got["h"], batch, True)
+    assert torch.equal(out, logits) and torch.equal(torch.stack(first + rest), losses)
+    assert all(g is None and q is None or torch.equal(g, q)
+               for g, q in ((p.grad, q.grad) for p, q in zip(net.parameters(), staged.parameters())))
+
+
 def test_messages_keep_values_dtypes_and_memory_format():
     x = torch.randn(3, 5, 4, 4).contiguous(memory_format=torch.channels_last)
     tensors = [x, torch.arange(3), None, torch.randn(3, 2, 4, 4).to(torch.bfloat16)]
@@ -374,3 +438,10 @@ def test_describe_prints_the_split_from_counted_flops_and_what_each_split_is_for
     assert "balanced: modules per rank [" in out and "the fewest GFLOPs on the busiest rank" in out
     assert "equal: modules per rank [2, 2] (`train --split 2,2`)" in out and "predicted speed-up" in out
     assert main(["describe", "--dataset", "digits8", "-k", "2", "--no-memory", "--stages", "3"]) == 2
+    capsys.readouterr()
+    # a wrapped model: its modules' FLOPs counted the same way
+    assert main(["describe", "--arch", "torchvision:resnet18", "--dataset", "digits", "-k", "4", "--no-memory",
+                 "--stages", "2", "--json"]) == 0
+    stages_ = json.loads(capsys.readouterr().out)["stages"]
+    assert len(stages_["module_gflops"]) == 4 and all(f > 0 for f in stages_["module_gflops"])
+    assert stages_["equal"]["bounds"] == [0, 2, 4] and stages_["balanced"]["speedup"] >= stages_["equal"]["speedup"]

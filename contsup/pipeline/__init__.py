@@ -23,6 +23,7 @@ checkpoint stays.
 Devices: gloo on CPU; NCCL on CUDA, rank r on cuda:LOCAL_RANK (`rank_device`).
 
     torchrun --nproc-per-node 2 -m contsup train --dataset digits8 -k 4 ...   # G = 2
+    torchrun --nproc-per-node 2 -m contsup train --arch torchvision:resnet18 --dataset digits -k 4 ...   # wrapped
     python -m contsup train --pipeline ...                                     # G = 1, same path
 """
 from .run import DEPTH, rank_device, train_pipelined

@@ -4,13 +4,13 @@ and the links themselves (`Link`: a ring of in-flight buffers between two ranks)
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 
 import torch
 import torch.distributed as dist
 
-from .. import tables
-from ..model import ContSupNet, feature_shape
+from ..model import ContSupNet
 
 TRAIN, EVAL = 0, 1   # a message's kind: a training or a test batch
 
@@ -62,21 +62,14 @@ def link_slots(net: ContSupNet, bounds: list[int], rank: int) -> list:
 
 
 def slot_sample_bytes(net: ContSupNet, bounds: list[int], rank: int, slot) -> int:
-    """The most bytes one sample of `slot` takes on the link rank -> rank+1 (fp32 features)."""
-    size = tables.DATA_RECIPES[net.cfg.dataset].image_size
+    """The most bytes one sample of `slot` takes on the link rank -> rank+1: the labels as
+    int64, a tensor (fp32 at most; bf16 halves it) by its shape recorded at the cut
+    (`net.shapes`, batch left out: [C, H, W] or tokens [N, D], for the paper's ResNets and
+    wrapped models alike). The image and the reconstruction target are module 0's input."""
     if slot == "y":
         return 8
-    if slot in ("x", "image"):
-        return 4 * 3 * size * size
-    module = bounds[rank + 1] if slot == "h" else slot[1]   # h is the input of rank+1's first module
-    c, side = feature_shape_at(net, module)
-    return 4 * c * side * side
-
-
-def feature_shape_at(net: ContSupNet, module: int) -> tuple[int, int]:
-    """(channels, side) of the input of `module` (> 0), i.e. of module-1's output."""
-    stage, _ = net.cuts[module - 1]
-    return feature_shape(stage, tables.DATA_RECIPES[net.cfg.dataset].image_size)
+    module = 0 if slot in ("x", "image") else bounds[rank + 1] if slot == "h" else slot[1]
+    return 4 * math.prod(net.shapes[module])   # h is the input of rank+1's first module
 
 
 # A message is one flat uint8 buffer: a header of int64s, then each tensor's bytes (64-byte
