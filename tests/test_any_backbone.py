@@ -24,7 +24,7 @@ def test_notebook_05_opens_with_smoke_parameters_that_reproduce_can_replace():
     # reproduce's analysis notebooks get exactly these three (run_notebooks)
     assert {"profile", "results_dir", "figures_dir"} <= set(assigned)
     assert assigned["profile"] == "smoke" and assigned["results_dir"] is None
-    sizes = "".join(cells[1]["source"])
+    sizes = next("".join(c["source"]) for c in cells if "SIZES = {" in "".join(c["source"]))
     assert all(f'"{p}": dict(' in sizes for p in ("smoke", "quick", "paper"))   # every profile reproduce passes
     assert "05_any_backbone.ipynb" in publish.FROM_REPRODUCE
 
