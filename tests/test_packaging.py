@@ -264,4 +264,7 @@ def test_readme_set_up_block_can_be_pasted_in_order():
     assert commands[0] == "make venv" and commands[-1] == "make lab", commands
     assert commands.index("source .venv/bin/activate") < min(
         i for i, c in enumerate(commands) if c.startswith("python -m contsup")), commands
-    assert "<!-- demo-duration -->" in readme
+    # both long commands come with an approximate duration (measured, in minutes)
+    prose = " ".join(readme.split())
+    assert re.search(r"`make test` takes about \d+ minutes", prose), "README: how long make test takes"
+    assert re.search(r"`make demo` about \d+ minutes", prose), "README: how long make demo takes"
