@@ -85,8 +85,8 @@ def trace(model: nn.Module, image_size: int) -> fx.GraphModule:
     """A traced copy of `model` in eval mode, its nodes annotated with shapes
     (`node.meta['tensor_meta']`). Eval mode, because fx bakes forward code that reads
     `self.training` itself into the graph: traced in training mode, torchvision's stochastic
-    depth would drop paths at test time too. Modules (BN, dropout) still follow train() and
-    eval(); such code keeps its eval branch (no stochastic depth, no GoogLeNet/Inception aux
+    depth would drop paths at test time too. Modules (BN, dropout) still follow the train and
+    eval modes; such code keeps its eval branch (no stochastic depth, no GoogLeNet/Inception aux
     logits, whose role the local heads take)."""
     if not isinstance(model, nn.Module):
         raise UsageError(f"wrap takes an nn.Module, got {type(model).__name__}")
