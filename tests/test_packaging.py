@@ -1,5 +1,6 @@
 """pyproject.toml and environment.yml list the same packages; the CI script runs the tests."""
 import json
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -240,14 +241,16 @@ def _make_dry_run(target: str) -> str:
     import subprocess
     if shutil.which("make") is None:
         pytest.skip("no `make` on this machine: the Makefile's targets cannot be dry-run")
-    return subprocess.run(["make", "--dry-run", "--always-make", target], cwd=ROOT, check=True,
-                          capture_output=True, text=True).stdout
+    # run as from a shell, also when the tests themselves run under `make test` (a nested make
+    # would print "Entering directory" lines and inherit the outer make's flags)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    return subprocess.run(["make", "--no-print-directory", "--dry-run", "--always-make", target], cwd=ROOT,
+                          check=True, capture_output=True, text=True, env=env).stdout
 
 
 def test_make_venv_builds_the_environment_and_nothing_else_and_lab_starts_as_root():
     """`make venv` installs .venv and runs nothing (no tests, no reproduction, no server);
     `make lab` passes --allow-root exactly when it runs as root."""
-    import os
     venv = _make_dry_run("venv")
     assert "-m venv .venv" in venv and "pip install" in venv and venv.strip().endswith("touch .venv/.installed")
     assert not re.search(r"pytest|reproduce|jupyter lab", venv), venv
