@@ -15,20 +15,32 @@ import pytest  # noqa: E402
 import contsup.train as train_module  # noqa: E402
 
 
+def arm_second_evaluation_interrupt(monkeypatch) -> callable:
+    """Make train.train raise KeyboardInterrupt in its second evaluation (through
+    `monkeypatch`): epoch 0 is checkpointed, epoch 1 trained but not yet. Returns `restore()`,
+    which puts the real evaluate back (monkeypatch does so when it is undone anyway)."""
+    real_evaluate, calls = train_module.evaluate, []
+
+    def dying_evaluate(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args)
+
+    monkeypatch.setattr(train_module, "evaluate", dying_evaluate)
+    return lambda: monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+
+
+@pytest.fixture(scope="session")
+def second_evaluation_interrupt():
+    """`arm_second_evaluation_interrupt`, for fixtures wider than a test (they bring their own
+    `pytest.MonkeyPatch.context()`)."""
+    return arm_second_evaluation_interrupt
+
+
 @pytest.fixture
 def interrupt_in_second_evaluation(monkeypatch):
     """`arm()` makes train.train raise KeyboardInterrupt in its second evaluation: epoch 0
     is checkpointed, epoch 1 trained but not yet. It returns `restore()`, which puts the real
     evaluate back (monkeypatch does so at the test's end anyway)."""
-    def arm():
-        real_evaluate, calls = train_module.evaluate, []
-
-        def dying_evaluate(*args):
-            calls.append(1)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            return real_evaluate(*args)
-
-        monkeypatch.setattr(train_module, "evaluate", dying_evaluate)
-        return lambda: monkeypatch.setattr(train_module, "evaluate", real_evaluate)
-    return arm
+    return lambda: arm_second_evaluation_interrupt(monkeypatch)

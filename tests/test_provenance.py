@@ -22,23 +22,12 @@ def epochs_of(run: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def killed_in_epoch_1(tmp_path_factory):
+def killed_in_epoch_1(tmp_path_factory, second_evaluation_interrupt):
     """TINY (3 epochs) stopped in epoch 1, after epoch 0's checkpoint; a copy per test."""
-    import contsup.train as train_module
     out = tmp_path_factory.mktemp("killed") / "run"
-    real, calls = train_module.evaluate, []
-
-    def dying_evaluate(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    train_module.evaluate = dying_evaluate
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        second_evaluation_interrupt(mp)
         assert main(["train", *TINY, "--out", str(out)]) == 130
-    finally:
-        train_module.evaluate = real
     assert epochs_of(out) == [0]
     return out
 
