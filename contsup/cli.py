@@ -155,7 +155,8 @@ def cmd_train(args) -> int:
     if not hasattr(args, "out_dir"):   # every setting that is not the default is in the name: no two configs share it
         cfg.out_dir = os.path.join("runs", run_name(cfg))
     out = cfg.out_dir
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.pipeline:
+    multi_rank = int(os.environ.get("WORLD_SIZE", "1")) > 1   # a rank of torchrun's
+    if multi_rank or args.pipeline:
         from .pipeline import RankFailure, train_pipelined
         try:  # under torchrun a run always resumes its checkpoint (--max-restarts restarts it)
             result = train_pipelined(cfg, resume=args.resume or "TORCHELASTIC_RUN_ID" in os.environ,
@@ -173,7 +174,7 @@ def cmd_train(args) -> int:
           f"{result['peak_activation_bytes'] / 2**20:.1f} MiB"
           + (f", training memory as the paper counts it {result['paper_memory_bytes'] / 2**20:.1f} MiB"
              if result.get("paper_memory_bytes") is not None else ""))
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if multi_rank:
         _leave_process_group()
     return 0
 
