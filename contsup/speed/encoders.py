@@ -39,6 +39,7 @@ against the ReLU output (a bool mask times a float tensor costs three times as m
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -66,45 +67,77 @@ def _bn_momentum(bn: nn.BatchNorm2d):
     return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
 
 
-def _bn_train_forward(z, bn: nn.BatchNorm2d):
-    """F.batch_norm in training mode, returning (out, mean, invstd); updates running stats once."""
-    factor = _bn_momentum(bn)
-    return torch.native_batch_norm(z, bn.weight, bn.bias, bn.running_mean, bn.running_var,
-                                   True, factor or 0.0, bn.eps)
+ROW_VALUES = 64  # BN's reductions over a channels-last map run on rows of a multiple of this many values
 
 
-def _bn_train_stats(z_of, n: int, step: int, bn: nn.BatchNorm2d):
-    """Batch mean and 1/std of z, with BatchNorm's running-stat update, without its output.
-    z_of(s) gives z's batch rows s:s+step (sliced or recomputed); each chunk's mean and
-    centred sum of squares are merged exactly (Chan et al.), so the whole z never has to
-    exist at once (and torch.var_mean over (0, 2, 3) is several times slower on a CPU)."""
-    count, mean, m2 = 0, 0.0, 0.0
-    for s in range(0, n, step):
-        z = z_of(s)
-        c = z.numel() // z.shape[1]
-        m = z.sum((0, 2, 3), dtype=_stats_dtype(z)) / c
-        q = (z - m.view(SHAPE)).square_().sum((0, 2, 3))
-        delta = m - mean
-        mean = mean + delta * (c / (count + c))
-        m2 = m2 + q + delta.square() * (count * c / (count + c))
-        count += c
-        del z
-    return _bn_batch_stats(bn, mean, m2 / count, count)
+def _as_rows(t):
+    """(view, r): t [N, C, H, W] as the matrix whose columns BatchNorm's CPU kernels reduce,
+    with r pixels a row. A channels-last map is an [N*H*W, C] matrix; the kernels vectorise
+    along its rows and loop over what the SIMD width leaves of a row one value at a time (all
+    of it for the image encoders' 12 hidden channels). Viewed as [N*H*W / r, r*C], a row is a
+    multiple of ROW_VALUES values, which every SIMD width divides; column j holds channel
+    j % C. (t, 1) where that needs no view (r == 1) or has none (NCHW memory, N*H*W not a
+    multiple of r)."""
+    c = t.shape[1]
+    r = ROW_VALUES // math.gcd(c, ROW_VALUES)
+    pixels = t.numel() // c
+    if r == 1 or pixels % r or not t.is_contiguous(memory_format=torch.channels_last):
+        return t, 1
+    return t.permute(0, 2, 3, 1).reshape(pixels // r, r * c), r
 
 
-def _bn_train_stats_1x1(h, weight, step: int, bn: nn.BatchNorm2d):
-    """The same for z = conv1x1(h) without computing z: its channel means are W mu and its
-    variances the diagonal of W Sigma W^T, from the mean mu and covariance Sigma of h's
-    channels (centred, chunk by chunk). h has fewer channels than z and no conv is run."""
-    c_in, n, acc = h.shape[1], h.shape[0], _stats_dtype(h)
-    count = h.numel() // c_in
-    mu = h.sum((0, 2, 3), dtype=acc) / count
+def _channel_stats(z):
+    """z's batch mean and biased variance per channel, in the statistics' dtype: BatchNorm's
+    own statistics kernel (no output written) on `_as_rows`'s view, whose r equal column
+    groups are then merged exactly (Chan et al.)."""
+    rows, r = _as_rows(z)
+    # running buffers it leaves as they are (momentum 0); they make a bfloat16 z's statistics float32
+    scratch = z.new_zeros(2, rows.shape[1], dtype=_stats_dtype(z))
+    mean, var = torch.batch_norm_update_stats(rows, scratch[0], scratch[1], 0.0)
+    if r > 1:
+        means, var = mean.view(r, -1), var.view(r, -1)
+        mean = means.mean(0)
+        var = var.mean(0) + (means - mean).square_().mean(0)
+    return mean, var
+
+
+def _bn_train_stats(z, bn: nn.BatchNorm2d):
+    """Batch mean and 1/std of z, with BatchNorm's running-stat update, without its output."""
+    mean, var = _channel_stats(z)
+    return _bn_batch_stats(bn, mean, var, z.numel() // z.shape[1])
+
+
+def _centred(h, mu):
+    """h - mu as a [C, N*H*W] matrix (a view of the difference where h is channels-last)."""
+    return (h - mu.view(SHAPE)).transpose(0, 1).reshape(h.shape[1], -1)
+
+
+def _input_moments(h, step: int):
+    """(mu, S): the mean of h's channels and the centred sum of their outer products
+    (S / count is their covariance), in the statistics' dtype, centred `step` batch rows at
+    a time."""
+    c_in, acc = h.shape[1], _stats_dtype(h)
+    mu = h.sum((0, 2, 3), dtype=acc) / (h.numel() // c_in)
     cov = h.new_zeros(c_in, c_in, dtype=acc)
-    for s in range(0, n, step):
-        hc = (h[s:s + step] - mu.view(SHAPE)).transpose(0, 1).reshape(c_in, -1)
+    for s in range(0, h.shape[0], step):
+        hc = _centred(h[s:s + step], mu)
         cov.addmm_(hc, hc.t())
         del hc
-    w = weight.view(weight.shape[0], c_in).to(acc)
+    return mu, cov
+
+
+def _pointwise_matrix(weight, dtype):
+    """A 1x1 conv's weight as the [C_out, C_in] matrix it multiplies each pixel by."""
+    return weight.reshape(weight.shape[0], -1).to(dtype)
+
+
+def _bn_train_stats_1x1(h, weight, moments, bn: nn.BatchNorm2d):
+    """The same for z = conv1x1(h) without computing z, from h's `_input_moments` (mu, S):
+    z's channel means are W mu and its variances the diagonal of W S W^T / count. h has
+    fewer channels than z and no conv is run."""
+    mu, cov = moments
+    count = h.numel() // h.shape[1]
+    w = _pointwise_matrix(weight, mu.dtype)
     var = ((w @ cov) * w).sum(1).clamp_(min=0) / count
     return _bn_batch_stats(bn, w @ mu, var, count)
 
@@ -143,37 +176,72 @@ class _Layer:
 _SAVED = ("weight", "gamma", "beta", "z", "mean", "invstd")
 
 
-def _bn_relu(z, layer: _Layer):
-    """relu(batch_norm(z)) with the layer's batch statistics, as a new tensor of z's dtype."""
+def _bn_out(z, layer: _Layer, out=None):
+    """batch_norm(z) with the layer's batch statistics (the ReLU's input), in z's dtype: a
+    new tensor, or written into `out` (which may be z itself)."""
     scale = layer.invstd * layer.gamma
     shift = layer.beta - layer.mean * scale
-    return torch.addcmul(shift.to(z.dtype).view(SHAPE), z, scale.to(z.dtype).view(SHAPE)).relu_()
+    return torch.addcmul(shift.to(z.dtype).view(SHAPE), z, scale.to(z.dtype).view(SHAPE), out=out)
 
 
-def _relu_backward_(g, relu_out):
-    """g where the ReLU was active, 0 elsewhere; written into g."""
-    return torch.ops.aten.threshold_backward.grad_input(g, relu_out, 0.0, grad_input=g)
+def _bn_relu(z, layer: _Layer, out=None):
+    """relu(batch_norm(z)) with the layer's batch statistics (see `_bn_out`)."""
+    return _bn_out(z, layer, out).relu_()
+
+
+def _relu_backward_(g, relu_in):
+    """g where the ReLU was active (its input, or output, > 0), 0 elsewhere; written into g."""
+    return torch.ops.aten.threshold_backward.grad_input(g, relu_in, 0.0, grad_input=g)
+
+
+def _pool_relu_backward(g, y):
+    """dL/dy of pool_to(relu(y), side) from g = dL/d(pooled), written into y's memory (y is
+    not needed after). Where the pool is the identity or a k x k average pool, one pass: a
+    threshold_backward of g, broadcast over each k x k block (scaled by 1/k^2 first, at the
+    pooled size), against y; no copy of g and no zero-filled gradient first. Otherwise
+    pool_to_backward, then the ReLU's mask, in a new tensor."""
+    (H, W), (h, w) = y.shape[-2:], g.shape[-2:]
+    if H % h or W % w:
+        return _relu_backward_(pool_to_backward(g, y), y)
+    kh, kw = H // h, W // w
+    if kh * kw == 1:
+        return torch.ops.aten.threshold_backward.grad_input(g, y, 0.0, grad_input=y)
+    blocks = y.unflatten(3, (w, kw)).unflatten(2, (h, kh))          # [B, C, h, kh, w, kw], a view
+    g = (g * (1.0 / (kh * kw))).unflatten(3, (w, 1)).unflatten(2, (h, 1))
+    torch.ops.aten.threshold_backward.grad_input(g, blocks, 0.0, grad_input=blocks)
+    return y
 
 
 def _bn_reductions(g, z, layer: _Layer):
-    """(Σ g * x_hat, Σ g) per channel: BatchNorm's weight and bias gradients."""
+    """(Σ g * x_hat, Σ g) per channel: BatchNorm's weight and bias gradients, by its own
+    backward kernel on `_as_rows`'s views of g and z, the r column groups then summed."""
+    (rows_g, r), (rows_z, r_z) = _as_rows(g), _as_rows(z)
+    if r != r_z:   # g and z in different memory formats
+        rows_g, rows_z, r = g, z, 1
+    gamma, mean, invstd = (t.repeat(r) for t in (layer.gamma, layer.mean, layer.invstd))
     _, g_weight, g_bias = torch.ops.aten.native_batch_norm_backward(
-        g, z, layer.gamma, None, None, layer.mean, layer.invstd, True, 0.0, [False, True, True])
+        rows_g, rows_z, gamma, None, None, mean, invstd, True, 0.0, [False, True, True])
+    if r > 1:
+        g_weight, g_bias = g_weight.view(r, -1).sum(0), g_bias.view(r, -1).sum(0)
     return g_weight, g_bias
 
 
-def _bn_input_grad_(g, z, layer: _Layer, g_weight, g_bias, count: int):
-    """dL/dz of BatchNorm (training) from g = dL/d(output), written into g:
-    invstd * weight * (g - mean(g) - x_hat * mean(g * x_hat)), as g*k1 + z*k2 + k3. A g in a
+def _bn_input_grad(g, z, layer: _Layer, reductions, count: int, out):
+    """dL/dz of BatchNorm (training) from g = dL/d(output) and `reductions` = (Σ g * x_hat,
+    Σ g): invstd * weight * (g - mean(g) - x_hat * mean(g * x_hat)), as g*k1 + z*k2 + k3,
+    written into `out`: g itself (three passes), or z or a free buffer (two). A g in a
     narrower dtype than the statistics (bfloat16 under autocast) is computed in theirs and
     rounded once, as BatchNorm's own backward does (three in-place roundings would add
     about as much error again as bf16's own)."""
+    g_weight, g_bias = reductions
     k1 = layer.invstd * layer.gamma
     k2 = -k1 * layer.invstd * g_weight / count
     k3 = -k1 * g_bias / count - k2 * layer.mean
     if g.dtype != k1.dtype:
-        return g.copy_(torch.addcmul(k3.view(SHAPE), z, k2.view(SHAPE)).addcmul_(g, k1.view(SHAPE)))
-    return g.mul_(k1.view(SHAPE)).addcmul_(z, k2.view(SHAPE)).add_(k3.view(SHAPE))
+        return out.copy_(torch.addcmul(k3.view(SHAPE), z, k2.view(SHAPE)).addcmul_(g, k1.view(SHAPE)))
+    if out is g:
+        return g.mul_(k1.view(SHAPE)).addcmul_(z, k2.view(SHAPE)).add_(k3.view(SHAPE))
+    return torch.addcmul(k3.view(SHAPE), z, k2.view(SHAPE), out=out).addcmul_(g, k1.view(SHAPE))
 
 
 MIN_CHUNK_BYTES = 4 << 20  # smaller slices cost more in per-op overhead than they save
@@ -184,6 +252,10 @@ def _chunk_size(n: int, chunks: int, conv: nn.Conv2d, h) -> int:
     `chunks` slices: fewer slices when that output is small."""
     row_bytes = conv.out_channels * h.shape[2] * h.shape[3] * h.element_size()
     return min(n, max(-(-n // chunks), -(-MIN_CHUNK_BYTES // row_bytes)))
+
+
+def _is_pointwise(conv: nn.Conv2d) -> bool:
+    return conv.kernel_size == conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
 
 
 def _conv(conv: nn.Conv2d, x, weight):
@@ -197,70 +269,38 @@ def _conv_backward(conv: nn.Conv2d, grad, x, weight, need_input: bool):
     return g_in, g_w
 
 
-def _joined(chunks):
-    """The batch chunks as one tensor (a single chunk is not copied); None when there are none."""
-    return None if not chunks else chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-
-
 class _EncoderChainFn(torch.autograd.Function):
     """The encoder chain, training mode. Saved: the input x and, per layer (`_Layer`), its
     pre-BN conv output z and BN batch mean and 1/std. The ReLU outputs are not saved: the
-    backward rebuilds each from its z. With `lean` the last layer's z is not saved either:
-    where the pool shrinks the map, the pooled ReLU mask and the pooled mask * x_hat are
-    (they give BN's weight and bias gradients), and the backward recomputes the last conv
-    in batch slices (once more for BN's gradients where the pool keeps the resolution and
-    the batch is cut into several slices). A 1x1 last conv's z exists only slice by slice,
-    also in the forward (its BN statistics come from its input's covariance)."""
+    backward rebuilds each from its z. With `lean` the last layer's z is not saved either
+    (`_lean_forward`): in its place two small tensors or none (`kept`), and the backward
+    recomputes the last conv in batch slices (`_lean_last_layer`, `_pointwise_backward`)."""
 
     @staticmethod
     def forward(ctx, x, modules, side, lean, chunks, *params):
         # params: (conv.weight, bn.weight, bn.bias) per layer, flat, so that autograd sees them
         flat = iter(params)
         layers = [_Layer(conv, bn, next(flat), next(flat), next(flat)) for conv, bn in modules]
-        last = layers[-1]
         h = x
         for layer in layers[:-1] if lean else layers:
             layer.z = _conv(layer.conv, h, layer.weight)
-            out, layer.mean, layer.invstd = _bn_train_forward(layer.z, layer.bn)
-            h = out.relu_()
-        p_mask = p_mx = None   # lean, pooled: the pooled ReLU mask and mask * x_hat of the last layer
+            layer.mean, layer.invstd = _bn_train_stats(layer.z, layer.bn)
+            h = _bn_relu(layer.z, layer)
+        ctx.one_pass = False
         if not lean:
-            pooled = pool_to(h, side)
-        else:  # output (and, where pooled, pooled ReLU mask and mask * x_hat) chunk by chunk
-            conv, w, B = last.conv, last.weight, h.shape[0]
-            step = _chunk_size(B, chunks, conv, h)
-            pointwise = conv.kernel_size == conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
-            if pointwise:  # z is only ever made in chunks
-                z_of = lambda s: _conv(conv, h[s:s + step], w)  # noqa: E731
-                last.mean, last.invstd = _bn_train_stats_1x1(h, w, step, last.bn)
-            else:          # computed once, sliced
-                z = _conv(conv, h, w)
-                z_of = lambda s: z[s:s + step]  # noqa: E731
-                last.mean, last.invstd = _bn_train_stats(z_of, B, step, last.bn)
-            gamma, beta = last.gamma.to(h.dtype).view(SHAPE), last.beta.to(h.dtype).view(SHAPE)
-            pooled_stats = side < h.shape[-1]
-            parts = ([], [], [])
-            for s in range(0, B, step):
-                if not pooled_stats:  # the output is the ReLU output itself
-                    parts[0].append(_bn_relu(z_of(s), last))
-                    continue
-                xc = z_of(s).sub_(last.mean.view(SHAPE)).mul_(last.invstd.view(SHAPE))   # x_hat
-                t = torch.addcmul(beta, xc, gamma).relu_()
-                parts[0].append(pool_to(t, side))
-                mask = t.gt_(0)
-                parts[1].append(pool_to(mask, side))
-                parts[2].append(pool_to(mask.mul_(xc), side))
-                del t, mask, xc
-            pooled, p_mask, p_mx = (_joined(p) for p in parts)
-            z = z_of = parts = None
+            pooled, kept = pool_to(h, side), (None, None)
+        else:
+            need_in = len(layers) > 1 or ctx.needs_input_grad[0]
+            ctx.one_pass = _is_pointwise(layers[-1].conv) and not need_in
+            pooled, kept = _lean_forward(layers[-1], h, side, chunks, ctx.one_pass)
         del h
         ctx.modules, ctx.lean, ctx.chunks = modules, lean, chunks
-        ctx.save_for_backward(x, p_mask, p_mx, *(getattr(layer, name) for layer in layers for name in _SAVED))
+        ctx.save_for_backward(x, *kept, *(getattr(layer, name) for layer in layers for name in _SAVED))
         return pooled
 
     @staticmethod
     def backward(ctx, g_out):
-        x, p_mask, p_mx, *saved = ctx.saved_tensors
+        x, kept_a, kept_b, *saved = ctx.saved_tensors
         flat = iter(saved)
         layers = [_Layer(conv, bn, **{name: next(flat) for name in _SAVED}) for conv, bn in ctx.modules]
         grads = [None] * len(layers)   # (conv.weight, bn.weight, bn.bias) gradients per layer
@@ -272,26 +312,105 @@ class _EncoderChainFn(torch.autograd.Function):
         need_in = len(layers) > 1 or need_x
         if not ctx.lean:
             z = last.z
-            r = last.relu_out()
-            g_t = _relu_backward_(pool_to_backward(g_out, r), r)
-            del r
+            g_t = _pool_relu_backward(g_out, _bn_out(z, last))
             g_gamma, g_beta = _bn_reductions(g_t, z, last)
-            g_z = _bn_input_grad_(g_t, z, last, g_gamma, g_beta, z.numel() // z.shape[1])
+            g_z = _bn_input_grad(g_t, z, last, (g_gamma, g_beta), z.numel() // z.shape[1], out=g_t)
             g_h, g_w = _conv_backward(last.conv, g_z, h_in, last.weight, need_in)
             del g_z, g_t
+        elif ctx.one_pass:
+            g_h, (g_w, g_gamma, g_beta) = None, _pointwise_backward(ctx, last, h_in, g_out, (kept_a, kept_b))
         else:  # recompute the last conv in batch chunks
-            g_h, g_w, g_gamma, g_beta = _lean_last_layer(ctx, last, h_in, g_out, (p_mask, p_mx), need_in)
+            g_h, g_w, g_gamma, g_beta = _lean_last_layer(ctx, last, h_in, g_out, (kept_a, kept_b), need_in)
         grads[-1] = (g_w, g_gamma, g_beta)
         # Earlier layers: ReLU, BN and conv backward from the saved z's.
         for i in range(len(layers) - 2, -1, -1):
             layer, z = layers[i], layers[i].z
             g_h = _relu_backward_(g_h, h_in)      # h_in is this layer's ReLU output
             g_gamma, g_beta = _bn_reductions(g_h, z, layer)
-            g_z = _bn_input_grad_(g_h, z, layer, g_gamma, g_beta, z.numel() // z.shape[1])
+            g_z = _bn_input_grad(g_h, z, layer, (g_gamma, g_beta), z.numel() // z.shape[1], out=g_h)
             h_in = x if i == 0 else layers[i - 1].relu_out()
             g_h, g_w = _conv_backward(layer.conv, g_z, h_in, layer.weight, i > 0 or need_x)
             grads[i] = (g_w, g_gamma, g_beta)
         return (g_h if need_x else None, None, None, None, None, *(g for per_layer in grads for g in per_layer))
+
+
+def _pooled_like(t, n: int, side: int):
+    """An uninitialised [n, C, side, side] tensor in t's dtype and memory format."""
+    fmt = torch.channels_last if not t.is_contiguous() and t.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format
+    return torch.empty((n, t.shape[1], side, side), dtype=t.dtype, device=t.device, memory_format=fmt)
+
+
+def _lean_forward(last: _Layer, h, side: int, chunks: int, one_pass: bool):
+    """The forward of a lean chain's last layer from its input h: (its pooled ReLU output,
+    what the backward keeps of it). z itself is not kept. Where the pool keeps the resolution
+    the output is made in z's own memory and nothing is kept. Else, slice by slice, with
+    `one_pass` (a 1x1 conv whose input needs no gradient) the input's moments are kept, and
+    otherwise the pooled ReLU mask and mask * x_hat, which give BN's reductions exactly. A
+    1x1 conv takes its BN statistics from its input's moments, and where the output is
+    pooled its full z never exists at all."""
+    conv, w, B = last.conv, last.weight, h.shape[0]
+    step = _chunk_size(B, chunks, conv, h)
+    z = None
+    if _is_pointwise(conv):
+        moments = _input_moments(h, step)
+        last.mean, last.invstd = _bn_train_stats_1x1(h, w, moments, last.bn)
+        z_of = lambda s: _conv(conv, h[s:s + step], w)  # noqa: E731
+    else:
+        z = _conv(conv, h, w)
+        last.mean, last.invstd = _bn_train_stats(z, last.bn)
+        z_of = lambda s: z[s:s + step]  # noqa: E731
+    kept = moments if one_pass else (None, None)
+    if (z if z is not None else h).shape[-2:] == (side, side):  # the output is the ReLU output itself
+        z = z if z is not None else _conv(conv, h, w)
+        return _bn_relu(z, last, out=z), kept
+    outs = [None, None, None]   # the pooled output, and (unless one_pass) pooled mask and mask * x_hat
+
+    def put(i, s, t):   # pool t into rows s: of outs[i]
+        if outs[i] is None:
+            outs[i] = _pooled_like(t, B, side)
+        pool_to(t, side, out=outs[i][s:s + t.shape[0]])
+
+    mean, invstd = last.mean.view(SHAPE), last.invstd.view(SHAPE)
+    gamma, beta = last.gamma.to(h.dtype).view(SHAPE), last.beta.to(h.dtype).view(SHAPE)
+    for s in range(0, B, step):
+        if one_pass:
+            put(0, s, _bn_relu(z_of(s), last))
+            continue
+        xc = z_of(s).sub_(mean).mul_(invstd)   # x_hat
+        t = torch.addcmul(beta, xc, gamma).relu_()
+        put(0, s, t)
+        mask = t.gt_(0)
+        put(1, s, mask)
+        put(2, s, mask.mul_(xc))
+        del t, mask, xc
+    return outs[0], kept if one_pass else (outs[1], outs[2])
+
+
+def _pointwise_backward(ctx, last: _Layer, h, g_out, moments):
+    """The lean backward of a 1x1 last layer whose input h needs no gradient (a residual
+    encoder's), in one pass over batch slices, each recomputing its z = W h. With g_t =
+    dL/d(BN output), Σ g_t and C = Σ g_t (h - mu)^T per pixel give BN's reductions
+    (Σ g_t * x_hat = invstd * rowsum(W * C)), and, as BN's input gradient g_z sums to 0 over
+    each channel, dL/dW = Σ g_z h^T = k1 * C + k2 * W S, where g_z = k1 * g_t + k2 * z + k3
+    (`_bn_input_grad`) and S is h's centred sum of outer products from the forward: no
+    second recompute of z. Returns the gradients of conv.weight, bn.weight and bn.bias."""
+    mu, cov = moments
+    acc, step = mu.dtype, _chunk_size(h.shape[0], ctx.chunks, last.conv, h)
+    w = _pointwise_matrix(last.weight, acc)
+    g_bias, cross = 0, torch.zeros_like(w)
+    for s in range(0, h.shape[0], step):
+        hs = h[s:s + step]
+        g_t = _pool_relu_backward(g_out[s:s + step], _bn_out(_conv(last.conv, hs, last.weight), last))
+        g_bias = g_bias + g_t.sum((0, 2, 3), dtype=acc)
+        cross.addmm_(g_t.transpose(0, 1).reshape(g_t.shape[1], -1).to(acc), _centred(hs, mu).t())
+        del g_t
+    count = h.numel() // h.shape[1]
+    g_weight = last.invstd * (w * cross).sum(1)
+    k1 = last.invstd * last.gamma
+    k2 = -k1 * last.invstd * g_weight / count
+    g_w = k1.view(-1, 1) * cross + k2.view(-1, 1) * (w @ cov)
+    return g_w.to(last.weight.dtype).view(last.weight.shape), g_weight, g_bias
 
 
 def _lean_last_layer(ctx, last, h_in, g_out, pooled: tuple, need_in: bool):
@@ -304,8 +423,7 @@ def _lean_last_layer(ctx, last, h_in, g_out, pooled: tuple, need_in: bool):
 
     def chunk_grad(s):  # (z, dL/d(BN output)) of one chunk
         z = _conv(last.conv, h_in[s:s + step], last.weight)
-        r = _bn_relu(z, last)
-        return z, _relu_backward_(pool_to_backward(g_out[s:s + step], r), r)
+        return z, _pool_relu_backward(g_out[s:s + step], _bn_out(z, last))
 
     kept = None
     if p_mask is not None:  # the BN reductions from the pooled mask and mask * x_hat
@@ -326,7 +444,7 @@ def _lean_last_layer(ctx, last, h_in, g_out, pooled: tuple, need_in: bool):
         z, g_t = kept or chunk_grad(s)
         kept = None
         count = count or B * z.shape[2] * z.shape[3]
-        g_z = _bn_input_grad_(g_t, z, last, g_gamma, g_beta, count)
+        g_z = _bn_input_grad(g_t, z, last, (g_gamma, g_beta), count, out=z)
         gi, gw = _conv_backward(last.conv, g_z, h_in[s:s + step], last.weight, need_in)
         g_w += gw
         if need_in:
@@ -348,15 +466,20 @@ def encoder_chain(x, layers, side: int, lean: bool = False, chunks: int = 8, dty
     return _EncoderChainFn.apply(x, layers, side, lean, chunks, *params)
 
 
-def pool_to(h, side: int):
+def pool_to(h, side: int, out=None):
     """adaptive_avg_pool2d(h, side), by its cheapest exact form: nothing when h is already
-    side x side, a plain f x f average pool when the side divides evenly."""
+    side x side, a plain f x f average pool when the side divides evenly; into `out` if given."""
     H, W = h.shape[-2:]
     if H == side and W == side:
-        return h
-    if H % side == 0 and W % side == 0:
-        return F.avg_pool2d(h, (H // side, W // side))
-    return F.adaptive_avg_pool2d(h, side)
+        pooled = h
+    elif H % side == 0 and W % side == 0:
+        kernel = [H // side, W // side]
+        if out is not None:
+            return torch.ops.aten.avg_pool2d.out(h, kernel, kernel, [0, 0], False, True, None, out=out)
+        pooled = F.avg_pool2d(h, kernel)
+    else:
+        pooled = F.adaptive_avg_pool2d(h, side)
+    return pooled if out is None else out.copy_(pooled)
 
 
 def pool_to_backward(g, like):
