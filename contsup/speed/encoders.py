@@ -360,10 +360,9 @@ def _lean_forward(last: _Layer, h, side: int, chunks: int, one_pass: bool):
         z = _conv(conv, h, w)
         last.mean, last.invstd = _bn_train_stats(z, last.bn)
         z_of = lambda s: z[s:s + step]  # noqa: E731
-    kept = moments if one_pass else (None, None)
     if (z if z is not None else h).shape[-2:] == (side, side):  # the output is the ReLU output itself
         z = z if z is not None else _conv(conv, h, w)
-        return _bn_relu(z, last, out=z), kept
+        return _bn_relu(z, last, out=z), (None, None)
     outs = [None, None, None]   # the pooled output, and (unless one_pass) pooled mask and mask * x_hat
 
     def put(i, s, t):   # pool t into rows s: of outs[i]
@@ -384,7 +383,11 @@ def _lean_forward(last: _Layer, h, side: int, chunks: int, one_pass: bool):
         put(1, s, mask)
         put(2, s, mask.mul_(xc))
         del t, mask, xc
-    return outs[0], kept if one_pass else (outs[1], outs[2])
+    if not one_pass:
+        return outs[0], (outs[1], outs[2])
+    # the moments where they take less memory than the pooled mask and mask * x_hat (else recomputed)
+    small = sum(t.numel() for t in moments) <= 2 * outs[0].numel()
+    return outs[0], moments if small else (None, None)
 
 
 def _pointwise_backward(ctx, last: _Layer, h, g_out, moments):
@@ -393,18 +396,25 @@ def _pointwise_backward(ctx, last: _Layer, h, g_out, moments):
     dL/d(BN output), Σ g_t and C = Σ g_t (h - mu)^T per pixel give BN's reductions
     (Σ g_t * x_hat = invstd * rowsum(W * C)), and, as BN's input gradient g_z sums to 0 over
     each channel, dL/dW = Σ g_z h^T = k1 * C + k2 * W S, where g_z = k1 * g_t + k2 * z + k3
-    (`_bn_input_grad`) and S is h's centred sum of outer products from the forward: no
-    second recompute of z. Returns the gradients of conv.weight, bn.weight and bn.bias."""
+    (`_bn_input_grad`) and (mu, S) are h's `_input_moments`: kept by the forward, or (None,
+    None) and summed again here, in the same pass. No second recompute of z. Returns the
+    gradients of conv.weight, bn.weight and bn.bias."""
+    step, acc = _chunk_size(h.shape[0], ctx.chunks, last.conv, h), _stats_dtype(h)
     mu, cov = moments
-    acc, step = mu.dtype, _chunk_size(h.shape[0], ctx.chunks, last.conv, h)
+    again = mu is None
+    if again:
+        mu, cov = h.sum((0, 2, 3), dtype=acc) / (h.numel() // h.shape[1]), h.new_zeros(h.shape[1], h.shape[1], dtype=acc)
     w = _pointwise_matrix(last.weight, acc)
     g_bias, cross = 0, torch.zeros_like(w)
     for s in range(0, h.shape[0], step):
         hs = h[s:s + step]
         g_t = _pool_relu_backward(g_out[s:s + step], _bn_out(_conv(last.conv, hs, last.weight), last))
         g_bias = g_bias + g_t.sum((0, 2, 3), dtype=acc)
-        cross.addmm_(g_t.transpose(0, 1).reshape(g_t.shape[1], -1).to(acc), _centred(hs, mu).t())
-        del g_t
+        hc = _centred(hs, mu)
+        cross.addmm_(g_t.transpose(0, 1).reshape(g_t.shape[1], -1).to(acc), hc.t())
+        if again:
+            cov.addmm_(hc, hc.t())
+        del g_t, hc
     count = h.numel() // h.shape[1]
     g_weight = last.invstd * (w * cross).sum(1)
     k1 = last.invstd * last.gamma
