@@ -323,12 +323,16 @@ def check_arch(arch: str) -> None:
         raise UsageError(f"unknown arch '{arch}'; choose {ARCH_HELP}")
 
 
+DEFAULT_K = 4   # K where neither -k nor --cuts sets it
+
+
 @command_line
 @dataclass
 class ModelConfig:
     """The network; each field with its command-line help (errors.option)."""
     arch: str = option("resnet32", ARCH_HELP)
-    k: int = option(4, "number of local modules (1 = end-to-end)", flag="-k")
+    k: int | None = option(None, f"number of local modules (1 = end-to-end; default {DEFAULT_K}, or with --cuts "
+                                 "the names + 1)", flag="-k")
     cuts: str | tuple | None = option(None, "not the paper's archs: cut after these modules (names from "
                                       "model.named_modules()), e.g. layer1,layer3; K = names + 1 (-k: leave it out)")
     mode: str = option("R1E", "context supply: R0, E, Rn or RnE (n = 1, 2, 4, ... up to K), e.g. R1E")
@@ -346,9 +350,6 @@ class ModelConfig:
         here, in one line, before a network or a run folder exists."""
         check_model_fields(self)
         check_model_combination(self)
-
-
-DEFAULT_K = 4   # ModelConfig.k's default: what --cuts may override
 
 
 def check_model_combination(cfg) -> None:
@@ -385,8 +386,11 @@ def check_model_fields(cfg) -> None:
         setattr(cfg, name, check_str(name, getattr(cfg, name)))
     tables.check_dataset(cfg.dataset)
     check_arch(cfg.arch)
-    cfg.k = check_int("k", cfg.k, 1)
+    if cfg.k is not None:
+        cfg.k = check_int("k", cfg.k, 1)
     check_cuts_field(cfg)
+    if cfg.k is None:
+        cfg.k = DEFAULT_K
     parse_mode(cfg.mode, None)
     if cfg.loss not in LOSSES:
         raise UsageError(f"unknown loss '{cfg.loss}'; choose one of: {', '.join(LOSSES)}")
@@ -409,14 +413,14 @@ def check_model_fields(cfg) -> None:
 
 def check_cuts_field(cfg) -> None:
     """--cuts: module names (a tuple, or one comma-separated string); it sets K = names + 1,
-    and a -k other than its default that disagrees is refused."""
+    and a -k given beside it that disagrees is refused."""
     if cfg.cuts is None:
         return
     names = cfg.cuts.split(",") if isinstance(cfg.cuts, str) else cfg.cuts
     if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
         raise UsageError(f"--cuts takes module names separated by commas, e.g. layer1,layer3; got {cfg.cuts!r}")
     cfg.cuts = tuple(names)
-    if cfg.k not in (len(names) + 1, DEFAULT_K):
+    if cfg.k is not None and cfg.k != len(names) + 1:
         raise UsageError(f"--cuts names {len(names)} cuts, so K={len(names) + 1}: drop -k {cfg.k}")
     cfg.k = len(names) + 1
 

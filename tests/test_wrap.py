@@ -186,11 +186,15 @@ def test_token_rules():
 
 def test_config_rules_for_other_archs():
     assert ModelConfig(arch="torchvision:resnet18", cuts="layer1,layer2").k == 3
+    assert ModelConfig(arch="torchvision:resnet18", cuts="layer1,layer2", k=3).k == 3
+    assert ModelConfig(arch="torchvision:resnet18").k == ModelConfig().k == 4      # neither -k nor --cuts
     for kwargs, message in [
         ({"arch": "torchvision:resnet18", "balanced": True}, "drop --balanced"),
         ({"arch": "torchvision:resnet18", "reconstruct": True}, "needs --loss-scales"),
         ({"arch": "resnet32", "cuts": "a,b"}, "drop --cuts"),
         ({"arch": "torchvision:resnet18", "cuts": "a,b", "k": 5}, "so K=3: drop -k 5"),
+        ({"arch": "torchvision:resnet18", "cuts": "a,b", "k": 4}, "so K=3: drop -k 4"),   # -k 4 given, not defaulted
+        ({"arch": "torchvision:resnet18", "k": "4"}, "-k must be a positive integer"),
         ({"arch": "resnet-18"}, "unknown arch 'resnet-18'"),
     ]:
         with pytest.raises(UsageError, match=message):
