@@ -337,7 +337,8 @@ def count_syncs(device, impl: str, steps: int) -> dict:
         g = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (steps * cfg.batch_size, 3, 32, 32), dtype=torch.uint8, generator=g)
         labels = torch.randint(0, 10, (steps * cfg.batch_size,), generator=g)
-        loader = DeviceLoader(images, labels, tables.DATA_RECIPES["cifar10"], cfg.batch_size, True, device, g)
+        loader = DeviceLoader(images, labels, tables.DATA_RECIPES["cifar10"], cfg.batch_size, train=True, device=device,
+                              generator=g)
 
         def epoch(e):
             train.train_epoch(net, loader, optimizer, cfg, e, cfg.lr, progress=False)

@@ -101,8 +101,8 @@ def fake_cuda_epoch(tmp_path, monkeypatch):
         recipe = tables.DATA_RECIPES["cifar10"]
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             to_fake_cuda(net, mode)
-            train_loader = DeviceLoader(x, y, recipe, 32, True, "cuda", gen)
-            test_loader = DeviceLoader(x, y, recipe, 32, False, "cuda")
+            train_loader = DeviceLoader(x, y, recipe, 32, train=True, device="cuda", generator=gen)
+            test_loader = DeviceLoader(x, y, recipe, 32, train=False, device="cuda")
             assert next(net.parameters()).device.type == train_loader.images.device.type == "cuda"
             optimizer = train_module.make_optimizer(net, cfg)
             with traffic:
@@ -256,8 +256,8 @@ def test_an_epoch_on_cuda_never_synchronises_outside_its_checks(tmp_path, monkey
     net = setup.prepare_model(ContSupNet(cfg.model_config()), cfg, device)
     from contsup.data import load_dataset
     data = load_dataset("digits8", train_subset=256)
-    loader = DeviceLoader(data.train_x, data.train_y, tables.DATA_RECIPES["digits8"], 32, True, device,
-                          torch.Generator().manual_seed(0))
+    loader = DeviceLoader(data.train_x, data.train_y, tables.DATA_RECIPES["digits8"], 32, train=True, device=device,
+                          generator=torch.Generator().manual_seed(0))
     optimizer = train_module.make_optimizer(net, cfg)
     train_module.train_epoch(net, loader, optimizer, cfg, 0, 0.05)   # warm-up: cuDNN, allocator, optimizer state
     real_check, checks = epoch_module.DivergenceWatch.check, []

@@ -210,8 +210,8 @@ def tiny_run(tmp_path_factory):
     net = ContSupNet(cfg.model_config())
     data = load_dataset(cfg.dataset, train_subset=cfg.train_subset)
     opt = make_optimizer(net, cfg)
-    loader = DeviceLoader(data.train_x, data.train_y, tables.DATA_RECIPES[cfg.dataset], 32, True, "cpu",
-                          torch.Generator().manual_seed(0))
+    loader = DeviceLoader(data.train_x, data.train_y, tables.DATA_RECIPES[cfg.dataset], 32, train=True, device="cpu",
+                          generator=torch.Generator().manual_seed(0))
     net.train()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny net: more threads only cost time on a busy CPU
