@@ -96,20 +96,24 @@ def feature_shape(stage: int, image_size: int) -> tuple[int, int]:
 class AuxHead(nn.Module):
     """Auxiliary head on a module output; config '<convs>c<fcs>f' (the paper's default: 1c2f).
 
-    The conv maps C->2C with stride 2 for C in {16, 32} and 64->64 with stride 1 (any other
-    width: C < 64 as 16 and 32, C >= 64 as 64, so a 512-wide map keeps 512); fc layers are
-    FEATURE_DIM wide; `widen` scales the hidden widths. Outputs class logits (softmax) or a
-    FEATURE_DIM embedding (contrast).
+    The paper's head by stage: on every stage but the last, the conv maps C->2C with stride
+    2 (its 16->32 and 32->64), on the last it keeps C->C with stride 1 (its 64->64). A stage
+    is told by its width, as ResNets double it at each downsampling: `last_width` is the
+    backbone's last-stage width, its widest feature map (64 for the paper's networks, 512
+    for a ResNet-18: a 64- or 128-wide map there strides, as the paper's 16 and 32 do); fc
+    layers are FEATURE_DIM wide; `widen` scales the hidden widths. Outputs class logits
+    (softmax) or a FEATURE_DIM embedding (contrast).
     """
 
-    def __init__(self, channels: int, config: str, out_dim: int, widen: float = 1.0):
+    def __init__(self, channels: int, config: str, out_dim: int, widen: float = 1.0,
+                 last_width: int = tables.STAGE_WIDTHS[-1]):
         super().__init__()
         if config not in HEAD_CONFIGS:
             raise UsageError(f"unknown head config '{config}'; choose one of: {', '.join(HEAD_CONFIGS)}")
         n_conv, n_fc = int(config[0]), int(config[2])
         layers, c = [], channels
         for i in range(n_conv):
-            wide = channels >= 64
+            wide = channels >= last_width     # the last stage
             c_out = int(channels * widen) if wide else int(2 * channels * widen)
             stride = 1 if (wide or i > 0) else 2
             layers.append(conv_bn_relu(c, c_out, stride=stride))
@@ -241,10 +245,11 @@ def check_cut_shape(shape, where: str) -> None:
                          "cut elsewhere")
 
 
-def local_head(shape, config: str, out_dim: int, widen: float) -> nn.Module:
-    """AuxHead on a feature map; on tokens, TokenHead with the config's fc count."""
+def local_head(shape, config: str, out_dim: int, widen: float, last_width: int) -> nn.Module:
+    """AuxHead on a feature map (`last_width`: the backbone's last-stage width); on tokens,
+    TokenHead with the config's fc count."""
     if len(shape) == 3:
-        return AuxHead(shape[0], config, out_dim, widen)
+        return AuxHead(shape[0], config, out_dim, widen, last_width)
     return TokenHead(shape[1], int(config[2]), out_dim, int(FEATURE_DIM * widen))
 
 
@@ -437,6 +442,7 @@ class Backbone:
     cuts: list                  # the label of each cut
     num_classes: int
     image_size: int
+    last_width: int             # the width of its last stage, its widest feature map (AuxHead's stride rule)
     keep_weights: bool = False  # True: reset_parameters leaves the backbone's weights as they were given
 
 
@@ -456,7 +462,8 @@ def paper_backbone(cfg: ModelConfig) -> Backbone:
     classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                nn.Linear(tables.STAGE_WIDTHS[-1], recipe.num_classes))
     shapes = [(3, size, size)] + [(c, s, s) for c, s in (feature_shape(stage, size) for stage, _ in cuts)]
-    return Backbone(modules, classifier, shapes, labels, cuts, recipe.num_classes, size)
+    return Backbone(modules, classifier, shapes, labels, cuts, recipe.num_classes, size,
+                    last_width=tables.STAGE_WIDTHS[-1])
 
 
 class ContSupNet(nn.Module):
@@ -484,7 +491,8 @@ class ContSupNet(nn.Module):
         for cut, shape in enumerate(out_shapes):
             check_cut_shape(shape, f"at cut {cut} ({self.cuts[cut]})")
         out_dim = self.num_classes if cfg.loss == "softmax" else FEATURE_DIM
-        self.heads = nn.ModuleList(local_head(s, cfg.head, out_dim, cfg.widen) for s in out_shapes)
+        self.heads = nn.ModuleList(local_head(s, cfg.head, out_dim, cfg.widen, backbone.last_width)
+                                   for s in out_shapes)
         self.context = nn.ModuleList(ContextSupply(k, self.mode, self.shapes, cfg.widen)
                                      for k in range(len(self.cuts)))
         self.decoders = nn.ModuleList(decoder_for(s, self.image_size, cfg.widen) for s in out_shapes) \
