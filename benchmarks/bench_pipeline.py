@@ -108,9 +108,10 @@ def _rank(rank: int, world: int, port: int, spec: dict, out: str):
     x, y, _ = random_batch("cifar10", spec["batch"])
     source = itertools.repeat((messages.TRAIN, x, y, None)) if rank == 0 else None
     setup_rss = _peak_rss()
-    stage.run_epoch(0, cfg.lr, source, spec["warmup"], 0)
+    # the batch sizes known ahead, as the trainer knows its schedule (receivers then read no header)
+    stage.run_epoch(0, cfg.lr, source, spec["warmup"], 0, sizes=[spec["batch"]] * spec["warmup"])
     dist.barrier()
-    timed = stage.run_epoch(1, cfg.lr, source, spec["steps"], 0)
+    timed = stage.run_epoch(1, cfg.lr, source, spec["steps"], 0, sizes=[spec["batch"]] * spec["steps"])
     mine = {"t0": timed["t0"], "t1": timed["t1"], "ends": timed["ends"], "setup_rss": setup_rss,
             "peak_rss": _peak_rss()}
     parts = [None] * world if rank == 0 else None

@@ -13,16 +13,25 @@ already on the device. Sections, in this order:
    encoders: one row), in float32 and under bfloat16 autocast (the trainer's --bf16), timed
    with CUDA events after warm-up steps; beside it our tracker's peak activation bytes and
    `cuda_peak_bytes` (contsup.speed.memory.measure_step_memory, on copies, eager).
-2. `syncs`: the trainer's real epoch loop (train.train_epoch) over a DeviceLoader on the
+2. `wrap`: models this code did not build, cut by contsup.wrap (gpu_check_wrap.py), the
+   CIFAR-stem ResNet-18 and the small ViT (contsup.backbones), same batch and data: R0 at
+   K=4 in eval mode against the model itself on the device (torch.equal and the largest
+   difference, reported: cuDNN may pick other algorithms per piece), then the trainer's
+   step as in section 1, float32, E2E (K=1) and R1E at K=4 with the encoders a CUDA run
+   gets by default: images/s, max_memory_allocated, R1E/E2E of both beside the CPU's
+   (benchmarks/results/wrap_cpu.json). Its 25 s came from `calibrate` (10: its estimate
+   is 30 s) and `compiled` (15: the compiled rows after K=16 R1E did not fit anyway, and
+   on one GPU `nccl`'s 40 s pass on to it).
+3. `syncs`: the trainer's real epoch loop (train.train_epoch) over a DeviceLoader on the
    device, with the encoders a CUDA run gets by default (resolve_context_impl), under
    torch.cuda.set_sync_debug_mode("warn"): the synchronising calls it makes, counted.
-3. `ops`: aten ops per step per encoder implementation (bench_encoders.aten_ops_per_step).
-4. `calibrate`: `python -m contsup estimate --profile paper --calibrate --json`: each
+4. `ops`: aten ops per step per encoder implementation (bench_encoders.aten_ops_per_step).
+5. `calibrate`: `python -m contsup estimate --profile paper --calibrate --json`: each
    architecture's measured FLOP/s and the paper grid's GPU-hours at that rate.
-5. `nccl` (two or more GPUs): `torchrun --standalone --nproc-per-node 2 -m contsup train ...
+6. `nccl` (two or more GPUs): `torchrun --standalone --nproc-per-node 2 -m contsup train ...
    --deterministic` against the same run in one process: are the checkpoints' tensors
    torch.equal?
-6. `compiled`: the steps of section 1 through train.compile_model (plain encoders, inductor),
+7. `compiled`: the steps of section 1 through train.compile_model (plain encoders, inductor),
    each row in a process of its own: images/s, max_memory_allocated, the first step's time
    (the compile), dynamo's graphs and graph breaks, and the frames it compiled again during
    the timed steps (recompiles). E2E first (2 graphs: it measures the compile's seconds per
@@ -56,6 +65,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_check_wrap as gw  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 ARCH, K = "resnet32", 16
@@ -64,11 +76,13 @@ MODES = ["E2E", "R0", "E", "R1E", "R16"]           # E2E: K=1; the others at K=1
 IMPLS = ["lean", "fused", "plain"]
 DTYPES = ["float32", "bfloat16"]                   # bfloat16: autocast of the forward passes (train --bf16)
 WARMUP, TIMED, MIN_TIMED = 3, 15, 3                # steps per row: untimed, timed (at most, at least planned)
-BUDGET_S = {"steps": 90, "syncs": 15, "ops": 15, "calibrate": 60, "nccl": 40, "compiled": 70}
+BUDGET_S = {"steps": 90, "wrap": 25, "syncs": 15, "ops": 15, "calibrate": 50, "nccl": 40, "compiled": 55}
 TOTAL_S = 290                                      # the run's deadline; BUDGET_S sums to it
 # Estimates before anything is measured (seconds): a row's set-up (model, tracker, first step),
-# a step, a fresh process's start (import torch, CUDA context), one graph's compile.
-PRIOR_S = {"setup": 10.0, "step": 0.5, "process": 15.0, "graph": 3.0, "syncs_setup": 5.0, "calibrate": 30.0}
+# a step, a fresh process's start (import torch, CUDA context), one graph's compile, a wrapped
+# model's R0 check (trace, cut, two forwards).
+PRIOR_S = {"setup": 10.0, "step": 0.5, "process": 15.0, "graph": 3.0, "syncs_setup": 5.0, "calibrate": 30.0,
+           "wrap_check": 5.0}
 COMPILED_ITEMS = [("E2E", "float32"), ("R1E", "float32"), ("R1E", "bfloat16"), ("R0", "float32"),
                   ("E", "float32"), ("R16", "float32")]
 
@@ -154,7 +168,7 @@ def run_rows(items, budget: Budget, estimate, measure, label) -> dict:
             row = {"error": f"{type(e).__name__}: {e}"}
         row.update(name=label(item), expected_s=expected, s=budget.clock() - t0)
         rows.append(row)
-        progress("  " + (f"failed: {row['error']}" if "error" in row else
+        progress("  " + (f"failed: {row['error']}" if "error" in row else row["said"] if "said" in row else
                          f"{row.get('images_per_s', 0):.0f} images/s over {row.get('timed_steps', 0)} steps"))
     return {"rows": rows, "skipped_for_time": skipped}
 
@@ -204,7 +218,7 @@ def like(rows, keys: dict) -> list:
 
 
 # --------------------------------------------------------------------------------------
-# Section 1 (and 6, in its own process): the trainer's step
+# Section 1 (and 7, in its own process): the trainer's step
 def step_config(mode: str, impl: str, dtype: str = "float32", compiled: bool = False):
     from contsup.train import TrainConfig
     k = 1 if mode == "E2E" else K
@@ -265,6 +279,22 @@ def free_cached(device) -> None:
     torch.cuda.empty_cache()
 
 
+def time_row(one_step, budget: Budget, device, setup_s: float, on_warm=None) -> dict:
+    """A row's timed steps within `budget` (timed_steps), its images/s and the
+    max_memory_allocated of the timed steps (the peak is reset when the warm-up ends, then
+    on_warm() is called)."""
+    def warm():
+        reset_peak(device)
+        if on_warm:
+            on_warm()
+    row = timed_steps(one_step, budget, lambda step: step_seconds(step, device), warm)
+    row["setup_s"] = setup_s + row["first_step_s"]   # the part of a row no clock check can cut short
+    if "step_s" in row:
+        row["images_per_s"] = BATCH / row["step_s"]
+        row["max_memory_allocated"] = peak_bytes(device)
+    return row
+
+
 def measure_row(item: tuple, budget: Budget, device, compiled: bool = False) -> dict:
     """One (mode, impl, dtype) row: set-up (model, tracker) and timed steps within `budget`."""
     mode, impl, dtype = item
@@ -276,15 +306,9 @@ def measure_row(item: tuple, budget: Budget, device, compiled: bool = False) -> 
     counters.clear()
     warm = {}
 
-    def on_warm():   # the timed steps' memory peak from here; frames compiled after here are recompiles
-        reset_peak(device)
+    def on_warm():   # frames compiled after here are recompiles
         warm.update(frames=counters["frames"]["total"])
-    setup = budget.clock() - t0
-    row.update(timed_steps(one_step, budget, lambda step: step_seconds(step, device), on_warm))
-    row["setup_s"] = setup + row["first_step_s"]   # the part of a row no clock check can cut short
-    if "step_s" in row:
-        row["images_per_s"] = BATCH / row["step_s"]
-        row["max_memory_allocated"] = peak_bytes(device)
+    row.update(time_row(one_step, budget, device, budget.clock() - t0, on_warm))
     if compiled:
         row.update(graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()))
         if warm:
@@ -317,7 +341,45 @@ def section_steps(device, budget: Budget) -> dict:
 
 
 # --------------------------------------------------------------------------------------
-# Section 2: host syncs of the trainer's own loop, with a CUDA run's default encoders
+# Section 2: wrapped models (gpu_check_wrap), the trainer's step timed as in section 1
+def wrap_estimate(item, rows) -> float:
+    """An R0 check: the slowest check so far (PRIOR_S before any); a step row: as
+    step_estimate, from the rows of the same model and mode, then of the same model, then any."""
+    model, what = item
+    if what == "R0 eval":
+        return max((r["s"] for r in rows if r.get("check") == "R0 eval"), default=PRIOR_S["wrap_check"])
+    near = like(rows, {"model": model, "mode": what})
+    if not near:
+        return planned_s(PRIOR_S["setup"], PRIOR_S["step"])
+    return max(planned_s(r["setup_s"], r["step_wall_s"]) for r in near)
+
+
+def measure_wrap(item, budget: Budget, device) -> dict:
+    """A wrapped model's R0 check, or its training step timed within `budget`."""
+    model, what = item
+    if what == "R0 eval":
+        row = gw.r0_equality(model, device, BATCH)
+        free_cached(device)
+        row["said"] = f"{'torch.equal' if row['equal'] else 'not equal'}, max abs diff {row['max_abs_diff']:.2g}"
+        return row
+    t0 = budget.clock()
+    one_step, row = gw.build_wrap_step(model, what, device, BATCH)
+    row.update(time_row(one_step, budget, device, budget.clock() - t0))
+    del one_step
+    free_cached(device)
+    return row
+
+
+def section_wrap(device, budget: Budget) -> dict:
+    from contsup.speed.encoders import AUTO, resolve_context_impl
+    out = run_rows(gw.WRAP_ITEMS, budget, wrap_estimate, lambda item, b: measure_wrap(item, b, device), gw.wrap_label)
+    out.update(batch=BATCH, k=gw.WRAP_K, context_impl=resolve_context_impl(AUTO, device),
+               ratios=gw.wrap_ratios(out["rows"]))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Section 3: host syncs of the trainer's own loop, with a CUDA run's default encoders
 SYNC_STEPS = 8   # steps per epoch; one epoch warms up, the next is counted
 
 
@@ -337,7 +399,8 @@ def count_syncs(device, impl: str, steps: int) -> dict:
         g = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (steps * cfg.batch_size, 3, 32, 32), dtype=torch.uint8, generator=g)
         labels = torch.randint(0, 10, (steps * cfg.batch_size,), generator=g)
-        loader = DeviceLoader(images, labels, tables.DATA_RECIPES["cifar10"], cfg.batch_size, True, device, g)
+        loader = DeviceLoader(images, labels, tables.DATA_RECIPES["cifar10"], cfg.batch_size, train=True, device=device,
+                              generator=g)
 
         def epoch(e):
             train.train_epoch(net, loader, optimizer, cfg, e, cfg.lr, progress=False)
@@ -373,7 +436,7 @@ def section_syncs(device, budget: Budget, step_rows: list) -> dict:
 
 
 # --------------------------------------------------------------------------------------
-# Section 3: aten ops per step (bench_encoders' own function)
+# Section 4: aten ops per step (bench_encoders' own function)
 def count_ops(impl: str, mode: str, device) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_encoders import aten_ops_per_step
@@ -403,7 +466,7 @@ def section_ops(device, budget: Budget) -> dict:
 
 
 # --------------------------------------------------------------------------------------
-# Sections 4, 5 and 6: subprocesses killed at the section's end
+# Sections 5, 6 and 7: subprocesses killed at the section's end
 def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -570,10 +633,11 @@ def markdown(result: dict) -> str:
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     tables = [result.get(name, {}) for name in ("steps", "compiled")]
     lines += [row_line(r) for t in tables for r in t.get("rows", [])]
-    skipped = [s for t in tables for s in t.get("skipped_for_time", [])]
+    skipped = [s for t in (tables[0], result.get("wrap", {}), tables[1]) for s in t.get("skipped_for_time", [])]
     if skipped:
         lines += ["", "Not measured (time budget): " + ", ".join(skipped) + "."]
-    lines += [""] + [line for line in (syncs_line(result.get("syncs", {})), ops_line(result.get("ops", {})),
+    lines += [""] + [line for line in (gw.wrap_line(result.get("wrap", {})), syncs_line(result.get("syncs", {})),
+                                       ops_line(result.get("ops", {})),
                                        calibrate_line(result.get("calibrate", {})), nccl_line(result.get("nccl", {})))
                      if line]
     failed = [f"{name}: {result[name]['error'][:200]}" for name in BUDGET_S if "error" in result.get(name, {})]
@@ -629,6 +693,7 @@ def write_results(result: dict, out_dir: Path = RESULTS) -> tuple[Path, Path]:
 def run_sections(schedule: Schedule, device, result: dict) -> dict:
     """Every section in order on `schedule`; `result` gains each one's output and the times."""
     result["steps"] = schedule.run("steps", lambda b: section_steps(device, b))
+    result["wrap"] = schedule.run("wrap", lambda b: section_wrap(device, b))
     result["syncs"] = schedule.run("syncs", lambda b: section_syncs(device, b, result["steps"].get("rows", [])))
     result["ops"] = schedule.run("ops", lambda b: section_ops(device, b))
     result["calibrate"] = schedule.run("calibrate", section_calibrate)
@@ -642,7 +707,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--markdown", metavar="JSON", default=None, help="print the table of a written result, measure nothing")
     p.add_argument("--out-dir", default=str(RESULTS), help="where gpu_<device>.json and .md go")
-    p.add_argument("--compiled-row", metavar="MODE,DTYPE", default=None, help=argparse.SUPPRESS)  # section 6's rows
+    p.add_argument("--compiled-row", metavar="MODE,DTYPE", default=None, help=argparse.SUPPRESS)  # section 7's rows
     p.add_argument("--until", type=float, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.markdown:

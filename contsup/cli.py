@@ -283,8 +283,8 @@ def cmd_download(args) -> int:
 
 def cmd_estimate(args) -> int:
     from .study import estimate
-    result = estimate.estimate(args.profile, args.only, args.utilisation, args.peak_tflops, args.precision,
-                               progress=not args.no_progress, calibrate=args.calibrate)
+    result = estimate.estimate(args.profile, args.only, utilisation=args.utilisation, peak_tflops=args.peak_tflops,
+                               precision=args.precision, progress=not args.no_progress, calibrate=args.calibrate)
     if args.json:
         print(jsonio.dumps(result, indent=2))
     else:

@@ -279,7 +279,7 @@ class DeviceLoader:
     """
 
     def __init__(self, images_uint8: torch.Tensor, labels: torch.Tensor, recipe: DataRecipe,
-                 batch_size: int, train: bool, device, generator: torch.Generator | None = None,
+                 batch_size: int, *, train: bool, device, generator: torch.Generator | None = None,
                  drop_last: bool = False):
         assert images_uint8.dtype == torch.uint8 and images_uint8.dim() == 4, "want uint8 [N,C,H,W]"
         assert recipe.pad < min(images_uint8.shape[2:]), "reflect padding needs pad < image size"

@@ -96,20 +96,24 @@ def feature_shape(stage: int, image_size: int) -> tuple[int, int]:
 class AuxHead(nn.Module):
     """Auxiliary head on a module output; config '<convs>c<fcs>f' (the paper's default: 1c2f).
 
-    The conv maps C->2C with stride 2 for C in {16, 32} and 64->64 with stride 1 (any other
-    width: C < 64 as 16 and 32, C >= 64 as 64, so a 512-wide map keeps 512); fc layers are
-    FEATURE_DIM wide; `widen` scales the hidden widths. Outputs class logits (softmax) or a
-    FEATURE_DIM embedding (contrast).
+    The paper's head by stage: on every stage but the last, the conv maps C->2C with stride
+    2 (its 16->32 and 32->64), on the last it keeps C->C with stride 1 (its 64->64). A stage
+    is told by its width, as ResNets double it at each downsampling: `last_width` is the
+    backbone's last-stage width, its widest feature map (64 for the paper's networks, 512
+    for a ResNet-18: a 64- or 128-wide map there strides, as the paper's 16 and 32 do); fc
+    layers are FEATURE_DIM wide; `widen` scales the hidden widths. Outputs class logits
+    (softmax) or a FEATURE_DIM embedding (contrast).
     """
 
-    def __init__(self, channels: int, config: str, out_dim: int, widen: float = 1.0):
+    def __init__(self, channels: int, config: str, out_dim: int, widen: float = 1.0,
+                 last_width: int = tables.STAGE_WIDTHS[-1]):
         super().__init__()
         if config not in HEAD_CONFIGS:
             raise UsageError(f"unknown head config '{config}'; choose one of: {', '.join(HEAD_CONFIGS)}")
         n_conv, n_fc = int(config[0]), int(config[2])
         layers, c = [], channels
         for i in range(n_conv):
-            wide = channels >= 64
+            wide = channels >= last_width     # the last stage
             c_out = int(channels * widen) if wide else int(2 * channels * widen)
             stride = 1 if (wide or i > 0) else 2
             layers.append(conv_bn_relu(c, c_out, stride=stride))
@@ -241,10 +245,11 @@ def check_cut_shape(shape, where: str) -> None:
                          "cut elsewhere")
 
 
-def local_head(shape, config: str, out_dim: int, widen: float) -> nn.Module:
-    """AuxHead on a feature map; on tokens, TokenHead with the config's fc count."""
+def local_head(shape, config: str, out_dim: int, widen: float, last_width: int) -> nn.Module:
+    """AuxHead on a feature map (`last_width`: the backbone's last-stage width); on tokens,
+    TokenHead with the config's fc count."""
     if len(shape) == 3:
-        return AuxHead(shape[0], config, out_dim, widen)
+        return AuxHead(shape[0], config, out_dim, widen, last_width)
     return TokenHead(shape[1], int(config[2]), out_dim, int(FEATURE_DIM * widen))
 
 
@@ -323,12 +328,16 @@ def check_arch(arch: str) -> None:
         raise UsageError(f"unknown arch '{arch}'; choose {ARCH_HELP}")
 
 
+DEFAULT_K = 4   # K where neither -k nor --cuts sets it
+
+
 @command_line
 @dataclass
 class ModelConfig:
     """The network; each field with its command-line help (errors.option)."""
     arch: str = option("resnet32", ARCH_HELP)
-    k: int = option(4, "number of local modules (1 = end-to-end)", flag="-k")
+    k: int | None = option(None, f"number of local modules (1 = end-to-end; default {DEFAULT_K}, or with --cuts "
+                                 "the names + 1)", flag="-k")
     cuts: str | tuple | None = option(None, "not the paper's archs: cut after these modules (names from "
                                       "model.named_modules()), e.g. layer1,layer3; K = names + 1 (-k: leave it out)")
     mode: str = option("R1E", "context supply: R0, E, Rn or RnE (n = 1, 2, 4, ... up to K), e.g. R1E")
@@ -346,9 +355,6 @@ class ModelConfig:
         here, in one line, before a network or a run folder exists."""
         check_model_fields(self)
         check_model_combination(self)
-
-
-DEFAULT_K = 4   # ModelConfig.k's default: what --cuts may override
 
 
 def check_model_combination(cfg) -> None:
@@ -385,8 +391,11 @@ def check_model_fields(cfg) -> None:
         setattr(cfg, name, check_str(name, getattr(cfg, name)))
     tables.check_dataset(cfg.dataset)
     check_arch(cfg.arch)
-    cfg.k = check_int("k", cfg.k, 1)
+    if cfg.k is not None:
+        cfg.k = check_int("k", cfg.k, 1)
     check_cuts_field(cfg)
+    if cfg.k is None:
+        cfg.k = DEFAULT_K
     parse_mode(cfg.mode, None)
     if cfg.loss not in LOSSES:
         raise UsageError(f"unknown loss '{cfg.loss}'; choose one of: {', '.join(LOSSES)}")
@@ -409,14 +418,14 @@ def check_model_fields(cfg) -> None:
 
 def check_cuts_field(cfg) -> None:
     """--cuts: module names (a tuple, or one comma-separated string); it sets K = names + 1,
-    and a -k other than its default that disagrees is refused."""
+    and a -k given beside it that disagrees is refused."""
     if cfg.cuts is None:
         return
     names = cfg.cuts.split(",") if isinstance(cfg.cuts, str) else cfg.cuts
     if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n for n in names):
         raise UsageError(f"--cuts takes module names separated by commas, e.g. layer1,layer3; got {cfg.cuts!r}")
     cfg.cuts = tuple(names)
-    if cfg.k not in (len(names) + 1, DEFAULT_K):
+    if cfg.k is not None and cfg.k != len(names) + 1:
         raise UsageError(f"--cuts names {len(names)} cuts, so K={len(names) + 1}: drop -k {cfg.k}")
     cfg.k = len(names) + 1
 
@@ -433,6 +442,7 @@ class Backbone:
     cuts: list                  # the label of each cut
     num_classes: int
     image_size: int
+    last_width: int             # the width of its last stage, its widest feature map (AuxHead's stride rule)
     keep_weights: bool = False  # True: reset_parameters leaves the backbone's weights as they were given
 
 
@@ -452,7 +462,8 @@ def paper_backbone(cfg: ModelConfig) -> Backbone:
     classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                nn.Linear(tables.STAGE_WIDTHS[-1], recipe.num_classes))
     shapes = [(3, size, size)] + [(c, s, s) for c, s in (feature_shape(stage, size) for stage, _ in cuts)]
-    return Backbone(modules, classifier, shapes, labels, cuts, recipe.num_classes, size)
+    return Backbone(modules, classifier, shapes, labels, cuts, recipe.num_classes, size,
+                    last_width=tables.STAGE_WIDTHS[-1])
 
 
 class ContSupNet(nn.Module):
@@ -480,7 +491,8 @@ class ContSupNet(nn.Module):
         for cut, shape in enumerate(out_shapes):
             check_cut_shape(shape, f"at cut {cut} ({self.cuts[cut]})")
         out_dim = self.num_classes if cfg.loss == "softmax" else FEATURE_DIM
-        self.heads = nn.ModuleList(local_head(s, cfg.head, out_dim, cfg.widen) for s in out_shapes)
+        self.heads = nn.ModuleList(local_head(s, cfg.head, out_dim, cfg.widen, backbone.last_width)
+                                   for s in out_shapes)
         self.context = nn.ModuleList(ContextSupply(k, self.mode, self.shapes, cfg.widen)
                                      for k in range(len(self.cuts)))
         self.decoders = nn.ModuleList(decoder_for(s, self.image_size, cfg.widen) for s in out_shapes) \

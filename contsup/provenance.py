@@ -18,8 +18,11 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent   # the checkout holding c
 GIT_TIMEOUT_S = 10.0
 
 
+FACTS = ("torch_version", "device_name", "threads", "commit")   # run_facts' keys, as result.json holds them
+
+
 def run_facts(device: torch.device) -> dict:
-    """The facts result.json records about the process that trains on `device`."""
+    """The facts result.json records about the process that trains on `device` (FACTS)."""
     return {"torch_version": str(torch.__version__), "device_name": device_name(device),
             "threads": torch.get_num_threads(), "commit": code_commit()}
 

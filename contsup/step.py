@@ -23,7 +23,7 @@ def autocast(x, bf16: bool):
     return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def module_step(net: ContSupNet, k: int, h_in, x, y, image=None, bf16: bool = False):
+def module_step(net: ContSupNet, k: int, h_in, x, y, *, image=None, bf16: bool = False):
     """Module k alone: forward, its local loss, backward (the gradient reaches module k and
     the context encoders that made `h_in`, nothing earlier). Returns the module's output (the
     class logits for the last module) and its loss, detached (0 where the loss is empty)."""
@@ -54,7 +54,7 @@ def local_learning_step(net: ContSupNet, x, y, image=None, bf16: bool = False):
     losses = []
 
     def learn(k, h_in):   # module k: forward, local loss, backward
-        h, loss = module_step(net, k, h_in, x, y, image, bf16)
+        h, loss = module_step(net, k, h_in, x, y, image=image, bf16=bf16)
         losses.append(loss)
         return h
 

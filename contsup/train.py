@@ -252,7 +252,7 @@ class RunSetup:
         """(x in the model's memory format, y, reconstruction target or None): the first
         training batch, unshuffled (memory measurement, the pipeline's profiling)."""
         loader = DeviceLoader(self.data.train_x, self.data.train_y, self.train_loader.recipe, self.cfg.batch_size,
-                              False, self.device)
+                              train=False, device=self.device)
         x, y = next(iter(loader))
         return to_format(x, self.cfg.channels_last), y, reconstruction_target(x, loader, self.cfg)
 
@@ -276,8 +276,10 @@ def set_up_run(cfg: TrainConfig, device, ckpt: dict | None, data: bool = True) -
         recipe = tables.DATA_RECIPES[cfg.dataset]
         images = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.train_subset)
         gen = torch.Generator().manual_seed(cfg.seed)
-        train_loader = DeviceLoader(images.train_x, images.train_y, recipe, cfg.batch_size, True, device, gen)
-        test_loader = DeviceLoader(images.test_x, images.test_y, recipe, max(cfg.batch_size, 256), False, device)
+        train_loader = DeviceLoader(images.train_x, images.train_y, recipe, cfg.batch_size, train=True, device=device,
+                                    generator=gen)
+        test_loader = DeviceLoader(images.test_x, images.test_y, recipe, max(cfg.batch_size, 256), train=False,
+                                   device=device)
     if ckpt is not None:
         with checkpoint_fits(cfg):
             net.load_state_dict(ckpt["model"])

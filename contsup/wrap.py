@@ -251,6 +251,14 @@ def choose_places(gm: fx.GraphModule, cuts, what: str) -> tuple[list, list[Place
     return nodes, named_places(found, names, nodes, alive, ends, what)
 
 
+def widest_map(nodes: list) -> int:
+    """The channels of the widest square feature map [B, C, H, H] the graph computes: its
+    last stage's width in a CNN that widens as it downsamples (AuxHead's stride rule);
+    0 where it computes none (tokens only after the patch embedding have their own heads)."""
+    return max((shape[0] for shape in map(_shape, nodes) if shape is not None and len(shape) == 3
+                and shape[1] == shape[2]), default=0)
+
+
 def _bytes(node: fx.Node) -> int:
     meta = node.meta.get("tensor_meta")
     if node.op in ("placeholder", "get_attr", "output") or not hasattr(meta, "shape"):
@@ -312,7 +320,8 @@ def wrap(model: nn.Module, cuts, *, mode: str = "R1E", loss: str = "softmax", im
     one line: a named cut inside a residual block (naming the nearest valid places), an
     unknown name, names out of order, K above the number of places (naming the maximum).
     Heads and encoders by the shape at a cut: a square feature map [B, C, H, H] gets the
-    paper's AuxHead, ImageEncoder (the image pooled to at most 4H first), ResidualEncoder
+    paper's AuxHead (its conv strides on maps narrower than the model's widest, as on the
+    paper's stages before the last), ImageEncoder (the image pooled to at most 4H first), ResidualEncoder
     (pooled to H) and Decoder; tokens
     [B, N, D] with N = g*g (+1 class token, first) get TokenHead (LayerNorm, mean over
     tokens, MLP), PatchEncoder for the image or an earlier map (patch conv to the g*g
@@ -342,7 +351,7 @@ def wrap(model: nn.Module, cuts, *, mode: str = "R1E", loss: str = "softmax", im
     blocks, labels = split(gm, nodes, chosen)
     shapes = [(3, image_size, image_size)] + [_shape(p.value) for p in chosen]
     net = ContSupNet(cfg, Backbone(blocks, nn.Identity(), shapes, labels, names, out_shape[0], image_size,
-                                   keep_weights=True))
+                                   last_width=widest_map(nodes), keep_weights=True))
     return net.train(model.training)   # the mode the model was in (it was traced in eval mode)
 
 

@@ -296,7 +296,7 @@ def test_zero_padding_is_zero_and_reflect_has_no_edge_repeat():
     for mode, outside in (("constant", 0), ("reflect", 9)):   # reflect: column -1 is column 1
         recipe = dataclasses.replace(DATA_RECIPES["svhn"], pad_mode=mode)
         loader = D.DeviceLoader(img.repeat(500, 1, 1, 1), torch.zeros(500, dtype=torch.long), recipe, 500,
-                                True, "cpu", torch.Generator().manual_seed(1))
+                                train=True, device="cpu", generator=torch.Generator().manual_seed(1))
         x = loader.augment(loader.images)[:, 0, 5]            # row 5 of channel 0, uint8
         shifted_by_one = x[:, 1] == 7                         # crops starting at padded column -1
         assert shifted_by_one.any()
@@ -308,7 +308,7 @@ def test_same_seed_same_batches_and_exact_resume():
     r = DATA_RECIPES["cifar10"]
 
     def epochs(gen, n):
-        loader = D.DeviceLoader(d.train_x, d.train_y, r, 128, True, "cpu", gen)
+        loader = D.DeviceLoader(d.train_x, d.train_y, r, 128, train=True, device="cpu", generator=gen)
         return [[(x.clone(), y.clone()) for x, y in loader] for _ in range(n)]
 
     def same(a, b):
@@ -339,7 +339,7 @@ def test_epoch_draws_are_those_of_drawing_batch_by_batch(name, batch, drop_last)
     r = DATA_RECIPES[name]
     x, y = torch.from_numpy(rand_u8(300, 3, 32, 32, seed=3)), torch.arange(300)
     gen = torch.Generator().manual_seed(4)
-    loader = D.DeviceLoader(x, y, r, batch, True, "cpu", gen, drop_last=drop_last)
+    loader = D.DeviceLoader(x, y, r, batch, train=True, device="cpu", generator=gen, drop_last=drop_last)
     ours = list(loader)
     ref_gen = torch.Generator().manual_seed(4)
     order = torch.randperm(300, generator=ref_gen)

@@ -229,5 +229,5 @@ def test_the_schedule_is_the_loaders_batch_sizes():
     images, labels = torch.zeros(10, 3, 8, 8, dtype=torch.uint8), torch.zeros(10, dtype=torch.int64)
     recipe = tables.DATA_RECIPES["digits8"]
     for b, drop_last in ((4, False), (4, True), (5, False), (16, False)):
-        loader = DeviceLoader(images, labels, recipe, b, False, "cpu", drop_last=drop_last)
+        loader = DeviceLoader(images, labels, recipe, b, train=False, device="cpu", drop_last=drop_last)
         assert batch_sizes(loader) == [len(y) for _, y in loader]

@@ -19,6 +19,7 @@ from contsup.model import ContSupNet
 from contsup.speed import memory
 from contsup.step import local_learning_step
 from contsup.train import TrainConfig
+from contsup.wrap import build_net
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -77,10 +78,11 @@ def fake_cuda_epoch(tmp_path, monkeypatch):
     asks the CUDA runtime for its streams, which a machine without a GPU lacks, so here
     backward() gives the parameters zero gradients instead (the real backward's ops are
     checked on the CPU by test_the_step_reads_nothing_from_the_host)."""
-    def run(check_every: int) -> HostTraffic:
-        cfg = TrainConfig(dataset="cifar10", arch="resnet32", k=4, mode="R1E", reconstruct=True, batch_size=32,
-                          out_dir=str(tmp_path / "run"), device="cpu", check_every=check_every)
-        net = setup.prepare_model(ContSupNet(cfg.model_config()), cfg, torch.device("cpu"))
+    def run(check_every: int, **model) -> HostTraffic:
+        model = {"arch": "resnet32", "reconstruct": True} | model   # any other arch: built by contsup.wrap
+        cfg = TrainConfig(dataset="cifar10", k=4, mode="R1E", batch_size=32, out_dir=str(tmp_path / "run"),
+                          device="cpu", check_every=check_every, **model)
+        net = setup.prepare_model(build_net(cfg.model_config()), cfg, torch.device("cpu"))
         gen = torch.Generator().manual_seed(0)
         x = torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8, generator=gen)
         y = torch.randint(0, 10, (128,), generator=gen)
@@ -101,8 +103,8 @@ def fake_cuda_epoch(tmp_path, monkeypatch):
         recipe = tables.DATA_RECIPES["cifar10"]
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             to_fake_cuda(net, mode)
-            train_loader = DeviceLoader(x, y, recipe, 32, True, "cuda", gen)
-            test_loader = DeviceLoader(x, y, recipe, 32, False, "cuda")
+            train_loader = DeviceLoader(x, y, recipe, 32, train=True, device="cuda", generator=gen)
+            test_loader = DeviceLoader(x, y, recipe, 32, train=False, device="cuda")
             assert next(net.parameters()).device.type == train_loader.images.device.type == "cuda"
             optimizer = train_module.make_optimizer(net, cfg)
             with traffic:
@@ -129,6 +131,15 @@ def test_training_steps_neither_read_the_host_nor_copy_to_the_device(fake_cuda_e
     assert Counter(eval_log) == Counter(read=1)
 
 
+@pytest.mark.parametrize("arch", ["torchvision:resnet18", "contsup.backbones:small_vit"])
+def test_a_wrapped_models_epoch_on_cuda_reads_the_host_only_at_its_checks(fake_cuda_epoch, arch):
+    traffic = fake_cuda_epoch(check_every=50, arch=arch, reconstruct=False)
+    traffic.log = traffic.log[:traffic.log.index("EVALUATE")]
+    setup, steps = traffic.per_step()
+    assert setup == Counter(h2d=1)
+    assert len(steps) == 4 and steps[:3] == [Counter()] * 3 and steps[3] == Counter(read=1)
+
+
 def test_the_divergence_check_is_read_every_n_steps(fake_cuda_epoch):
     traffic = fake_cuda_epoch(check_every=2)
     traffic.log = traffic.log[:traffic.log.index("EVALUATE")]
@@ -152,6 +163,22 @@ def test_the_step_reads_nothing_from_the_host(mode, loss, reconstruct, impl):
         logits, losses = local_learning_step(net, x.contiguous(memory_format=torch.channels_last), y, image)
     assert traffic.log == [] and torch.isfinite(losses).all() and logits.shape == (16, 10)
     assert all(p.grad is not None for p in net.blocks.parameters())
+
+
+@pytest.mark.parametrize("arch, mode, impl", [("torchvision:resnet18", "R1E", "lean"),
+                                              ("contsup.backbones:cifar_resnet18", "R2E", "fused"),
+                                              ("contsup.backbones:small_vit", "R1E", "lean")])
+def test_a_wrapped_models_step_reads_nothing_from_the_host(arch, mode, impl):
+    """The same for models cut by contsup.wrap (traced pieces, heads and encoders by shape,
+    token heads and encoders, the class token's zero context): no host read, no host data."""
+    cfg = TrainConfig(dataset="digits", arch=arch, k=4, mode=mode, context_impl=impl, device="cpu")
+    net = setup.prepare_model(build_net(cfg.model_config()), cfg, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+    with HostTraffic() as traffic:
+        logits, losses = local_learning_step(net, x.contiguous(memory_format=torch.channels_last), y)
+    assert traffic.log == [] and torch.isfinite(losses).all() and logits.shape == (4, 10)
+    assert all(p.grad is not None for p in net.context.parameters())
 
 
 # --------------------------------------------------------------------------------------
@@ -256,8 +283,8 @@ def test_an_epoch_on_cuda_never_synchronises_outside_its_checks(tmp_path, monkey
     net = setup.prepare_model(ContSupNet(cfg.model_config()), cfg, device)
     from contsup.data import load_dataset
     data = load_dataset("digits8", train_subset=256)
-    loader = DeviceLoader(data.train_x, data.train_y, tables.DATA_RECIPES["digits8"], 32, True, device,
-                          torch.Generator().manual_seed(0))
+    loader = DeviceLoader(data.train_x, data.train_y, tables.DATA_RECIPES["digits8"], 32, train=True, device=device,
+                          generator=torch.Generator().manual_seed(0))
     optimizer = train_module.make_optimizer(net, cfg)
     train_module.train_epoch(net, loader, optimizer, cfg, 0, 0.05)   # warm-up: cuDNN, allocator, optimizer state
     real_check, checks = epoch_module.DivergenceWatch.check, []

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from contsup import provenance
+from contsup.study import runs
 from contsup.cli import main
 
 TINY = ["--dataset", "digits8", "-k", "2", "--mode", "R1E", "--epochs", "3", "--batch-size", "64",
@@ -128,6 +129,10 @@ def test_result_json_names_torch_the_device_the_threads_and_the_commit(run, caps
     assert isinstance(result["device_name"], str) and result["device_name"]
     assert result["commit"] == provenance.code_commit()
     assert "facts_by_part" not in result   # resumed under the same facts: one part
+    assert set(provenance.run_facts(torch.device("cpu"))) == set(provenance.FACTS)
+    row = runs.collect(run.parent).iloc[0]    # the study's table shows them
+    assert {f: row[f] for f in provenance.FACTS} == {f: result[f] for f in provenance.FACTS}
+    assert not row["mixed_facts"]
 
 
 def test_a_resume_under_other_threads_records_each_part(run, capsys, monkeypatch):
@@ -137,6 +142,7 @@ def test_a_resume_under_other_threads_records_each_part(run, capsys, monkeypatch
     result = json.loads((run / "result.json").read_text())
     assert result["threads"] == threads + 1
     assert [(p["from_epoch"], p["threads"]) for p in result["facts_by_part"]] == [(0, threads), (1, threads + 1)]
+    assert runs.collect(run.parent).iloc[0]["mixed_facts"]
 
 
 def test_a_pipelined_run_records_them_too(tmp_path):

@@ -10,10 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from contsup import tables
+from contsup import provenance, tables
 from contsup.study import experiments, figures, information, report, runs
 from contsup.errors import UsageError
 from contsup.train import TrainConfig
+
+
+FACTS_OF_RUN = {"torch_version": "2.14.1", "device_name": "Some CPU", "threads": 2, "commit": "abc1234"}
 
 
 def write_run(root, name=None, finished=True, final_error=20.0, peak_mb=100.0, paper_mb=None, **cfg_kw):
@@ -35,7 +38,7 @@ def write_run(root, name=None, finished=True, final_error=20.0, peak_mb=100.0, p
                   "params": {"backbone": 466906, "local_heads": 80000 if cfg.k > 1 else 0,
                              "context_encoders": 0 if cfg.mode == "R0" or cfg.k == 1 else 13364, "decoders": 0},
                   "cuts": tables.cut_points(cfg.arch, cfg.k, cfg.balanced, cfg.dataset), "train_seconds": 6.0,
-                  "device": "cpu", "config": config}
+                  "device": "cpu", "config": config, **FACTS_OF_RUN}
         if paper_mb is not None:
             result["paper_memory_bytes"] = int(paper_mb * 2 ** 20)
         (d / "result.json").write_text(json.dumps(result))
@@ -72,6 +75,7 @@ def test_collect_has_one_row_per_finished_run(results):
     assert e2e["peak_activation_MiB"] == pytest.approx(150.0)
     assert e2e["images_per_s"] == pytest.approx(501.0)
     assert e2e["params_backbone"] == 466906 and e2e["n_cuts"] == 0
+    assert {f: e2e[f] for f in provenance.FACTS} == FACTS_OF_RUN and not e2e["mixed_facts"]
     assert set(df[df["k"] == 16]["n_cuts"]) == {15}
     # digits stands in for CIFAR-10; the reconstruction run's scales name STL-10
     assert set(df[~df["reconstruct"].astype(bool)]["paper_dataset"]) == {"cifar10"}
@@ -206,8 +210,8 @@ def tiny_run(tmp_path_factory):
     net = ContSupNet(cfg.model_config())
     data = load_dataset(cfg.dataset, train_subset=cfg.train_subset)
     opt = make_optimizer(net, cfg)
-    loader = DeviceLoader(data.train_x, data.train_y, tables.DATA_RECIPES[cfg.dataset], 32, True, "cpu",
-                          torch.Generator().manual_seed(0))
+    loader = DeviceLoader(data.train_x, data.train_y, tables.DATA_RECIPES[cfg.dataset], 32, train=True, device="cpu",
+                          generator=torch.Generator().manual_seed(0))
     net.train()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny net: more threads only cost time on a busy CPU

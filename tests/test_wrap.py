@@ -186,11 +186,15 @@ def test_token_rules():
 
 def test_config_rules_for_other_archs():
     assert ModelConfig(arch="torchvision:resnet18", cuts="layer1,layer2").k == 3
+    assert ModelConfig(arch="torchvision:resnet18", cuts="layer1,layer2", k=3).k == 3
+    assert ModelConfig(arch="torchvision:resnet18").k == ModelConfig().k == 4      # neither -k nor --cuts
     for kwargs, message in [
         ({"arch": "torchvision:resnet18", "balanced": True}, "drop --balanced"),
         ({"arch": "torchvision:resnet18", "reconstruct": True}, "needs --loss-scales"),
         ({"arch": "resnet32", "cuts": "a,b"}, "drop --cuts"),
         ({"arch": "torchvision:resnet18", "cuts": "a,b", "k": 5}, "so K=3: drop -k 5"),
+        ({"arch": "torchvision:resnet18", "cuts": "a,b", "k": 4}, "so K=3: drop -k 4"),   # -k 4 given, not defaulted
+        ({"arch": "torchvision:resnet18", "k": "4"}, "-k must be a positive integer"),
         ({"arch": "resnet-18"}, "unknown arch 'resnet-18'"),
     ]:
         with pytest.raises(UsageError, match=message):
@@ -309,6 +313,22 @@ def test_image_encoders_pool_the_image_only_beyond_the_papers_ratio(models):
     assert sides == [None, 16, 8]                                     # feature sides 8, 4, 2: at most 4x
     assert net.context[2].image(torch.randn(2, 3, 32, 32)).shape == (2, 256, 2, 2)
 
+
+
+def test_heads_stride_on_every_stage_but_the_last_as_the_papers(models):
+    """The paper's head: C->2C stride 2 on its 16- and 32-wide stages, 64->64 stride 1 on the
+    last; a wrapped model's stages are told by width against its widest map (ResNet-18: 512)."""
+    from contsup.model import ContSupNet
+
+    def convs(net):
+        return [(c.in_channels, c.out_channels, c.stride[0]) for c in (h.net[0][0] for h in net.heads)]
+    paper = ContSupNet(ModelConfig(arch="resnet32", k=4, mode="R0", balanced=False))
+    assert convs(paper) == [(16, 32, 2), (32, 64, 2), (64, 64, 1)]
+    net = contsup.wrap(models["resnet18"], cuts=["layer1", "layer3", "layer4"], mode="R0", image_size=32)
+    assert convs(net)[:2] == [(64, 128, 2), (256, 512, 2)]
+    assert convs(net)[2] == (512, 512, 1)                           # the last stage, the widest map
+    vgg = contsup.wrap(models["vgg11"], cuts=2, mode="R0", image_size=32)
+    assert all(s == (1 if c_in == 512 else 2) for c_in, _, s in convs(vgg))
 
 
 def test_a_model_in_training_mode_is_traced_in_eval_mode():

@@ -44,7 +44,7 @@ def stage_step(net: ContSupNet, modules: range, h, batch: Batch, train: bool, *,
 
     def run(k, h_in):
         if train:
-            h, loss = module_step(net, k, h_in, like, y, image, bf16)
+            h, loss = module_step(net, k, h_in, like, y, image=image, bf16=bf16)
             losses.append(loss)
         else:
             with autocast(like, bf16):

@@ -309,8 +309,8 @@ def check_assumptions(utilisation: float, peak_tflops: float | None, precision: 
         raise UsageError(f"unknown precision '{precision}'; choose one of: {', '.join(PEAK_TFLOPS)}")
 
 
-def estimate(profile: str = "paper", only: list[str] | None = None, utilisation: float = UTILISATION,
-             peak_tflops: float | None = None, precision: str | None = None, *, progress: bool = False,
+def estimate(profile: str = "paper", only: list[str] | None = None, *, utilisation: float = UTILISATION,
+             peak_tflops: float | None = None, precision: str | None = None, progress: bool = False,
              calibrate: bool = False) -> dict:
     """FLOPs and GPU-hours of the runs of `profile` (groups `only`, all by default).
 

@@ -23,6 +23,7 @@ import torch
 
 from .. import jsonio, tables
 from ..errors import DivergedError, UsageError
+from ..provenance import FACTS
 from ..runlock import RunFolderBusy
 from ..train import TrainConfig, train
 from . import experiments
@@ -36,7 +37,7 @@ CONFIG_COLUMNS = ["dataset", "arch", "k", "mode", "loss", "head", "reconstruct",
 RESULT_COLUMNS = ["final_error", "best_error", "best_epoch", "peak_activation_bytes", "cuda_peak_bytes",
                   "paper_memory_bytes", "peak_activation_MiB", "cuda_peak_MiB", "paper_memory_MiB", "params_backbone", "params_local_heads",
                   "params_context_encoders", "params_decoders", "n_cuts", "train_seconds", "images_per_s",
-                  "device"]
+                  "device", *FACTS, "mixed_facts"]
 COLUMNS = ["run", "run_dir", "paper_dataset", "paper_arch", "groups", "method", *CONFIG_COLUMNS, *RESULT_COLUMNS]
 
 
@@ -163,7 +164,9 @@ def _mean_images_per_s(path: Path):
 
 def collect(results_dir, profile: str | None = None) -> pd.DataFrame:
     """One row per finished run (a folder with result.json): every config field, every
-    result field, peak memory in MiB, parameter counts per part, mean images/s.
+    result field, peak memory in MiB, parameter counts per part, mean images/s, and the
+    facts that made it (provenance.FACTS: torch, device, threads, commit; `mixed_facts`:
+    a resume changed them, result.json's facts_by_part says from which epoch).
 
     Two memories per run: `peak_activation_MiB`, the activations of the path that ran (our
     lean encoders by default), and `paper_memory_MiB`, training memory as the paper counts it
@@ -190,8 +193,9 @@ def collect(results_dir, profile: str | None = None) -> pd.DataFrame:
         row.update(cfg)
         row["loss_scales"] = _scales_key(cfg.get("loss_scales"))
         for key in ("final_error", "best_error", "best_epoch", "peak_activation_bytes", "cuda_peak_bytes",
-                    "paper_memory_bytes", "train_seconds", "device"):  # a result.json older than a key: NaN
+                    "paper_memory_bytes", "train_seconds", "device", *FACTS):  # a result.json older than a key: NaN
             row[key] = result.get(key)
+        row["mixed_facts"] = "facts_by_part" in result   # its epochs ran under more than one set of facts
         for part, n in (result.get("params") or {}).items():
             row[f"params_{part}"] = n
         row["n_cuts"] = len(result.get("cuts") or [])
