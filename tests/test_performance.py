@@ -78,6 +78,60 @@ def test_encoder_float32_and_input_gradient(make, impl, min_chunk_bytes, monkeyp
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _encoder_matches_plain(enc, x, impl):
+    """enc with `impl`, channels-last as the trainer runs it, against its plain copy in float64:
+    output, every gradient (the input's where it has one), BN's running statistics."""
+    enc = enc.double()
+    ref = copy.deepcopy(enc)
+    set_context_impl(enc, impl)
+    enc = enc.to(memory_format=torch.channels_last)
+    x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(x.requires_grad)
+    x_ref = x.detach().clone().requires_grad_(x.requires_grad)
+    out, out_ref = enc(x), ref(x_ref)
+    g = torch.randn_like(out_ref)
+    out.backward(g), out_ref.backward(g)
+    if x.requires_grad:
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-10)
+    _assert_same(enc, ref, out, out_ref)
+
+
+@pytest.mark.parametrize("widen", [1, 4 / 3, 2, 16 / 3], ids=["hidden12", "hidden16", "hidden24", "hidden64"])
+@pytest.mark.parametrize("batch,size,side", [(6, 8, 4), (1, 3, 3)], ids=["rows", "no-rows"])
+@pytest.mark.parametrize("impl", ["lean", "fused"])
+def test_bn_on_rows_of_channels_last_maps_matches_plain(widen, batch, size, side, impl):
+    """BN's statistics and weight/bias reductions run on a row view of a channels-last map (rows
+    a multiple of 64 values: r pixels of 12, 16, 24 or 64 channels, and 40 in the last layer),
+    or, where the pixels are no multiple of r (1 x 3 x 3 = 9), on the map itself."""
+    torch.manual_seed(0)
+    _encoder_matches_plain(ImageEncoder(40, side, widen), torch.randn(batch, 3, size, size, dtype=torch.float64), impl)
+
+
+@pytest.mark.parametrize("c_in,c_out,size,side", [(8, 16, 4, 4), (8, 16, 8, 4), (8, 16, 12, 4), (8, 16, 10, 4),
+                                                  (32, 4, 4, 1)],
+                         ids=["unpooled", "pool2", "pool3", "adaptive", "pool4-moments-again"])
+@pytest.mark.parametrize("input_grad", [False, True], ids=["detached", "input-grad"])
+@pytest.mark.parametrize("impl,min_chunk_bytes", [("fused", None), ("lean", 1), ("lean", 1 << 40)],
+                         ids=["fused", "lean-slices", "lean-one-slice"])
+def test_residual_encoder_paths_match_plain(c_in, c_out, size, side, input_grad, impl, min_chunk_bytes, monkeypatch):
+    """A residual encoder's input is detached: lean's 1x1 layer then takes its one-pass backward
+    (its weight gradient from the input's moments, kept by the forward unless they are larger
+    than the pooled masks they replace); with an input gradient, the recompute path. Every
+    pool: none, 2x2 and 3x3 blocks (the ReLU backward broadcast over them), adaptive."""
+    import contsup.speed.encoders as encoders
+    if min_chunk_bytes:
+        monkeypatch.setattr(encoders, "MIN_CHUNK_BYTES", min_chunk_bytes)
+    one_pass = []
+    backward = encoders._pointwise_backward
+    monkeypatch.setattr(encoders, "_pointwise_backward",
+                        lambda ctx, last, h, g, moments: one_pass.append(moments[0] is not None) or
+                        backward(ctx, last, h, g, moments))
+    torch.manual_seed(0)
+    x = torch.randn(6, c_in, size, size, dtype=torch.float64).requires_grad_(input_grad)
+    _encoder_matches_plain(ResidualEncoder(c_in, c_out, side), x, impl)
+    kept = size != side and c_in != 32   # the moments are kept where the masks would be larger
+    assert one_pass == ([kept] if impl == "lean" and not input_grad else [])
+
+
 def test_pointwise_encoder_statistics_survive_a_large_input_mean():
     """lean takes a 1x1 encoder's BN statistics from its input's covariance, computed
     centred: an input far from zero (mean 50, std 0.1) still gives BatchNorm's numbers."""
