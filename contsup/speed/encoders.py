@@ -21,21 +21,23 @@ memory; tests/test_encoders_bf16.py holds them as close to float32 as plain unde
 An encoder is a chain of conv+BN+ReLU layers followed by an adaptive average pool. Plain
 autograd saves, per layer, the conv output (for BN) and the ReLU output (for ReLU and the
 next conv): at the image resolution that is far more than a late module's own
-activations. `_EncoderChainFn` computes the same forward (same ops, same BN running-stat
-update, exactly once) and saves only the pre-BN conv outputs z_l and the BN batch
-statistics; the backward rebuilds each ReLU output from its z_l (it is the next conv's
-input, and it gives the ReLU's mask). With `lean` it does not keep the last (widest) z
-either: where the pool shrinks the map it saves two pooled maps instead (the pool of the
-ReLU mask and of mask * x_hat, which give the BN reductions exactly) and recomputes the
-last conv in batch chunks during the backward, one extra conv forward in all (two where
-the pool keeps the resolution and the batch is cut into several chunks: one more pass
-then gives the BN reductions). A 1x1 last conv
-takes its BN statistics from the mean and covariance of its (narrower) input and is run
-chunk by chunk in the forward too, so its full z never exists at all.
-At the image resolution these encoders are memory-bound on a CPU, so the code counts
-passes over memory: BN+ReLU is one addcmul and one in-place relu, the BN backward writes
-dL/dz into the incoming gradient, and the ReLU mask is applied by threshold_backward
-against the ReLU output (a bool mask times a float tensor costs three times as much).
+activations. `_EncoderChainFn` computes the same forward (BN's running-stat update exactly
+once) and saves only the pre-BN conv outputs z_l and the BN batch statistics; the backward
+rebuilds each ReLU output from its z_l (it is the next conv's input, and it gives the
+ReLU's mask). With `lean` it does not keep the last (widest) z either and recomputes the
+last conv in batch slices during the backward: where the pool shrinks the map it saves two
+pooled maps (the pool of the ReLU mask and of mask * x_hat, which give BN's reductions
+exactly), one extra conv forward in all; where the pool keeps the resolution it saves
+nothing (the output is made in z's memory), two extra where the batch is cut into several
+slices (one more pass then gives BN's reductions). A 1x1 last conv takes its BN statistics
+from the mean and covariance of its (narrower) input; where that input needs no gradient (a
+residual encoder's, detached) its backward is one pass, the weight gradient following from
+those moments (`_pointwise_backward`), and where it is pooled its full z never exists.
+On a CPU the code counts passes over memory and keeps to fast kernels: BN+ReLU is one
+addcmul and one in-place relu; BN's statistics and reductions are BatchNorm's own kernels on
+a row view of the channels-last map (`_as_rows`, vectorised for any channel count); the
+pool's and ReLU's backward is one threshold_backward of the pooled gradient broadcast over
+each pooling block; BN's backward writes dL/dz into a buffer that is not needed after.
 """
 from __future__ import annotations
 
