@@ -78,12 +78,12 @@ def _as_rows(t):
     along its rows and loop over what the SIMD width leaves of a row one value at a time (all
     of it for the image encoders' 12 hidden channels). Viewed as [N*H*W / r, r*C], a row is a
     multiple of ROW_VALUES values, which every SIMD width divides; column j holds channel
-    j % C. (t, 1) where that needs no view (r == 1) or has none (NCHW memory, N*H*W not a
-    multiple of r)."""
+    j % C. (t, 1) where that needs no view (r == 1, not a CPU) or has none (NCHW memory,
+    N*H*W not a multiple of r)."""
     c = t.shape[1]
     r = ROW_VALUES // math.gcd(c, ROW_VALUES)
     pixels = t.numel() // c
-    if r == 1 or pixels % r or not t.is_contiguous(memory_format=torch.channels_last):
+    if r == 1 or t.device.type != "cpu" or pixels % r or not t.is_contiguous(memory_format=torch.channels_last):
         return t, 1
     return t.permute(0, 2, 3, 1).reshape(pixels // r, r * c), r
 
