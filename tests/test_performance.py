@@ -95,6 +95,19 @@ def _encoder_matches_plain(enc, x, impl):
     _assert_same(enc, ref, out, out_ref)
 
 
+@pytest.mark.parametrize("channels", [12, 16, 40, 64])
+def test_channel_statistics_are_the_batch_mean_and_variance(channels):
+    """Both forms of BN's batch statistics (the CPU kernel on row views; sums over batch
+    slices elsewhere) against torch.var_mean in float64, channels-last and NCHW."""
+    from contsup.speed.encoders import _channel_stats, _sliced_stats
+    z = torch.randn(4, channels, 8, 8, dtype=torch.float64) * 3 + 7   # 256 pixels: rows of r = 16, 4, 8, 1
+    var, mean = torch.var_mean(z, (0, 2, 3), correction=0)
+    for t in (z, z.contiguous(memory_format=torch.channels_last)):
+        for m, v in (_channel_stats(t), _sliced_stats(t, slices=2)):
+            torch.testing.assert_close(m, mean, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(v, var, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("widen", [1, 4 / 3, 2, 16 / 3], ids=["hidden12", "hidden16", "hidden24", "hidden64"])
 @pytest.mark.parametrize("batch,size,side", [(6, 8, 4), (1, 3, 3)], ids=["rows", "no-rows"])
 @pytest.mark.parametrize("impl", ["lean", "fused"])

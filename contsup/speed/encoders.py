@@ -73,13 +73,11 @@ ROW_VALUES = 64  # BN's reductions over a channels-last map run on rows of a mul
 
 
 def _as_rows(t):
-    """(view, r): t [N, C, H, W] as the matrix whose columns BatchNorm's CPU kernels reduce,
-    with r pixels a row. A channels-last map is an [N*H*W, C] matrix; the kernels vectorise
-    along its rows and loop over what the SIMD width leaves of a row one value at a time (all
-    of it for the image encoders' 12 hidden channels). Viewed as [N*H*W / r, r*C], a row is a
-    multiple of ROW_VALUES values, which every SIMD width divides; column j holds channel
-    j % C. (t, 1) where that needs no view (r == 1, not a CPU) or has none (NCHW memory,
-    N*H*W not a multiple of r)."""
+    """(view, r): a channels-last t [N, C, H, W] is an [N*H*W, C] matrix whose columns
+    BatchNorm's CPU kernels reduce, vectorised along a row, one value at a time over what the
+    SIMD width leaves (all of the image encoders' 12 hidden channels). As [N*H*W / r, r*C] a
+    row is a multiple of ROW_VALUES values, which every SIMD width divides; column j holds
+    channel j % C. (t, 1) where no view is needed (r == 1, not a CPU) or exists."""
     c = t.shape[1]
     r = ROW_VALUES // math.gcd(c, ROW_VALUES)
     pixels = t.numel() // c
@@ -92,6 +90,8 @@ def _channel_stats(z):
     """z's batch mean and biased variance per channel, in the statistics' dtype: BatchNorm's
     own statistics kernel (no output written) on `_as_rows`'s view, whose r equal column
     groups are then merged exactly (Chan et al.)."""
+    if z.device.type != "cpu":   # that kernel has no fake (meta) form; on CUDA BatchNorm's writes an output
+        return _sliced_stats(z)
     rows, r = _as_rows(z)
     # running buffers it leaves as they are (momentum 0); they make a bfloat16 z's statistics float32
     scratch = z.new_zeros(2, rows.shape[1], dtype=_stats_dtype(z))
@@ -101,6 +101,20 @@ def _channel_stats(z):
         mean = means.mean(0)
         var = var.mean(0) + (means - mean).square_().mean(0)
     return mean, var
+
+
+def _sliced_stats(z, slices: int = 8):
+    """The same from sums over batch slices, merged exactly (Chan et al.): float32 sums of a
+    bfloat16 z without a float32 copy of all of it."""
+    count, mean, m2, step = 0, 0.0, 0.0, -(-z.shape[0] // slices)
+    for s in range(0, z.shape[0], step):
+        zs = z[s:s + step]
+        c = zs.numel() // zs.shape[1]
+        m = zs.sum((0, 2, 3), dtype=_stats_dtype(zs)) / c
+        delta = m - mean
+        m2 = m2 + (zs - m.view(SHAPE)).square_().sum((0, 2, 3)) + delta.square() * (count * c / (count + c))
+        mean, count = mean + delta * (c / (count + c)), count + c
+    return mean, m2 / count
 
 
 def _bn_train_stats(z, bn: nn.BatchNorm2d):
@@ -197,11 +211,9 @@ def _relu_backward_(g, relu_in):
 
 
 def _pool_relu_backward(g, y):
-    """dL/dy of pool_to(relu(y), side) from g = dL/d(pooled), written into y's memory (y is
-    not needed after). Where the pool is the identity or a k x k average pool, one pass: a
-    threshold_backward of g, broadcast over each k x k block (scaled by 1/k^2 first, at the
-    pooled size), against y; no copy of g and no zero-filled gradient first. Otherwise
-    pool_to_backward, then the ReLU's mask, in a new tensor."""
+    """dL/dy of pool_to(relu(y), side) from g = dL/d(pooled), in y's memory (y is not needed
+    after): for the identity or a k x k average pool one threshold_backward of g (/ k^2)
+    broadcast over each block, no copy of g, no zero-filled gradient; else pool_to_backward."""
     (H, W), (h, w) = y.shape[-2:], g.shape[-2:]
     if H % h or W % w:
         return _relu_backward_(pool_to_backward(g, y), y)
@@ -223,18 +235,14 @@ def _bn_reductions(g, z, layer: _Layer):
     gamma, mean, invstd = (t.repeat(r) for t in (layer.gamma, layer.mean, layer.invstd))
     _, g_weight, g_bias = torch.ops.aten.native_batch_norm_backward(
         rows_g, rows_z, gamma, None, None, mean, invstd, True, 0.0, [False, True, True])
-    if r > 1:
-        g_weight, g_bias = g_weight.view(r, -1).sum(0), g_bias.view(r, -1).sum(0)
-    return g_weight, g_bias
+    return (g_weight.view(r, -1).sum(0), g_bias.view(r, -1).sum(0)) if r > 1 else (g_weight, g_bias)
 
 
 def _bn_input_grad(g, z, layer: _Layer, reductions, count: int, out):
     """dL/dz of BatchNorm (training) from g = dL/d(output) and `reductions` = (Σ g * x_hat,
-    Σ g): invstd * weight * (g - mean(g) - x_hat * mean(g * x_hat)), as g*k1 + z*k2 + k3,
-    written into `out`: g itself (three passes), or z or a free buffer (two). A g in a
-    narrower dtype than the statistics (bfloat16 under autocast) is computed in theirs and
-    rounded once, as BatchNorm's own backward does (three in-place roundings would add
-    about as much error again as bf16's own)."""
+    Σ g): invstd * weight * (g - mean(g) - x_hat * mean(g * x_hat)), as g*k1 + z*k2 + k3, into
+    `out`: g itself (three passes), or z or a free buffer (two). A bfloat16 g (autocast) is
+    computed in float32 and rounded once, as BatchNorm's own backward does."""
     g_weight, g_bias = reductions
     k1 = layer.invstd * layer.gamma
     k2 = -k1 * layer.invstd * g_weight / count
@@ -273,10 +281,9 @@ def _conv_backward(conv: nn.Conv2d, grad, x, weight, need_input: bool):
 
 class _EncoderChainFn(torch.autograd.Function):
     """The encoder chain, training mode. Saved: the input x and, per layer (`_Layer`), its
-    pre-BN conv output z and BN batch mean and 1/std. The ReLU outputs are not saved: the
-    backward rebuilds each from its z. With `lean` the last layer's z is not saved either
-    (`_lean_forward`): in its place two small tensors or none (`kept`), and the backward
-    recomputes the last conv in batch slices (`_lean_last_layer`, `_pointwise_backward`)."""
+    pre-BN conv output z and BN batch mean and 1/std; the backward rebuilds each ReLU output
+    from its z. With `lean` not the last z (`_lean_forward`: two small tensors or none,
+    `kept`); the backward recomputes it (`_lean_last_layer`, `_pointwise_backward`)."""
 
     @staticmethod
     def forward(ctx, x, modules, side, lean, chunks, *params):
@@ -344,13 +351,10 @@ def _pooled_like(t, n: int, side: int):
 
 
 def _lean_forward(last: _Layer, h, side: int, chunks: int, one_pass: bool):
-    """The forward of a lean chain's last layer from its input h: (its pooled ReLU output,
-    what the backward keeps of it). z itself is not kept. Where the pool keeps the resolution
-    the output is made in z's own memory and nothing is kept. Else, slice by slice, with
-    `one_pass` (a 1x1 conv whose input needs no gradient) the input's moments are kept, and
-    otherwise the pooled ReLU mask and mask * x_hat, which give BN's reductions exactly. A
-    1x1 conv takes its BN statistics from its input's moments, and where the output is
-    pooled its full z never exists at all."""
+    """A lean chain's last layer from its input h: (its pooled ReLU output, what the backward
+    keeps). Unpooled: the output in z's own memory, nothing kept. Pooled, slice by slice:
+    with `one_pass` (a 1x1 conv, no input gradient) the input's moments, else the pooled ReLU
+    mask and mask * x_hat (they give BN's reductions exactly)."""
     conv, w, B = last.conv, last.weight, h.shape[0]
     step = _chunk_size(B, chunks, conv, h)
     z = None
@@ -387,20 +391,18 @@ def _lean_forward(last: _Layer, h, side: int, chunks: int, one_pass: bool):
         del t, mask, xc
     if not one_pass:
         return outs[0], (outs[1], outs[2])
-    # the moments where they take less memory than the pooled mask and mask * x_hat (else recomputed)
-    small = sum(t.numel() for t in moments) <= 2 * outs[0].numel()
+    small = sum(t.numel() for t in moments) <= 2 * outs[0].numel()   # than the masks (else summed again)
     return outs[0], moments if small else (None, None)
 
 
 def _pointwise_backward(ctx, last: _Layer, h, g_out, moments):
     """The lean backward of a 1x1 last layer whose input h needs no gradient (a residual
-    encoder's), in one pass over batch slices, each recomputing its z = W h. With g_t =
-    dL/d(BN output), Σ g_t and C = Σ g_t (h - mu)^T per pixel give BN's reductions
-    (Σ g_t * x_hat = invstd * rowsum(W * C)), and, as BN's input gradient g_z sums to 0 over
-    each channel, dL/dW = Σ g_z h^T = k1 * C + k2 * W S, where g_z = k1 * g_t + k2 * z + k3
-    (`_bn_input_grad`) and (mu, S) are h's `_input_moments`: kept by the forward, or (None,
-    None) and summed again here, in the same pass. No second recompute of z. Returns the
-    gradients of conv.weight, bn.weight and bn.bias."""
+    encoder's): one pass over batch slices, each recomputing z = W h. With g_t = dL/d(BN
+    output), Σ g_t and C = Σ g_t (h - mu)^T give BN's reductions (Σ g_t x_hat = invstd *
+    rowsum(W * C)) and, as BN's input gradient g_z = k1 g_t + k2 z + k3 (`_bn_input_grad`)
+    sums to 0 per channel, dL/dW = Σ g_z h^T = k1 C + k2 W S, (mu, S) h's `_input_moments`
+    (kept, or (None, None): summed again in the same pass). Returns the gradients of
+    conv.weight, bn.weight and bn.bias."""
     step, acc = _chunk_size(h.shape[0], ctx.chunks, last.conv, h), _stats_dtype(h)
     mu, cov = moments
     again = mu is None
