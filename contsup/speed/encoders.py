@@ -354,21 +354,20 @@ def _lean_forward(last: _Layer, h, side: int, chunks: int, one_pass: bool):
     """A lean chain's last layer from its input h: (its pooled ReLU output, what the backward
     keeps). Unpooled: the output in z's own memory, nothing kept. Pooled, slice by slice:
     with `one_pass` (a 1x1 conv, no input gradient) the input's moments, else the pooled ReLU
-    mask and mask * x_hat (they give BN's reductions exactly)."""
+    mask and mask * x_hat (they give BN's reductions exactly). A pooled 1x1 conv's z is only
+    ever made in slices: its BN statistics come from the input's moments."""
     conv, w, B = last.conv, last.weight, h.shape[0]
     step = _chunk_size(B, chunks, conv, h)
-    z = None
-    if _is_pointwise(conv):
+    if _is_pointwise(conv) and h.shape[-2:] != (side, side):
         moments = _input_moments(h, step)
         last.mean, last.invstd = _bn_train_stats_1x1(h, w, moments, last.bn)
         z_of = lambda s: _conv(conv, h[s:s + step], w)  # noqa: E731
     else:
         z = _conv(conv, h, w)
         last.mean, last.invstd = _bn_train_stats(z, last.bn)
+        if z.shape[-2:] == (side, side):   # the output is the ReLU output itself
+            return _bn_relu(z, last, out=z), (None, None)
         z_of = lambda s: z[s:s + step]  # noqa: E731
-    if (z if z is not None else h).shape[-2:] == (side, side):  # the output is the ReLU output itself
-        z = z if z is not None else _conv(conv, h, w)
-        return _bn_relu(z, last, out=z), (None, None)
     outs = [None, None, None]   # the pooled output, and (unless one_pass) pooled mask and mask * x_hat
 
     def put(i, s, t):   # pool t into rows s: of outs[i]
