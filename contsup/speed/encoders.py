@@ -29,10 +29,10 @@ last conv in batch slices during the backward: where the pool shrinks the map it
 pooled maps (the pool of the ReLU mask and of mask * x_hat, which give BN's reductions
 exactly), one extra conv forward in all; where the pool keeps the resolution it saves
 nothing (the output is made in z's memory), two extra where the batch is cut into several
-slices (one more pass then gives BN's reductions). A 1x1 last conv takes its BN statistics
-from the mean and covariance of its (narrower) input; where that input needs no gradient (a
-residual encoder's, detached) its backward is one pass, the weight gradient following from
-those moments (`_pointwise_backward`), and where it is pooled its full z never exists.
+slices (one more pass then gives BN's reductions). A 1x1 last conv whose input needs no
+gradient (a residual encoder's, detached) has a one-pass backward, the weight gradient
+following from the mean and covariance of that (narrower) input (`_pointwise_backward`);
+pooled, it takes its BN statistics from them too, and its full z never exists.
 On a CPU the code counts passes over memory and keeps to fast kernels: BN+ReLU is one
 addcmul and one in-place relu; BN's statistics and reductions are BatchNorm's own kernels on
 a row view of the channels-last map (`_as_rows`, vectorised for any channel count); the
