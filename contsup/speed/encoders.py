@@ -129,9 +129,8 @@ def _centred(h, mu):
 
 
 def _input_moments(h, step: int):
-    """(mu, S): the mean of h's channels and the centred sum of their outer products
-    (S / count is their covariance), in the statistics' dtype, centred `step` batch rows at
-    a time."""
+    """(mu, S): the mean of h's channels and the centred sum of their outer products (S / count
+    is their covariance), in the statistics' dtype, centred `step` batch rows at a time."""
     c_in, acc = h.shape[1], _stats_dtype(h)
     mu = h.sum((0, 2, 3), dtype=acc) / (h.numel() // c_in)
     cov = h.new_zeros(c_in, c_in, dtype=acc)
@@ -238,15 +237,19 @@ def _bn_reductions(g, z, layer: _Layer):
     return (g_weight.view(r, -1).sum(0), g_bias.view(r, -1).sum(0)) if r > 1 else (g_weight, g_bias)
 
 
-def _bn_input_grad(g, z, layer: _Layer, reductions, count: int, out):
-    """dL/dz of BatchNorm (training) from g = dL/d(output) and `reductions` = (Σ g * x_hat,
-    Σ g): invstd * weight * (g - mean(g) - x_hat * mean(g * x_hat)), as g*k1 + z*k2 + k3, into
-    `out`: g itself (three passes), or z or a free buffer (two). A bfloat16 g (autocast) is
-    computed in float32 and rounded once, as BatchNorm's own backward does."""
+def _bn_input_grad_coefficients(layer: _Layer, reductions, count: int):
+    """(k1, k2, k3): dL/dz of BatchNorm (training) is invstd * weight * (g - mean(g) - x_hat *
+    mean(g * x_hat)) = g*k1 + z*k2 + k3, from `reductions` = (Σ g * x_hat, Σ g) over `count`."""
     g_weight, g_bias = reductions
     k1 = layer.invstd * layer.gamma
     k2 = -k1 * layer.invstd * g_weight / count
-    k3 = -k1 * g_bias / count - k2 * layer.mean
+    return k1, k2, -k1 * g_bias / count - k2 * layer.mean
+
+
+def _bn_input_grad(g, z, layer: _Layer, reductions, count: int, out):
+    """dL/dz of BatchNorm from g = dL/d(output) into `out`: g itself (three passes), or z or a free
+    buffer (two); a bfloat16 g (autocast) in float32, rounded once, as BatchNorm's own backward."""
+    k1, k2, k3 = _bn_input_grad_coefficients(layer, reductions, count)
     if g.dtype != k1.dtype:
         return out.copy_(torch.addcmul(k3.view(SHAPE), z, k2.view(SHAPE)).addcmul_(g, k1.view(SHAPE)))
     if out is g:
@@ -418,10 +421,8 @@ def _pointwise_backward(ctx, last: _Layer, h, g_out, moments):
         if again:
             cov.addmm_(hc, hc.t())
         del g_t, hc
-    count = h.numel() // h.shape[1]
     g_weight = last.invstd * (w * cross).sum(1)
-    k1 = last.invstd * last.gamma
-    k2 = -k1 * last.invstd * g_weight / count
+    k1, k2, _ = _bn_input_grad_coefficients(last, (g_weight, g_bias), h.numel() // h.shape[1])
     g_w = k1.view(-1, 1) * cross + k2.view(-1, 1) * (w @ cov)
     return g_w.to(last.weight.dtype).view(last.weight.shape), g_weight, g_bias
 
