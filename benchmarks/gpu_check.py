@@ -360,7 +360,7 @@ def measure_wrap(item, budget: Budget, device) -> dict:
     if what == "R0 eval":
         row = gw.r0_equality(model, device, BATCH)
         free_cached(device)
-        row["said"] = f"{'torch.equal' if row['equal'] else 'not equal'}, max abs diff {row['max_abs_diff']:.2g}"
+        row["said"] = gw.equality_text(row)
         return row
     t0 = budget.clock()
     one_step, row = gw.build_wrap_step(model, what, device, BATCH)

@@ -121,7 +121,7 @@ def wrap_ratios(rows: list, cpu_path: Path = CPU_RESULTS) -> dict:
     return out
 
 
-def _equality_text(r: dict) -> str:
+def equality_text(r: dict) -> str:
     if "error" in r:
         return f"R0 eval failed: {r['error'][:80]}"
     return (f"R0 eval {'torch.equal' if r['equal'] else 'not equal'} to the model's "
@@ -160,7 +160,7 @@ def wrap_line(w: dict) -> str | None:
         rows = [r for r in w["rows"] if r.get("model") == model or r.get("name", "").startswith(model + " ")]
         if not rows:
             continue
-        parts = [_equality_text(r) if r.get("check") == "R0 eval" or r["name"].endswith("R0 eval") else
+        parts = [equality_text(r) if r.get("check") == "R0 eval" or r["name"].endswith("R0 eval") else
                  _step_text(r) if "mode" in r else f"{r['name']} failed: {r.get('error', '')[:80]}" for r in rows]
         if w.get("ratios", {}).get(model):
             parts.append(_ratio_text(w["ratios"][model]))
