@@ -233,7 +233,6 @@ def build_step(mode: str, impl: str, dtype: str, compiled: bool, device) -> tupl
     from contsup.data import random_batch
     from contsup.model import ContSupNet
     from contsup.speed.memory import measure_step_memory
-    from contsup.step import local_learning_step
     from contsup.speed.setup import compile_model, prepare_model
     from contsup.train import make_optimizer
 
@@ -249,12 +248,7 @@ def build_step(mode: str, impl: str, dtype: str, compiled: bool, device) -> tupl
     optimizer = make_optimizer(net, cfg)
     if compiled:
         compile_model(net)
-
-    def one_step():
-        local_learning_step(net.train(), x, y, None, cfg.bf16)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return one_step, memory
+    return gw.trainer_step(net, optimizer, x, y, cfg.bf16), memory
 
 
 def step_seconds(one_step, device) -> float:

@@ -76,7 +76,6 @@ def build_wrap_step(model: str, mode: str, device, batch: int) -> tuple:
     import torch
     from contsup.speed.encoders import encoder_impls
     from contsup.speed.setup import prepare_model, resolved_for, to_format
-    from contsup.step import local_learning_step
     from contsup.train import make_optimizer
     from contsup.wrap import build_net
 
@@ -88,14 +87,22 @@ def build_wrap_step(model: str, mode: str, device, batch: int) -> tuple:
     x = to_format(x, cfg.channels_last)
     optimizer = make_optimizer(net, cfg)
 
-    def one_step():
-        local_learning_step(net.train(), x, y, None, cfg.bf16)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
     facts = {"model": model, "mode": mode, "k": cfg.k, "batch": batch, "dtype": "float32", "cuts": list(net.cuts),
              "context_impl": cfg.context_impl, "encoder_impls": encoder_impls(net),
              "params": sum(p.numel() for p in net.parameters())}
-    return one_step, facts
+    return trainer_step(net, optimizer, x, y, cfg.bf16), facts
+
+
+def trainer_step(net, optimizer, x, y, bf16: bool):
+    """One training step as the trainer takes it (the local-learning step, then SGD's), as a
+    function of nothing: what gpu_check times for every row."""
+    from contsup.step import local_learning_step
+
+    def one_step():
+        local_learning_step(net.train(), x, y, None, bf16)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return one_step
 
 
 def cpu_ratios(model: str, path: Path = CPU_RESULTS) -> dict | None:
